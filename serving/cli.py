@@ -1,0 +1,170 @@
+"""The `cascade` command line: argument parsing and calls into the packages, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger("cascade")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError) as error:  # our data/config errors carry the details
+        log.error("%s", error)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from towers import model
+
+    parser = argparse.ArgumentParser(prog="cascade", description=__doc__)
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    data = commands.add_parser("data", help="fetch data sets").add_subparsers(metavar="ACTION")
+    fetch = data.add_parser("fetch", help="fetch and verify a data set")
+    fetch.add_argument("dataset", choices=["movielens-100k"])
+    fetch.add_argument("--out", default="data/ml-100k", help="folder to write (default: %(default)s)")
+    fetch.add_argument("--from", dest="source", help="GroupLens ml-100k.zip (path or URL) or folder")
+    fetch.set_defaults(handler=_fetch)
+
+    train = commands.add_parser("train", help="train a stage").add_subparsers(metavar="STAGE")
+    retrieval = train.add_parser("retrieval", help="train the two-tower retrieval model")
+    retrieval.add_argument("--data", default="data/ml-100k")
+    retrieval.add_argument("--run", required=True, help="run directory to write")
+    retrieval.add_argument("--holdout", type=int, default=0,
+                           help="keep the last N training rows out for validation (tuning)")
+    retrieval.add_argument("--strategy", choices=["default", "mirrored"], default="default")
+    _add_config_flags(retrieval, model.RetrievalConfig)
+    retrieval.set_defaults(handler=_train_retrieval)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a stage").add_subparsers(metavar="STAGE")
+    evaluate_retrieval = evaluate.add_parser("retrieval", help="hit rate / recall / NDCG vs peers")
+    evaluate_retrieval.add_argument("--run", required=True)
+    evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity and ALS")
+    evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
+    bench_index = bench.add_parser("retrieval-index", help="ScaNN vs brute force, real and 1M items")
+    bench_index.add_argument("--run", required=True)
+    bench_index.add_argument("--out", help="output folder (default: RUN/bench)")
+    bench_index.add_argument("--synthetic-items", type=int, default=1_000_000)
+    bench_index.set_defaults(handler=_bench_index)
+
+    export = commands.add_parser("export", help="export SavedModels for TF Serving")
+    export.add_argument("--run", required=True)
+    export.add_argument("--model-base-path", default="models")
+    export.add_argument("--version", type=int, help="version number (default: next free one)")
+    export.add_argument("--index", choices=["bruteforce", "scann"], default="bruteforce",
+                        help="bruteforce serves on stock TF Serving; scann needs its ScaNN build")
+    export.add_argument("--k", type=int, default=100, help="items returned by `retrieval`")
+    export.set_defaults(handler=_export)
+
+    recommend = commands.add_parser("recommend", help="top items for users from an export")
+    recommend.add_argument("--model-base-path", default="models")
+    recommend.add_argument("--user", action="append", required=True, help="user ID (repeatable)")
+    recommend.add_argument("--top", type=int, default=10)
+    recommend.add_argument("--json", action="store_true")
+    recommend.set_defaults(handler=_recommend)
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One `--field-name` flag per config field, defaulting to the config's own default."""
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, type=_bool, default=None, metavar="true|false")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(field.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {field.default}")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def _config_from(args, config_class):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+              if getattr(args, f.name, None) is not None}
+    return config_class(**values)
+
+
+def _fetch(args) -> None:
+    from towers import fetch
+
+    fetch.fetch_movielens_100k(args.out, args.source)
+
+
+def _train_retrieval(args) -> None:
+    import tensorflow as tf
+
+    from towers import model, train
+
+    config = _config_from(args, model.RetrievalConfig)
+    strategy = tf.distribute.MirroredStrategy() if args.strategy == "mirrored" else None
+    train.train(args.data, args.run, config, strategy=strategy, holdout=args.holdout)
+    metrics = json.loads((pathlib.Path(args.run) / train.METRICS_FILE).read_text())
+    log.info("trained in %.0f s; wrote %s", metrics["training"]["seconds"], args.run)
+    if "validation" in metrics:
+        print(train.format_table({"validation": metrics["validation"]}))
+
+
+def _evaluate_retrieval(args) -> None:
+    from towers import train
+
+    table = train.evaluate_run(args.run, with_peers=not args.no_peers)
+    print(train.format_table(table))
+
+
+def _bench_index(args) -> None:
+    from towers import index_bench, train
+
+    retrieval, tables = train.load_run(args.run)
+    queries, candidates = train.embeddings(retrieval, tables)
+    out = pathlib.Path(args.out or pathlib.Path(args.run) / "bench")
+    index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen, out,
+                                    synthetic_items=args.synthetic_items)
+    print((out / "retrieval_index.md").read_text())
+
+
+def _export(args) -> None:
+    from serving import export
+
+    paths = export.export(args.run, args.model_base_path, args.version, args.index, args.k)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def _recommend(args) -> None:
+    from serving import local
+
+    answers = local.recommend(args.model_base_path, args.user, args.top)
+    if args.json:
+        print(json.dumps(answers, indent=2))
+        return
+    for user, rows in answers.items():
+        print(f"user {user}:")
+        for rank, row in enumerate(rows, start=1):
+            print(f"  {rank:2d}. {row['title']:<60s} {row['score']:.3f}  (item {row['item_id']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

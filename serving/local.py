@@ -1,0 +1,39 @@
+"""Answers from an exported `retrieval` SavedModel loaded in this process (no server needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow as tf
+
+from serving import export
+from towers import data
+
+
+def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
+    """The highest integer version under `model_dir`, as TF Serving's default policy picks it."""
+    versions = sorted((p for p in model_dir.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no version directory; run `cascade export` first")
+    return versions[-1]
+
+
+def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int = 10) -> dict:
+    """{user_id: [{item_id, title, score}, ...]} from the latest `retrieval` version."""
+    version = latest_version(pathlib.Path(model_base_path) / "retrieval")
+    record = json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())
+    if record.get("index") == "scann":
+        import scann  # noqa: F401  registers the ScaNN ops the SavedModel uses
+    serve = tf.saved_model.load(str(version)).signatures[export.SIGNATURE]
+    outputs = serve(user_id=tf.constant(user_ids))
+    run_config = json.loads((pathlib.Path(record["run_dir"]) / "retrieval_config.json").read_text())
+    items = data.load_movielens(run_config["data_dir"]).items
+    answers = {}
+    for user, ids, scores in zip(user_ids, outputs["item_ids"].numpy(), outputs["scores"].numpy()):
+        answers[user] = [{"item_id": i.decode(), "title": items[i.decode()].text().split(";")[0],
+                          "score": float(s)} for i, s in zip(ids[:top], scores[:top])]
+    return answers

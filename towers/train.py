@@ -1,0 +1,167 @@
+"""Training and evaluation of the retrieval model over a run directory.
+
+A run directory holds everything one experiment made: `retrieval_config.json`, `features.npz`,
+`checkpoints/`, `logs/` (TensorBoard) and `metrics.json`. Training runs inside a
+`tf.distribute` strategy scope, so the same code runs on one device or under `MirroredStrategy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from towers import data, features, fetch, metrics, model, peers
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "retrieval_config.json"
+TABLES_FILE = "features.npz"
+WEIGHTS = "checkpoints/final"
+METRICS_FILE = "metrics.json"
+
+
+def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
+          config: model.RetrievalConfig = model.RetrievalConfig(),
+          strategy: tf.distribute.Strategy | None = None, holdout: int = 0,
+          train_size: int = 80_000, verbose: int | str = "auto") -> model.RetrievalModel:
+    """Trains on the benchmark split's training rows and writes the run directory.
+
+    `holdout` > 0 keeps the last `holdout` training rows out as a validation set (for tuning; the
+    test split is never used here) and records their metrics as `validation`. `train_size` is the
+    protocol's 80,000; tests pass a smaller one for their tiny data.
+    """
+    run = pathlib.Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    movielens = data.load_movielens(data_dir)
+    split = data.benchmark_split(movielens.ratings, train_size=train_size)
+    train_rows = split.train.take(np.arange(len(split.train) - holdout))
+    tables = features.build_tables(movielens, train_rows, config.history_length)
+    tables.save(run / TABLES_FILE)
+    record = {"data_dir": str(pathlib.Path(data_dir).resolve()), "train_size": train_size,
+              "holdout": holdout,
+              **dataclasses.asdict(config)}
+    fetch.write_atomic(run / CONFIG_FILE, json.dumps(record, indent=2).encode())
+
+    tf.keras.utils.set_random_seed(config.seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        retrieval = model.RetrievalModel(tables, config)
+        retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    dataset = training_dataset(train_rows, config)
+    callbacks = [
+        keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
+        keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "epoch-{epoch:02d}"),
+                                        save_weights_only=True),
+    ]
+    started = time.perf_counter()
+    history = retrieval.fit(dataset, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    seconds = time.perf_counter() - started
+    retrieval.save_weights(str(run / WEIGHTS))
+
+    result = {"training": {"seconds": round(seconds, 1), "epochs": config.epochs,
+                           "loss": [float(v) for v in history.history["loss"]]}}
+    if holdout:
+        validation = split.train.take(np.arange(len(split.train) - holdout, len(split.train)))
+        result["validation"] = evaluate_model(retrieval, tables, validation)
+    _update_metrics(run, result)
+    return retrieval
+
+
+def training_dataset(rows: data.Ratings, config: model.RetrievalConfig) -> tf.data.Dataset:
+    """(user_id, item_id) pairs, reshuffled each epoch, in batches."""
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"user_id": rows.user_id.astype(str), "item_id": rows.item_id.astype(str)})
+    return (dataset.shuffle(len(rows), seed=config.seed, reshuffle_each_iteration=True)
+            .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[model.RetrievalModel, features.FeatureTables]:
+    """Rebuilds the trained model of a run directory from its config, tables and final weights."""
+    run = pathlib.Path(run_dir)
+    for needed in (CONFIG_FILE, TABLES_FILE, WEIGHTS + ".index"):
+        if not (run / needed).exists():
+            raise FileNotFoundError(f"{run / needed}: not found; train first with "
+                                    f"`cascade train retrieval --run {run}`")
+    record = json.loads((run / CONFIG_FILE).read_text())
+    names = {f.name for f in dataclasses.fields(model.RetrievalConfig)}
+    config = model.RetrievalConfig(**{k: v for k, v in record.items() if k in names})
+    tables = features.FeatureTables.load(run / TABLES_FILE)
+    retrieval = model.RetrievalModel(tables, config)
+    retrieval.load_weights(str(run / WEIGHTS)).expect_partial()
+    return retrieval, tables
+
+
+def embeddings(retrieval: model.RetrievalModel, tables: features.FeatureTables,
+               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings [U, D] in `tables.user_ids` order, candidate embeddings [I, D])."""
+    def run(tower, ids):
+        return np.concatenate([tower(tf.constant(ids[i:i + batch_size])).numpy()
+                               for i in range(0, len(ids), batch_size)])
+    return run(retrieval.query_tower, tables.user_ids), run(retrieval.candidate_tower, tables.item_ids)
+
+
+def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTables,
+                   test: data.Ratings, ks: tuple[int, ...] = (10, 50, 100)) -> dict[str, float]:
+    """Hit rate / Recall / NDCG of the model on `test`, training items excluded."""
+    queries, candidates = embeddings(retrieval, tables)
+    users, items, seen = _test_rows(tables, test)
+    return metrics.evaluate(queries @ candidates.T, users, items, seen, ks)
+
+
+def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100),
+                 with_peers: bool = True) -> dict:
+    """Evaluates a run on the benchmark test split beside popularity and ALS; writes metrics.json."""
+    run = pathlib.Path(run_dir)
+    retrieval, tables = load_run(run)
+    record = json.loads((run / CONFIG_FILE).read_text())
+    movielens = data.load_movielens(record["data_dir"])
+    test = data.benchmark_split(movielens.ratings, train_size=record["train_size"]).test
+    queries, candidates = embeddings(retrieval, tables)
+    users, items, seen = _test_rows(tables, test)
+    scores = queries @ candidates.T
+    table = {
+        "cascade_retrieval": metrics.evaluate(scores, users, items, seen, ks),
+        "cascade_retrieval_no_exclusion": metrics.evaluate(scores, users, items, None, ks),
+    }
+    if with_peers:
+        table["popularity"] = metrics.evaluate(peers.popularity_scores(seen), users, items, seen, ks)
+        table["als"] = metrics.evaluate(peers.als_scores(seen), users, items, seen, ks)
+    _update_metrics(run, {"test": table})
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 50, 100)) -> str:
+    """A Markdown table with one row per model."""
+    columns = [f"{m}@{k}" for m in ("hit_rate", "recall", "ndcg") for k in ks]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _test_rows(tables: features.FeatureTables, test: data.Ratings):
+    user_row = {u: r for r, u in enumerate(tables.user_ids)}
+    item_row = {i: r for r, i in enumerate(tables.item_ids)}
+    users = np.array([user_row[u] for u in test.user_id])
+    items = np.array([item_row[i] for i in test.item_id])
+    seen = np.zeros((len(tables.user_ids), len(tables.item_ids)), bool)
+    for row, ids in enumerate(tables.seen):
+        seen[row, [item_row[i] for i in ids if i != features.PAD]] = True
+    return users, items, seen
+
+
+def _update_metrics(run: pathlib.Path, update: dict) -> None:
+    path = run / METRICS_FILE
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(update)
+    fetch.write_atomic(path, json.dumps(current, indent=2).encode())
