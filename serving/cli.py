@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--run", required=True, help="run directory to write")
     retrieval.add_argument("--holdout", type=int, default=0,
                            help="keep the last N training rows out for validation (tuning)")
+    retrieval.add_argument("--train-size", type=int, default=80_000,
+                           help="training rows of the seeded split (default: the protocol's %(default)s)")
     retrieval.add_argument("--strategy", choices=["default", "mirrored"], default="default")
     _add_config_flags(retrieval, model.RetrievalConfig)
     retrieval.set_defaults(handler=_train_retrieval)
@@ -120,7 +123,8 @@ def _train_retrieval(args) -> None:
 
     config = _config_from(args, model.RetrievalConfig)
     strategy = tf.distribute.MirroredStrategy() if args.strategy == "mirrored" else None
-    train.train(args.data, args.run, config, strategy=strategy, holdout=args.holdout)
+    train.train(args.data, args.run, config, strategy=strategy, holdout=args.holdout,
+                train_size=args.train_size)
     metrics = json.loads((pathlib.Path(args.run) / train.METRICS_FILE).read_text())
     log.info("trained in %.0f s; wrote %s", metrics["training"]["seconds"], args.run)
     if "validation" in metrics:

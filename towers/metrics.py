@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from towers import data
-
 
 def rankings(scores: np.ndarray, seen: np.ndarray | None = None, depth: int = 100) -> np.ndarray:
     """Item rows of each user's `depth` best scores, best first ([U, depth]).
@@ -54,12 +52,3 @@ def evaluate(scores: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray,
         results[f"ndcg@{k}"] = float(np.mean(dcg / ideal))
     return results
 
-
-def seen_mask(tables_user_ids: np.ndarray, tables_item_ids: np.ndarray,
-              ratings: data.Ratings) -> np.ndarray:
-    """Boolean [U, I]: True where the user rated the item in `ratings`."""
-    user_row = {u: r for r, u in enumerate(tables_user_ids)}
-    item_row = {i: r for r, i in enumerate(tables_item_ids)}
-    mask = np.zeros((len(tables_user_ids), len(tables_item_ids)), bool)
-    mask[[user_row[u] for u in ratings.user_id], [item_row[i] for i in ratings.item_id]] = True
-    return mask

@@ -22,9 +22,9 @@ def als_scores(seen: np.ndarray, factors: int = 64, regularization: float = 0.05
     """[U, I] scores <user factor, item factor> of implicit ALS fit on the binary seen matrix."""
     from implicit.cpu.als import AlternatingLeastSquares  # an optional, heavy import
 
-    model = AlternatingLeastSquares(factors=factors, regularization=regularization,
-                                    iterations=iterations, random_state=seed,
-                                    calculate_training_loss=False)
     with threadpoolctl.threadpool_limits(1, "blas"):  # implicit's own threads do the work
+        model = AlternatingLeastSquares(factors=factors, regularization=regularization,
+                                        iterations=iterations, random_state=seed,
+                                        calculate_training_loss=False)
         model.fit(scipy.sparse.csr_matrix(seen.astype(np.float32)), show_progress=False)
     return np.asarray(model.user_factors) @ np.asarray(model.item_factors).T

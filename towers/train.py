@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -33,7 +34,7 @@ METRICS_FILE = "metrics.json"
 def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
           config: model.RetrievalConfig = model.RetrievalConfig(),
           strategy: tf.distribute.Strategy | None = None, holdout: int = 0,
-          train_size: int = 80_000, verbose: int | str = "auto") -> model.RetrievalModel:
+          train_size: int = 80_000, verbose: int | None = None) -> model.RetrievalModel:
     """Trains on the benchmark split's training rows and writes the run directory.
 
     `holdout` > 0 keeps the last `holdout` training rows out as a validation set (for tuning; the
@@ -58,12 +59,17 @@ def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
         retrieval = model.RetrievalModel(tables, config)
         retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     dataset = training_dataset(train_rows, config)
+    validation = split.train.take(np.arange(len(split.train) - holdout, len(split.train)))
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
         keras.callbacks.ModelCheckpoint(str(run / "checkpoints" / "epoch-{epoch:02d}"),
                                         save_weights_only=True),
     ]
+    if holdout:
+        callbacks.insert(0, ValidationMetrics(tables, validation))
     started = time.perf_counter()
+    if verbose is None:  # a progress bar on a terminal, one line per epoch in logs
+        verbose = 1 if sys.stdout.isatty() else 2
     history = retrieval.fit(dataset, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - started
     retrieval.save_weights(str(run / WEIGHTS))
@@ -71,10 +77,24 @@ def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
     result = {"training": {"seconds": round(seconds, 1), "epochs": config.epochs,
                            "loss": [float(v) for v in history.history["loss"]]}}
     if holdout:
-        validation = split.train.take(np.arange(len(split.train) - holdout, len(split.train)))
         result["validation"] = evaluate_model(retrieval, tables, validation)
+        result["validation_per_epoch"] = callbacks[0].history
     _update_metrics(run, result)
     return retrieval
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """Adds hit rate@10/100 on the validation rows to each epoch's logs (and so to TensorBoard)."""
+
+    def __init__(self, tables: features.FeatureTables, validation: data.Ratings):
+        super().__init__()
+        self.tables, self.validation, self.history = tables, validation, []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        result = evaluate_model(self.model, self.tables, self.validation, ks=(10, 100))
+        self.history.append({k: round(v, 4) for k, v in result.items() if k.startswith("hit")})
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in self.history[-1].items()})
 
 
 def training_dataset(rows: data.Ratings, config: model.RetrievalConfig) -> tf.data.Dataset:

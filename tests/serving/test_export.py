@@ -1,0 +1,126 @@
+"""SavedModel exports: layout, signatures, and answers from a fresh process that imports only TF."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import export
+from towers import cold_start, features, train
+
+# Runs in a fresh interpreter: loads every exported model with nothing but TensorFlow and
+# reports its signature and its answers for the given users.
+PROBE = r"""
+import json, sys
+import tensorflow as tf
+base, users, items = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = {"modules": sorted(m for m in sys.modules if m.split(".")[0] in ("towers", "serving", "rerank", "tf_keras", "tensorflow_recommenders"))}
+for name, arg, values in (("query_tower", "user_id", users), ("candidate_tower", "item_id", items),
+                          ("retrieval", "user_id", users)):
+    fn = tf.saved_model.load(f"{base}/{name}/1").signatures["serving_default"]
+    inputs = fn.structured_input_signature[1]
+    result = fn(**{arg: tf.constant(values)})
+    out[name] = {
+        "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in inputs.items()},
+        "outputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_outputs.items()},
+        "values": {k: v.numpy().tolist() if v.dtype != tf.string else [[s.decode() for s in row] for row in v.numpy()]
+                   for k, v in result.items()},
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_export, tiny_run):
+    _, tables = train.load_run(tiny_run)
+    users = [str(tables.user_ids[0]), str(tables.user_ids[1]), "not-a-user"]
+    items = [str(tables.item_ids[0]), str(tables.item_ids[5])]
+    result = subprocess.run([sys.executable, "-c", PROBE, str(tiny_export), json.dumps(users),
+                             json.dumps(items)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), users, tables
+
+
+def test_signatures_follow_the_contract(probe):
+    out, _, _ = probe
+    assert out["modules"] == []  # nothing of the project or of Keras/TFRS was needed
+    assert out["query_tower"]["inputs"] == {"user_id": ["string", [None]]}
+    assert out["query_tower"]["outputs"] == {"embedding": ["float32", [None, 16]]}
+    assert out["candidate_tower"]["inputs"] == {"item_id": ["string", [None]]}
+    assert out["candidate_tower"]["outputs"] == {"embedding": ["float32", [None, 16]]}
+    assert out["retrieval"]["inputs"] == {"user_id": ["string", [None]]}
+    assert out["retrieval"]["outputs"] == {"item_ids": ["string", [None, 20]],
+                                           "scores": ["float32", [None, 20]]}
+
+
+def test_retrieval_matches_the_towers_and_never_returns_seen_items(probe):
+    out, users, tables = probe
+    queries = np.array(out["query_tower"]["values"]["embedding"])
+    item_ids = out["retrieval"]["values"]["item_ids"]
+    scores = np.array(out["retrieval"]["values"]["scores"])
+    assert len(item_ids) == 3 and all(len(row) == 20 for row in item_ids)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    for row, user in enumerate(users[:2]):
+        seen = set(tables.seen[list(tables.user_ids).index(user)]) - {features.PAD}
+        assert seen and not seen & set(item_ids[row])
+        assert len(set(item_ids[row])) == 20
+
+
+
+def test_retrieval_equals_exact_search_over_unseen_items(probe, tiny_run):
+    out, users, tables = probe
+    _, candidates = train.embeddings(*train.load_run(tiny_run))
+    queries = np.array(out["query_tower"]["values"]["embedding"])
+    for row, user in enumerate(users[:2]):
+        seen = set(tables.seen[list(tables.user_ids).index(user)]) - {features.PAD}
+        scores = candidates @ queries[row]
+        order = [tables.item_ids[i] for i in np.argsort(-scores) if tables.item_ids[i] not in seen]
+        assert out["retrieval"]["values"]["item_ids"][row] == order[:20]
+        np.testing.assert_allclose(out["retrieval"]["values"]["scores"][row],
+                                   np.sort(scores[[i not in seen for i in tables.item_ids]])[::-1][:20],
+                                   atol=1e-5)
+
+
+def test_unknown_user_gets_the_cold_start_answer(probe, tiny_run):
+    out, _, tables = probe
+    _, candidates = train.embeddings(*train.load_run(tiny_run))
+    expected = cold_start.popularity_query(candidates, tables.item_count)
+    np.testing.assert_allclose(out["query_tower"]["values"]["embedding"][2], expected, atol=1e-5)
+    top = [tables.item_ids[i] for i in np.argsort(-(candidates @ expected))[:20]]
+    assert out["retrieval"]["values"]["item_ids"][2] == top  # nothing to exclude
+
+
+def test_layout_warmup_and_models_config(tiny_export):
+    config = model_server_config_pb2.ModelServerConfig()
+    text_format.Parse((tiny_export / "models.config").read_text(), config)
+    assert [c.name for c in config.model_config_list.config] == ["query_tower", "candidate_tower", "retrieval"]
+    assert all(c.base_path == str(tiny_export / c.name) for c in config.model_config_list.config)
+    for name in ("query_tower", "candidate_tower", "retrieval"):
+        version = tiny_export / name / "1"
+        assert (version / "saved_model.pb").exists() and (version / "variables").is_dir()
+        records = list(tf.data.TFRecordDataset(str(version / "assets.extra" / export.WARMUP_FILE)))
+        log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
+        assert log.predict_log.request.model_spec.name == name
+        record = json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())
+        assert record["index"] == "bruteforce" and record["k"] == 20 and record["version"] == 1
+    assert not any(p.name != ".staging" and not p.name.isdigit() and p.is_dir()
+                   for name in ("query_tower", "retrieval") for p in (tiny_export / name).iterdir())
+
+
+def test_reexport_adds_a_version_and_refuses_to_overwrite(tiny_run, tmp_path):
+    base = tmp_path / "models"
+    export.export(tiny_run, base, k=5)
+    export.export(tiny_run, base, k=5)
+    assert sorted(p.name for p in (base / "retrieval").iterdir()) == ["1", "2"]
+    with pytest.raises(export.ExportError, match="already exists"):
+        export.export(tiny_run, base, version=2, k=5)
+    with pytest.raises(export.ExportError, match="choose a smaller --k"):
+        export.export(tiny_run, base, k=5000)

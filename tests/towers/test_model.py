@@ -1,0 +1,102 @@
+"""Feature tables, the towers and a tiny training run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import TINY_TRAIN
+from towers import cold_start, data, features, model, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_data_dir):
+    movielens = data.load_movielens(tiny_data_dir)
+    split = data.benchmark_split(movielens.ratings, train_size=TINY_TRAIN)
+    return movielens, split, features.build_tables(movielens, split.train, history_length=8)
+
+
+def test_tables_hold_training_data_only(tiny):
+    movielens, split, tables = tiny
+    assert len(tables.user_ids) == 943 and len(tables.item_ids) == 1682
+    item_row = {i: r for r, i in enumerate(tables.item_ids)}
+    user = split.train.user_id[0]
+    row = list(tables.user_ids).index(user)
+    mine = split.train.user_id == user
+    expected = [i for _, i in sorted(zip(split.train.timestamp[mine], split.train.item_id[mine]),
+                                     reverse=True)]
+    kept = tables.history[row][tables.history[row] > 0]
+    assert list(kept) == [item_row[i] + 1 for i in expected[:8]]  # newest first, capped
+    assert set(tables.seen[row]) - {features.PAD} == set(expected)
+    test_pairs = set(zip(split.test.user_id, split.test.item_id))
+    for r, user_id in enumerate(tables.user_ids):
+        assert not {(user_id, i) for i in tables.seen[r]} & test_pairs
+    assert tables.item_count.sum() == TINY_TRAIN
+
+
+def test_tables_round_trip(tiny, tmp_path):
+    tables = tiny[2]
+    tables.save(tmp_path / "features.npz")
+    loaded = features.FeatureTables.load(tmp_path / "features.npz")
+    for name in ("user_ids", "seen", "history", "item_title", "item_genres"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(tables, name))
+
+
+def test_target_is_hidden_from_its_own_history(tiny, tiny_config):
+    tables = tiny[2]
+    tower = model.QueryTower(tables, tiny_config)
+    row = int(np.argmax((tables.history > 0).sum(axis=1)))
+    user = tf.constant([tables.user_ids[row]])
+    in_history = tf.constant([int(tables.history[row, 0])], tf.int64)
+    not_in_history = tf.constant([0], tf.int64)
+    full = tower(user).numpy()
+    assert np.allclose(tower(user, exclude_item=not_in_history).numpy(), full)
+    assert not np.allclose(tower(user, exclude_item=in_history).numpy(), full)
+
+
+def test_unknown_user_maps_to_the_out_of_vocabulary_row(tiny, tiny_config):
+    tower = model.QueryTower(tiny[2], tiny_config)
+    rows = tower.lookup(tf.constant(["no-such-user", tiny[2].user_ids[0]])).numpy()
+    assert list(rows) == [0, 1]
+    assert tower(tf.constant(["no-such-user"])).shape == (1, tiny_config.embedding_dim)
+
+
+def test_tiny_training_run_lowers_the_loss_and_writes_the_run(tiny_run, tiny_config):
+    result = json.loads((tiny_run / train.METRICS_FILE).read_text())
+    losses = result["training"]["loss"]
+    assert len(losses) == tiny_config.epochs
+    assert losses[-1] < 0.9 * losses[0]
+    record = json.loads((tiny_run / train.CONFIG_FILE).read_text())
+    assert record["embedding_dim"] == tiny_config.embedding_dim and record["train_size"] == TINY_TRAIN
+    assert (tiny_run / "checkpoints" / "epoch-01.index").exists()
+    assert any((tiny_run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_run_reloads_with_the_same_embeddings(tiny_run):
+    first = train.embeddings(*train.load_run(tiny_run))
+    second = train.embeddings(*train.load_run(tiny_run))
+    np.testing.assert_allclose(first[0], second[0], atol=1e-6)
+    assert first[1].shape == (1682, 16)
+    assert np.allclose(np.linalg.norm(first[1], axis=1), 1.0, atol=1e-4)
+
+
+def test_load_run_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="retrieval_config.json: not found"):
+        train.load_run(tmp_path)
+
+
+def test_cold_start_query_follows_popularity():
+    rng = np.random.default_rng(0)
+    candidates = rng.normal(size=(500, 8)).astype(np.float32)
+    direction = rng.normal(size=8)
+    counts = np.round(np.exp(2 + candidates @ direction)).astype(np.int64)
+    query = cold_start.popularity_query(candidates, counts)
+    assert np.isclose(np.linalg.norm(query), 1.0)
+    top_by_query = set(np.argsort(-(candidates @ query))[:50])
+    top_by_count = set(np.argsort(-counts, kind="stable")[:50])
+    assert len(top_by_query & top_by_count) >= 40
+    with pytest.raises(ValueError, match="must be \\[I, D\\]"):
+        cold_start.popularity_query(candidates, counts[:10])
