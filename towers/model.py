@@ -31,6 +31,7 @@ class RetrievalConfig:
     hidden: int = 256  # width of the one hidden layer on top of the concatenated features
     temperature: float = 0.1  # softmax temperature on cosine scores (0.03 and 0.05 measured worse)
     history_length: int = 256  # newest training items pooled into the query
+    share_item_embeddings: bool = False  # history pooling reuses the candidate ID embeddings
     history_dropout: float = 0.2  # share of history items dropped per example while training
     l2: float = 1e-4  # L2 penalty on the ID embedding tables
     logq_correction: bool = True  # subtract log sampling probability from in-batch logits
@@ -45,7 +46,8 @@ class RetrievalConfig:
 class QueryTower(keras.Model):
     """user_id string [B] -> embedding [B, D]; unknown users map to the out-of-vocabulary row."""
 
-    def __init__(self, tables: features.FeatureTables, config: RetrievalConfig, **kwargs):
+    def __init__(self, tables: features.FeatureTables, config: RetrievalConfig,
+                 history_embedding: keras.layers.Embedding | None = None, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.lookup = keras.layers.StringLookup(vocabulary=list(tables.user_ids), mask_token=None)
@@ -61,7 +63,7 @@ class QueryTower(keras.Model):
         self.age_embedding = keras.layers.Embedding(len(features.AGE_BOUNDARIES) + 2, config.side_dim)
         self.gender_embedding = keras.layers.Embedding(3, config.side_dim)
         self.occupation_embedding = keras.layers.Embedding(len(tables.occupations) + 1, config.side_dim)
-        self.history_embedding = keras.layers.Embedding(
+        self.history_embedding = history_embedding or keras.layers.Embedding(
             len(tables.item_ids) + 1, config.id_dim, embeddings_regularizer=regularizer)
         self.mlp = keras.Sequential([keras.layers.Dense(config.hidden, activation="gelu"),
                                      keras.layers.Dense(config.embedding_dim)])
@@ -133,8 +135,9 @@ class RetrievalModel(tfrs.Model):
     def __init__(self, tables: features.FeatureTables, config: RetrievalConfig):
         super().__init__()
         self.config = config
-        self.query_tower = QueryTower(tables, config)
         self.candidate_tower = CandidateTower(tables, config)
+        shared = self.candidate_tower.item_embedding if config.share_item_embeddings else None
+        self.query_tower = QueryTower(tables, config, history_embedding=shared)
         self.item_lookup = self.candidate_tower.lookup
         self.num_items = len(tables.item_ids)
         self.item_probability = tf.constant(
