@@ -109,6 +109,8 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     query = QueryTowerModule(retrieval.query_tower,
                              cold_start.popularity_query(candidates, tables.item_count))
     rows = np.arange(len(tables.item_ids), dtype=np.int32)
+    if index_kind == "scann" and scann is None:
+        scann = benchmarked_scann_config(run_dir)
     top_k = index.build_index(index_kind, rows, candidates, k=k + widest, scann=scann)
     modules = {
         "query_tower": (query, "user_id"),
@@ -119,18 +121,28 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     record = {"run_dir": str(pathlib.Path(run_dir).resolve()), "version": version,
               "index": index_kind, "k": k, "embedding_dim": int(candidates.shape[1]),
               "num_items": len(tables.item_ids), "num_users": len(tables.user_ids),
-              "scann": dataclasses.asdict(scann or index.ScannConfig()) if index_kind == "scann" else None,
+              "scann": (dataclasses.asdict((scann or index.ScannConfig()).for_catalog(len(rows)))
+                        if index_kind == "scann" else None),
               "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     warmup_ids = {"user_id": [*tables.user_ids[:2], "unknown-user"], "item_id": list(tables.item_ids[:3])}
     paths = {}
     for name, (module, input_name) in modules.items():
-        options = tf.saved_model.SaveOptions(
-            namespace_whitelist=["Scann"] if index_kind == "scann" and name == "retrieval" else None)
+        options = index.save_options(index_kind if name == "retrieval" else "bruteforce")
         paths[name] = save_version(module, base / name, version, options,
                                    warmup_request(name, input_name, warmup_ids[input_name]),
                                    {**record, "model": name})
     write_models_config(base, list(modules))
     return paths
+
+
+def benchmarked_scann_config(run_dir: str | os.PathLike) -> index.ScannConfig | None:
+    """The ScaNN config `cascade bench retrieval-index` chose for this run's catalog, if it ran."""
+    path = pathlib.Path(run_dir) / "bench" / "retrieval_index.json"
+    if not path.exists():
+        log.warning("%s not found: ScaNN uses default parameters; run `cascade bench "
+                    "retrieval-index --run %s` to choose them by measurement", path, run_dir)
+        return None
+    return index.ScannConfig(**json.loads(path.read_text())["scann_config"])
 
 
 def next_version(base: pathlib.Path, names) -> int:

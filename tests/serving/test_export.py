@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import export
-from towers import cold_start, features, train
+from towers import cold_start, features, index, train
 
 # Runs in a fresh interpreter: loads every exported model with nothing but TensorFlow and
 # reports its signature and its answers for the given users.
@@ -22,7 +23,7 @@ PROBE = r"""
 import json, sys
 import tensorflow as tf
 base, users, items = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-out = {"modules": sorted(m for m in sys.modules if m.split(".")[0] in ("towers", "serving", "rerank", "tf_keras", "tensorflow_recommenders"))}
+out = {}
 for name, arg, values in (("query_tower", "user_id", users), ("candidate_tower", "item_id", items),
                           ("retrieval", "user_id", users)):
     fn = tf.saved_model.load(f"{base}/{name}/1").signatures["serving_default"]
@@ -34,6 +35,8 @@ for name, arg, values in (("query_tower", "user_id", users), ("candidate_tower",
         "values": {k: v.numpy().tolist() if v.dtype != tf.string else [[s.decode() for s in row] for row in v.numpy()]
                    for k, v in result.items()},
     }
+# `import tensorflow` loads Keras itself; what matters is that nothing of ours or of TFRS was needed.
+out["modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("towers", "serving", "rerank", "tensorflow_recommenders", "scann"))
 print(json.dumps(out))
 """
 
@@ -43,15 +46,17 @@ def probe(tiny_export, tiny_run):
     _, tables = train.load_run(tiny_run)
     users = [str(tables.user_ids[0]), str(tables.user_ids[1]), "not-a-user"]
     items = [str(tables.item_ids[0]), str(tables.item_ids[5])]
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     result = subprocess.run([sys.executable, "-c", PROBE, str(tiny_export), json.dumps(users),
-                             json.dumps(items)], capture_output=True, text=True, timeout=300)
+                             json.dumps(items)], capture_output=True, text=True, timeout=300,
+                            cwd=tiny_export, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), users, tables
 
 
 def test_signatures_follow_the_contract(probe):
     out, _, _ = probe
-    assert out["modules"] == []  # nothing of the project or of Keras/TFRS was needed
+    assert out["modules"] == []  # nothing of the project, TFRS or ScaNN was needed
     assert out["query_tower"]["inputs"] == {"user_id": ["string", [None]]}
     assert out["query_tower"]["outputs"] == {"embedding": ["float32", [None, 16]]}
     assert out["candidate_tower"]["inputs"] == {"item_id": ["string", [None]]}
@@ -124,3 +129,25 @@ def test_reexport_adds_a_version_and_refuses_to_overwrite(tiny_run, tmp_path):
         export.export(tiny_run, base, version=2, k=5)
     with pytest.raises(export.ExportError, match="choose a smaller --k"):
         export.export(tiny_run, base, k=5000)
+
+
+def test_scann_export_serves_the_same_items_with_scann_imported(tiny_run, tmp_path):
+    base = tmp_path / "models"
+    export.export(tiny_run, base, index_kind="scann", k=10,
+                  scann=index.ScannConfig(num_leaves=10, num_leaves_to_search=10,
+                                          num_reordering_candidates=1682))
+    export.export(tiny_run, base, index_kind="bruteforce", k=10)
+    record = json.loads((base / "retrieval" / "1" / "assets.extra" / export.RECORD_FILE).read_text())
+    assert record["index"] == "scann" and record["scann"]["num_leaves_to_search"] == 10
+    probe = ("import sys, json, scann, tensorflow as tf\n"
+             "ids = {}\n"
+             "for v in ('1', '2'):\n"
+             "    fn = tf.saved_model.load(sys.argv[1] + '/retrieval/' + v).signatures['serving_default']\n"
+             "    ids[v] = fn(user_id=tf.constant(['1', '2', 'nobody']))['item_ids'].numpy().tolist()\n"
+             "print(json.dumps({v: [[i.decode() for i in r] for r in rows] for v, rows in ids.items()}))\n")
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run([sys.executable, "-c", probe, str(base)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers["1"] == answers["2"]  # every leaf searched, every item re-scored: exact
