@@ -219,7 +219,7 @@ def _plot(results: dict, path: pathlib.Path) -> None:
     for reorder in SWEEP_REORDER:
         points = [p for p in sweep if p["reorder"] == reorder]
         axis.plot([p["single_qps"] for p in points], [p["recall@10"] for p in points], "o-",
-                  label=f"ScaNN sweep, {reorder} re-ranked", alpha=0.7)
+                  label=f"ScaNN sweep (scann searcher), {reorder} re-ranked", alpha=0.7)
     synthetic = results["catalogs"]["synthetic"]
     axis.scatter([synthetic["scann"]["single_qps"]], [synthetic["scann"]["recall@10"]], marker="*",
                  s=250, color="black", zorder=5, label="chosen config (TFRS layer, as exported)")
