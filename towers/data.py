@@ -138,15 +138,21 @@ def benchmark_split(ratings: Ratings, seed: int = 42, train_size: int = 80_000) 
     """The TFRS-tutorial split of DESIGN.md: a seeded `tf.data` shuffle of the rows, first 80,000 train.
 
     `Dataset.shuffle` permutes positions independently of the element values, so shuffling the row
-    indices gives exactly the order that shuffling the rows would.
+    indices gives exactly the order that shuffling the rows would. The shuffle runs in a fresh graph:
+    its seed pair also depends on TensorFlow's global seed, and the protocol is defined with none
+    set, so a `tf.random.set_seed` elsewhere in the process (Keras training does one) must not move
+    the split.
     """
     import tensorflow as tf  # imported here so that loading data does not pay for TensorFlow
 
     if len(ratings) <= train_size:
         raise DataError(f"benchmark split needs more than {train_size} ratings, got {len(ratings)}")
-    order = tf.data.Dataset.range(len(ratings)).shuffle(
-        100_000, seed=seed, reshuffle_each_iteration=False)
-    order = np.fromiter(order.as_numpy_iterator(), dtype=np.int64, count=len(ratings))
+    with tf.Graph().as_default():
+        shuffled = tf.data.Dataset.range(len(ratings)).shuffle(
+            100_000, seed=seed, reshuffle_each_iteration=False)
+        everything = shuffled.batch(len(ratings)).get_single_element()
+        with tf.compat.v1.Session() as session:
+            order = session.run(everything)
     return Split(ratings.take(order[:train_size]), ratings.take(order[train_size:]))
 
 

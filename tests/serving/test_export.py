@@ -44,7 +44,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def probe(tiny_export, tiny_run):
     _, tables = train.load_run(tiny_run)
-    users = [str(tables.user_ids[0]), str(tables.user_ids[1]), "not-a-user"]
+    busiest = np.argsort(-(tables.seen != features.PAD).sum(axis=1), kind="stable")[:2]
+    users = [str(tables.user_ids[busiest[0]]), str(tables.user_ids[busiest[1]]), "not-a-user"]
     items = [str(tables.item_ids[0]), str(tables.item_ids[5])]
     environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     result = subprocess.run([sys.executable, "-c", PROBE, str(tiny_export), json.dumps(users),

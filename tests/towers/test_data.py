@@ -120,3 +120,14 @@ def test_grouplens_bad_genre_flag(tmp_path):
 def test_missing_folder_says_how_to_fetch(tmp_path):
     with pytest.raises(data.DataError, match="cascade data fetch movielens-100k"):
         data.load_movielens(tmp_path)
+
+
+def test_split_ignores_the_global_seed(movielens):
+    import tensorflow as tf
+
+    tf.random.set_seed(42)  # what Keras training does; the protocol has no global seed
+    try:
+        split = data.benchmark_split(movielens.ratings)
+    finally:
+        tf.random.set_seed(None)
+    assert list(zip(split.train.user_id[:2], split.train.item_id[:2])) == [("343", "98"), ("450", "183")]
