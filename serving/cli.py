@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--k", type=int, default=100, help="items returned by `retrieval`")
     export.set_defaults(handler=_export)
 
+    serve = commands.add_parser("serve", help="TF-Serving-compatible gRPC/REST model server")
+    serve.set_defaults(handler=_serve)
+    _add_server_arguments(serve)
+
     recommend = commands.add_parser("recommend", help="top items for users from an export")
     recommend.add_argument("--model-base-path", default="models")
     recommend.add_argument("--user", action="append", required=True, help="user ID (repeatable)")
@@ -85,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true")
     recommend.set_defaults(handler=_recommend)
     return parser
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    from serving import server  # imports TensorFlow; only the parser of `serve` needs it
+
+    server.add_arguments(parser)
+
+
+def _serve(args) -> int:
+    from serving import server
+
+    return server.run(args)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
