@@ -8,6 +8,9 @@ INSTALLED := $(VENV)/.installed
 DATA := data/ml-100k
 RUN := runs/ml100k
 MODELS := models
+GRPC_PORT ?= 8500
+REST_PORT ?= 8501
+SHELL := /bin/bash
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo test setup data clean
@@ -36,6 +39,11 @@ $(RUN)/.exported: $(RUN)/checkpoints/final.index
 demo: data $(RUN)/checkpoints/final.index $(RUN)/.exported
 	$(BIN)/cascade evaluate retrieval --run $(RUN)
 	$(BIN)/cascade recommend --model-base-path $(MODELS) --user 42 --user new-user-not-in-data
+	@echo "--- the same through TF Serving's API: cascade serve on localhost:$(GRPC_PORT) (gRPC) and :$(REST_PORT) (REST)"
+	@$(BIN)/cascade serve --model-base-path $(MODELS) --port $(GRPC_PORT) --rest_api_port $(REST_PORT) \
+	    > $(RUN)/serve.log 2>&1 & server=$$!; trap 'kill -TERM $$server; wait $$server' EXIT; \
+	  $(BIN)/cascade recommend --server localhost:$(GRPC_PORT) --wait 180 --user 42 --user new-user-not-in-data && \
+	  $(BIN)/cascade recommend --rest http://localhost:$(REST_PORT) --user 7 --top 5
 
 test: data
 	$(BIN)/python -m pytest

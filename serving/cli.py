@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args) or 0
-    except (ValueError, FileNotFoundError) as error:  # our data/config errors carry the details
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as error:  # carry details
         log.error("%s", error)
         return 1
 
@@ -83,7 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_arguments(serve)
 
     recommend = commands.add_parser("recommend", help="top items for users from an export")
-    recommend.add_argument("--model-base-path", default="models")
+    recommend.add_argument("--model-base-path", default="models",
+                           help="export to load in this process (when no --server/--rest)")
+    recommend.add_argument("--server", help="TF Serving gRPC address, e.g. localhost:8500")
+    recommend.add_argument("--rest", help="TF Serving REST base URL, e.g. http://localhost:8501")
+    recommend.add_argument("--model", default="retrieval", help="served model name")
+    recommend.add_argument("--data", default="data/ml-100k", help="catalog for titles (remote)")
+    recommend.add_argument("--wait", type=float, default=0,
+                           help="seconds to wait for the model to become AVAILABLE (gRPC)")
     recommend.add_argument("--user", action="append", required=True, help="user ID (repeatable)")
     recommend.add_argument("--top", type=int, default=10)
     recommend.add_argument("--json", action="store_true")
@@ -173,10 +180,29 @@ def _export(args) -> None:
         print(f"{name}: {path}")
 
 
-def _recommend(args) -> None:
+def _recommend(args) -> int | None:
     from serving import local
 
-    answers = local.recommend(args.model_base_path, args.user, args.top)
+    if args.server or args.rest:
+        from serving import client
+
+        inputs = {"user_id": args.user}
+        if args.server:
+            import grpc
+
+            try:
+                if args.wait:
+                    client.wait_until_available(args.server, args.model, args.wait)
+                outputs = client.predict_grpc(args.server, args.model, inputs)
+            except grpc.RpcError as error:
+                log.error("%s: %s: %s", args.server, error.code().name, error.details())
+                return 1
+        else:
+            outputs = client.predict_rest(args.rest, args.model, inputs)
+        titles = local.catalog_titles(args.data) if pathlib.Path(args.data).exists() else None
+        answers = local.answers(args.user, outputs, titles, args.top)
+    else:
+        answers = local.recommend(args.model_base_path, args.user, args.top)
     if args.json:
         print(json.dumps(answers, indent=2))
         return

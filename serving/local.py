@@ -29,11 +29,23 @@ def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int 
     if record.get("index") == "scann":
         import scann  # noqa: F401  registers the ScaNN ops the SavedModel uses
     serve = tf.saved_model.load(str(version)).signatures[export.SIGNATURE]
-    outputs = serve(user_id=tf.constant(user_ids))
+    outputs = {k: v.numpy() for k, v in serve(user_id=tf.constant(user_ids)).items()}
     run_config = json.loads((pathlib.Path(record["run_dir"]) / "retrieval_config.json").read_text())
-    items = data.load_movielens(run_config["data_dir"]).items
-    answers = {}
-    for user, ids, scores in zip(user_ids, outputs["item_ids"].numpy(), outputs["scores"].numpy()):
-        answers[user] = [{"item_id": i.decode(), "title": items[i.decode()].text().split(";")[0],
-                          "score": float(s)} for i, s in zip(ids[:top], scores[:top])]
-    return answers
+    return answers(user_ids, outputs, catalog_titles(run_config["data_dir"]), top)
+
+
+def catalog_titles(data_dir: str | os.PathLike) -> dict[str, str]:
+    """item_id -> "Title (year)" from a MovieLens folder."""
+    return {i: item.text().split(";")[0] for i, item in data.load_movielens(data_dir).items.items()}
+
+
+def answers(user_ids: list[str], outputs: dict, titles: dict[str, str] | None, top: int) -> dict:
+    """Shapes `retrieval` outputs (item_ids [B, K], scores [B, K]) as one list per user."""
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    result = {}
+    for user, ids, scores in zip(user_ids, outputs["item_ids"], outputs["scores"]):
+        result[user] = [{"item_id": text(i), "title": (titles or {}).get(text(i), ""),
+                         "score": float(s)} for i, s in zip(list(ids)[:top], list(scores)[:top])]
+    return result

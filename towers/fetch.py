@@ -112,6 +112,9 @@ def write_atomic(path: pathlib.Path, payload: bytes) -> None:
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files owner-only; keep the usual mode
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -52,6 +52,13 @@ def build_index(kind: str, candidate_ids: np.ndarray, candidate_embeddings: np.n
         index = tfrs.layers.factorized_top_k.BruteForce(k=k)
     else:
         config = (scann or ScannConfig()).for_catalog(embeddings.shape[0])
+        # ScaNN silently returns fewer than k hits (padded with item 0 and NaN scores) when the
+        # searched leaves hold fewer than k items, and then `query_with_exclusions` can hand back
+        # excluded items. Search enough leaves to hold 2k items on average.
+        per_leaf = embeddings.shape[0] / config.num_leaves
+        needed = int(np.ceil(2 * k / per_leaf))
+        if needed > config.num_leaves_to_search:
+            config = dataclasses.replace(config, num_leaves_to_search=min(config.num_leaves, needed))
         index = tfrs.layers.factorized_top_k.ScaNN(
             k=k, num_leaves=config.num_leaves, num_leaves_to_search=config.num_leaves_to_search,
             num_reordering_candidates=max(config.num_reordering_candidates, k),

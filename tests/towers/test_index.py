@@ -91,3 +91,13 @@ def test_bad_arguments_are_named():
 def test_small_catalogs_cap_the_leaves():
     config = index.ScannConfig().for_catalog(1682)
     assert config.num_leaves == 168 and config.num_leaves_to_search <= 168
+
+
+def test_scann_searches_enough_leaves_for_deep_queries():
+    # 2,000 items in 20 leaves: 1 leaf searched holds ~100 items, too few for k = 300.
+    ids = np.arange(2000, dtype=np.int32)
+    top = index.build_index("scann", ids, CANDIDATES, k=300,
+                            scann=index.ScannConfig(num_leaves=20, num_leaves_to_search=1))
+    scores, found = top(tf.constant(QUERIES[:3]))
+    assert found.shape == (3, 300) and not np.isnan(scores.numpy()).any()
+    assert all(len(set(row)) == 300 for row in found.numpy())
