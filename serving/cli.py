@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     bench_index.add_argument("--run", required=True)
     bench_index.add_argument("--out", help="output folder (default: RUN/bench)")
     bench_index.add_argument("--synthetic-items", type=int, default=1_000_000)
+    bench_index.add_argument("--synthetic-noise", type=float, default=0.5,
+                             help="noise around real embeddings, x per-dimension std (harder: 0.86)")
     bench_index.set_defaults(handler=_bench_index)
 
     export = commands.add_parser("export", help="export SavedModels for TF Serving")
@@ -168,7 +170,7 @@ def _bench_index(args) -> None:
     queries, candidates = train.embeddings(retrieval, tables)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / "bench")
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen, out,
-                                    synthetic_items=args.synthetic_items)
+                                    synthetic_items=args.synthetic_items, noise=args.synthetic_noise)
     print((out / "retrieval_index.md").read_text())
 
 

@@ -3,7 +3,7 @@
 Two catalogs: the real one (with each user's training items excluded, as `retrieval` serves) and a
 synthetic one of 1,000,000 items with the model's embedding size, where approximate search has
 something to win. The synthetic items are the real item embeddings resampled with Gaussian noise
-(0.5 x each dimension's spread), then re-normalized like the tower's outputs: clustered like a real
+(by default 0.5 x each dimension's spread), then re-normalized like the tower's outputs: clustered like a real
 catalog, unlike isotropic noise, which is the worst case for any partitioning index. Queries are
 the real users' query embeddings.
 
@@ -43,7 +43,7 @@ SELECTION_MARGIN = 0.01  # recall kept above the target when choosing a sweep po
 def run_index_benchmark(query_embeddings: np.ndarray, candidate_ids: np.ndarray,
                         candidate_embeddings: np.ndarray, exclusions: np.ndarray | None,
                         out_dir: str | os.PathLike, synthetic_items: int = 1_000_000,
-                        target_recall: float = 0.95, seed: int = 0) -> dict:
+                        target_recall: float = 0.95, seed: int = 0, noise: float = 0.5) -> dict:
     """Measures both indexes on both catalogs; writes retrieval_index.{json,md,png} to `out_dir`."""
     out = pathlib.Path(out_dir)
     queries = np.asarray(query_embeddings, np.float32)
@@ -54,8 +54,8 @@ def run_index_benchmark(query_embeddings: np.ndarray, candidate_ids: np.ndarray,
         excluded = np.array([[row_of.get(i, -1) for i in user] for user in exclusions], np.int32)
 
     log.info("synthetic catalog: %d items x %d dims", synthetic_items, real.shape[1])
-    synthetic = synthetic_catalog(real, synthetic_items, seed)
-    results = {"k": K, "target_recall": target_recall, "catalogs": {}}
+    synthetic = synthetic_catalog(real, synthetic_items, seed, noise)
+    results = {"k": K, "target_recall": target_recall, "synthetic_noise": noise, "catalogs": {}}
     for name, catalog, ex in (("real", real, excluded), ("synthetic", synthetic, None)):
         sweep = scann_sweep(queries, catalog, target_recall)
         chosen = sweep["chosen"]
@@ -88,15 +88,16 @@ def run_index_benchmark(query_embeddings: np.ndarray, candidate_ids: np.ndarray,
     return results
 
 
-def synthetic_catalog(real: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """`size` unit vectors: real embeddings resampled with per-dimension Gaussian noise."""
+def synthetic_catalog(real: np.ndarray, size: int, seed: int = 0, noise: float = 0.5) -> np.ndarray:
+    """`size` unit vectors: real embeddings resampled with Gaussian noise of `noise` x each
+    dimension's spread (more noise: less cluster structure, a harder catalog for ScaNN)."""
     rng = np.random.default_rng(seed)
     spread = real.std(axis=0, keepdims=True)
     items = np.empty((size, real.shape[1]), np.float32)
     for start in range(0, size, 100_000):  # in chunks to bound memory
         stop = min(size, start + 100_000)
         chunk = real[rng.integers(0, len(real), stop - start)]
-        chunk = chunk + 0.5 * spread * rng.standard_normal(chunk.shape, dtype=np.float32)
+        chunk = chunk + noise * spread * rng.standard_normal(chunk.shape, dtype=np.float32)
         items[start:stop] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
     return items
 
