@@ -41,6 +41,7 @@ demo: data $(RUN)/checkpoints/final.index $(RUN)/.exported
 	$(BIN)/cascade recommend --model-base-path $(MODELS) --user 42 --user new-user-not-in-data
 	@echo "--- the same through TF Serving's API: cascade serve on localhost:$(GRPC_PORT) (gRPC) and :$(REST_PORT) (REST)"
 	@$(BIN)/cascade serve --model-base-path $(MODELS) --port $(GRPC_PORT) --rest_api_port $(REST_PORT) \
+	    --enable_batching --batching_parameters_file $(MODELS)/batching_parameters.txt \
 	    > $(RUN)/serve.log 2>&1 & server=$$!; trap 'kill -TERM $$server; wait $$server' EXIT; \
 	  $(BIN)/cascade recommend --server localhost:$(GRPC_PORT) --wait 180 --user 42 --user new-user-not-in-data && \
 	  $(BIN)/cascade recommend --rest http://localhost:$(REST_PORT) --user 7 --top 5

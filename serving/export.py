@@ -4,6 +4,7 @@
     models/query_tower/<version>/      user_id [B] -> embedding [B, D]
     models/candidate_tower/<version>/  item_id [B] -> embedding [B, D]
     models/retrieval/<version>/        user_id [B] -> item_ids [B, K], scores [B, K]
+    models/batching_parameters.txt     TF Serving batching parameters sized for this machine
 
 Each version is written to a staging directory outside every model's base path and renamed into
 place, so TF Serving's file-system poller never sees a half-written version. Each version carries
@@ -30,6 +31,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving import server_config
 from towers import cold_start, features, index, train
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 SIGNATURE = "serving_default"
 WARMUP_FILE = "tf_serving_warmup_requests"
 RECORD_FILE = "cascade_export.json"
+BATCHING_FILE = "batching_parameters.txt"  # for --enable_batching --batching_parameters_file
 USER_ID = tf.TensorSpec([None], tf.string, name="user_id")
 ITEM_ID = tf.TensorSpec([None], tf.string, name="item_id")
 
@@ -132,6 +135,9 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
                                    warmup_request(name, input_name, warmup_ids[input_name]),
                                    {**record, "model": name})
     write_models_config(base, list(modules))
+    batching = base / BATCHING_FILE
+    if not batching.exists():  # a hand-tuned file is kept
+        server_config.write_batching_parameters(batching)
     return paths
 
 

@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import export
+from serving import export, server_config
 from towers import cold_start, features, index, train
 
 # Runs in a fresh interpreter: loads every exported model with nothing but TensorFlow and
@@ -117,6 +117,8 @@ def test_layout_warmup_and_models_config(tiny_export):
         assert log.predict_log.request.model_spec.name == name
         record = json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())
         assert record["index"] == "bruteforce" and record["k"] == 20 and record["version"] == 1
+    batching = server_config.read_batching_parameters(tiny_export / export.BATCHING_FILE)
+    assert batching.max_batch_size > 0 and batching.num_batch_threads >= 1
     assert not any(p.name != ".staging" and not p.name.isdigit() and p.is_dir()
                    for name in ("query_tower", "retrieval") for p in (tiny_export / name).iterdir())
 
