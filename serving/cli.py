@@ -18,9 +18,13 @@ log = logging.getLogger("cascade")
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "beam_passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.beam_args = extra
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("absl", "apache_beam"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -80,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--k", type=int, default=100, help="items returned by `retrieval`")
     export.set_defaults(handler=_export)
 
+    batch = commands.add_parser("batch", help="recommendations for every user (Apache Beam)",
+                                epilog="Other flags go to Beam, e.g. --runner DataflowRunner, "
+                                       "--direct_running_mode multi_processing --direct_num_workers 2")
+    batch.add_argument("--model-base-path", default="models")
+    batch.add_argument("--model", choices=["retrieval", "cascade"], default="retrieval")
+    batch.add_argument("--users", default="all", help="all, synthetic:N, or a file of user IDs")
+    batch.add_argument("--out", required=True, help="output folder (replaced whole on success)")
+    batch.add_argument("--format", choices=["parquet", "tfrecord"], default="parquet")
+    batch.add_argument("--max-batch-size", type=int, default=256)
+    batch.set_defaults(handler=_batch, beam_passthrough=True)
+
     serve = commands.add_parser("serve", help="TF-Serving-compatible gRPC/REST model server")
     serve.set_defaults(handler=_serve)
     _add_server_arguments(serve)
@@ -104,6 +119,17 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     from serving import server  # imports TensorFlow; only the parser of `serve` needs it
 
     server.add_arguments(parser)
+
+
+def _batch(args) -> None:
+    from serving import batch, local
+
+    version = local.latest_version(pathlib.Path(args.model_base_path) / args.model)
+    record = json.loads((version / "assets.extra" / "cascade_export.json").read_text())
+    users = batch.read_users(args.users, record)
+    summary = batch.run_batch(args.model_base_path, args.model, users, args.out, args.format,
+                              args.beam_args, args.max_batch_size)
+    print(json.dumps(summary, indent=2))
 
 
 def _serve(args) -> int:

@@ -1,0 +1,88 @@
+"""`cascade batch`: the Beam pipeline over a real export, its dead letter and its outputs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pyarrow.parquet as parquet
+import pytest
+import tensorflow as tf
+
+from serving import batch, cli
+
+
+def _in_process(model_dir: pathlib.Path, users: list[str]) -> dict[str, list[str]]:
+    fn = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    ids = fn(user_id=tf.constant(users))["item_ids"].numpy()
+    return {u: [i.decode() for i in row] for u, row in zip(users, ids)}
+
+
+def test_every_user_gets_the_served_answer(tiny_export, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["batch", "--model-base-path", str(tiny_export), "--users", "all",
+                     "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["users_read"] == summary["users_written"] == 943 and summary["users_failed"] == 0
+    table = parquet.read_table(sorted(out.glob("recommendations-*.parquet"))).to_pylist()
+    assert len(table) == 943 and len({r["user_id"] for r in table}) == 943
+    by_user = {r["user_id"]: r for r in table}
+    sample = ["1", "2", "50", "943"]
+    for user, items in _in_process(tiny_export / "retrieval" / "1", sample).items():
+        assert by_user[user]["item_ids"] == items
+        assert len(by_user[user]["scores"]) == 20
+    lines = (out / "sample.jsonl").read_text().splitlines()
+    assert len(lines) == batch.SAMPLE_SIZE and set(json.loads(lines[0])) == {"user_id", "item_ids", "scores"}
+    assert (out / "failed.jsonl").read_text() == ""
+
+
+def test_tfrecord_output_and_rerun_replaces_the_folder(tiny_export, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale-from-an-earlier-run.parquet").write_text("old")
+    users = tmp_path / "users.txt"
+    users.write_text("1\n2\n\nnobody\n")
+    summary = batch.run_batch(tiny_export, "retrieval", batch.read_users(str(users), {}), out, "tfrecord")
+    assert summary["users_written"] == 3
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_SUMMARY.json", "failed.jsonl", "recommendations-00000-of-00001.tfrecord", "sample.jsonl"]
+    records = [tf.train.Example.FromString(r.numpy()) for r in
+               tf.data.TFRecordDataset(str(out / "recommendations-00000-of-00001.tfrecord"))]
+    users_seen = {e.features.feature["user_id"].bytes_list.value[0].decode() for e in records}
+    assert users_seen == {"1", "2", "nobody"}
+    assert all(len(e.features.feature["scores"].float_list.value) == 20 for e in records)
+    assert not list(tmp_path.glob(".out.*"))  # no staging or old folder left behind
+
+
+def test_a_failing_user_goes_to_the_dead_letter(tmp_path):
+    class Picky(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
+        def serve(self, user_id):
+            tf.debugging.assert_none_equal(user_id, tf.constant("poison"), message="poisoned user")
+            return {"item_ids": tf.stack([user_id, user_id], axis=1),
+                    "scores": tf.ones([tf.shape(user_id)[0], 2])}
+
+    module = Picky()
+    tf.saved_model.save(module, str(tmp_path / "models" / "retrieval" / "1"),
+                        signatures={"serving_default": module.serve})
+    users = [str(i) for i in range(50)] + ["poison"]
+    summary = batch.run_batch(tmp_path / "models", "retrieval", users, tmp_path / "out")
+    assert (summary["users_read"], summary["users_written"], summary["users_failed"]) == (51, 50, 1)
+    (failed,) = [json.loads(line) for line in (tmp_path / "out" / "failed.jsonl").read_text().splitlines()]
+    assert failed["user_id"] == "poison" and "poisoned user" in failed["error"]
+    table = parquet.read_table(sorted((tmp_path / "out").glob("*.parquet"))).to_pylist()
+    assert sorted(r["user_id"] for r in table) == sorted(users[:50])
+
+
+def test_users_sources(tmp_path):
+    population = batch.synthetic_users(2_000)
+    assert population == batch.synthetic_users(2_000) and len(set(population)) == 2_000
+    assert population[:3] == ["1", "2", "3"] and population[943].startswith("synthetic-")
+    bad = tmp_path / "users.csv"
+    bad.write_text("1\n2,3\n")
+    with pytest.raises(ValueError, match=r"users.csv:2: expected one user ID per line"):
+        batch.read_users(str(bad), {})
+    with pytest.raises(FileNotFoundError, match="users file not found"):
+        batch.read_users(str(tmp_path / "missing.txt"), {})
+    assert np.array_equal(batch.read_users("synthetic:5", {}), ["1", "2", "3", "4", "5"])
