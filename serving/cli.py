@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="keep the last N training rows out for validation (tuning)")
     retrieval.add_argument("--train-size", type=int, default=80_000,
                            help="training rows of the seeded split (default: the protocol's %(default)s)")
-    retrieval.add_argument("--strategy", choices=["default", "mirrored"], default="default")
+    retrieval.add_argument("--strategy", choices=["default", "mirrored", "multiworker"],
+                           default="default", help="multiworker reads the cluster from TF_CONFIG")
     _add_config_flags(retrieval, model.RetrievalConfig)
     retrieval.set_defaults(handler=_train_retrieval)
 
@@ -168,14 +169,15 @@ def _fetch(args) -> None:
 
 
 def _train_retrieval(args) -> None:
-    import tensorflow as tf
-
     from towers import model, train
 
+    strategy = train.make_strategy(args.strategy)
     config = _config_from(args, model.RetrievalConfig)
-    strategy = tf.distribute.MirroredStrategy() if args.strategy == "mirrored" else None
     train.train(args.data, args.run, config, strategy=strategy, holdout=args.holdout,
                 train_size=args.train_size)
+    if strategy is not None and not strategy.extended.should_checkpoint:
+        log.info("worker %s done; the chief wrote %s", strategy.cluster_resolver.task_id, args.run)
+        return
     metrics = json.loads((pathlib.Path(args.run) / train.METRICS_FILE).read_text())
     log.info("trained in %.0f s; wrote %s", metrics["training"]["seconds"], args.run)
     if "validation" in metrics:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -41,7 +42,11 @@ def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
     test split is never used here) and records their metrics as `validation`. `train_size` is the
     protocol's 80,000; tests pass a smaller one for their tiny data.
     """
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = strategy.extended.should_checkpoint  # False only on non-chief multi-worker tasks
     run = pathlib.Path(run_dir)
+    if not chief:  # other workers write to a scratch folder that is removed at the end
+        run = run / f".worker-{strategy.cluster_resolver.task_id}"
     run.mkdir(parents=True, exist_ok=True)
     movielens = data.load_movielens(data_dir)
     split = data.benchmark_split(movielens.ratings, train_size=train_size)
@@ -54,7 +59,6 @@ def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
     fetch.write_atomic(run / CONFIG_FILE, json.dumps(record, indent=2).encode())
 
     tf.keras.utils.set_random_seed(config.seed)
-    strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         retrieval = model.RetrievalModel(tables, config)
         retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
@@ -75,12 +79,33 @@ def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
     retrieval.save_weights(str(run / WEIGHTS))
 
     result = {"training": {"seconds": round(seconds, 1), "epochs": config.epochs,
+                           "replicas": strategy.num_replicas_in_sync,
                            "loss": [float(v) for v in history.history["loss"]]}}
     if holdout:
         result["validation"] = evaluate_model(retrieval, tables, validation)
         result["validation_per_epoch"] = callbacks[0].history
     _update_metrics(run, result)
+    if not chief:
+        shutil.rmtree(run, ignore_errors=True)
     return retrieval
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy | None:
+    """`default` (one device), `mirrored` (every local device) or `multiworker` (reads TF_CONFIG).
+
+    Create it first thing in the process: multi-worker collectives must be set up before any op.
+    """
+    if name == "default":
+        return None
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy multiworker needs TF_CONFIG describing the cluster and "
+                             "this task, e.g. {\"cluster\": {\"worker\": [\"host1:12345\", "
+                             "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"strategy must be default, mirrored or multiworker, got {name!r}")
 
 
 class ValidationMetrics(keras.callbacks.Callback):
