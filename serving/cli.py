@@ -76,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
                              help="noise around real embeddings, x per-dimension std (harder: 0.86)")
     bench_index.set_defaults(handler=_bench_index)
 
+    bench_serve = bench.add_parser("serve", help="QPS and latency of cascade serve under load")
+    bench_serve.add_argument("--model-base-path", default="models")
+    bench_serve.add_argument("--models", default="retrieval", help="comma-separated model names")
+    bench_serve.add_argument("--out", default="bench", help="output folder (default: %(default)s)")
+    bench_serve.add_argument("--requests", type=int, default=400, help="requests per level")
+    bench_serve.add_argument("--concurrency", default="1,8,32")
+    bench_serve.set_defaults(handler=_bench_serve)
+
     export = commands.add_parser("export", help="export SavedModels for TF Serving")
     export.add_argument("--run", required=True)
     export.add_argument("--model-base-path", default="models")
@@ -200,6 +208,15 @@ def _bench_index(args) -> None:
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen, out,
                                     synthetic_items=args.synthetic_items, noise=args.synthetic_noise)
     print((out / "retrieval_index.md").read_text())
+
+
+def _bench_serve(args) -> None:
+    from serving import load_bench
+
+    results = load_bench.run_serve_benchmark(
+        args.model_base_path, args.out, tuple(args.models.split(",")),
+        tuple(int(c) for c in args.concurrency.split(",")), args.requests)
+    print(load_bench.format_table(results))
 
 
 def _export(args) -> None:

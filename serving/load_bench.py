@@ -1,0 +1,203 @@
+"""`cascade bench serve`: QPS and latency percentiles of `cascade serve` under concurrent load.
+
+For each model, in one run: the SavedModel called in this process (the floor, no RPC), then
+`cascade serve` started as a separate process without and with server-side batching, each driven
+by a `grpc.aio` client at several concurrency levels through the official TF Serving stubs. Every
+request asks for one user; the load is bounded by a request count and a time limit, and only
+loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving import client, export, local
+from towers import fetch
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = (1, 8, 32)
+MODES = ("in-process", "grpc", "grpc+batching")
+
+
+def run_serve_benchmark(model_base_path: str | os.PathLike, out_dir: str | os.PathLike,
+                        models: tuple[str, ...] = ("retrieval",), concurrency: tuple[int, ...] = CONCURRENCY,
+                        requests: int = 400, time_limit: float = 60.0) -> dict:
+    """Measures every (model, mode, concurrency); writes serve.{json,md,png} to `out_dir`."""
+    base = pathlib.Path(model_base_path).resolve()
+    users = _users(base, models[0])
+    rows = []
+    for model in models:
+        rows += [_in_process(base / model, users, c, requests, time_limit) | {"model": model}
+                 for c in concurrency]
+    for mode in MODES[1:]:
+        with _server(base, batching=mode.endswith("batching")) as address:
+            for model in models:
+                client.wait_until_available(address, model, timeout=300)
+                for c in concurrency:
+                    latencies, seconds = asyncio.run(_drive(address, model, users, c, requests, time_limit))
+                    rows.append(_summary(model, mode, c, latencies, seconds))
+                    log.info("%s %s c=%d: %.0f QPS, p50 %.1f ms", model, mode, c,
+                             rows[-1]["qps"], rows[-1]["p50_ms"])
+    results = {"requests_per_level": requests, "rows": rows}
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fetch.write_atomic(out / "serve.json", json.dumps(results, indent=2).encode())
+    fetch.write_atomic(out / "serve.md", format_table(results).encode())
+    _plot(results, out / "serve.png")
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = ["| model | mode | concurrency | QPS | p50 ms | p95 ms | p99 ms | p50 over in-process |",
+             "|---" * 8 + "|"]
+    floor = {(r["model"], r["concurrency"]): r["p50_ms"] for r in results["rows"] if r["mode"] == "in-process"}
+    for r in results["rows"]:
+        overhead = r["p50_ms"] / floor[(r["model"], r["concurrency"])] - 1
+        lines.append(f"| {r['model']} | {r['mode']} | {r['concurrency']} | {r['qps']:,.0f} | "
+                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{'' if r['mode'] == 'in-process' else f'{overhead:+.0%}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _users(base: pathlib.Path, model: str) -> list[str]:
+    record = json.loads((local.latest_version(base / model) / "assets.extra" / export.RECORD_FILE).read_text())
+    from towers import features, train
+
+    tables = features.FeatureTables.load(pathlib.Path(record["run_dir"]) / train.TABLES_FILE)
+    return [str(u) for u in tables.user_ids]
+
+
+def _in_process(model_dir: pathlib.Path, users: list[str], concurrency: int, requests: int,
+                time_limit: float) -> dict:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(local.latest_version(model_dir))).signatures[export.SIGNATURE]
+    fn(user_id=tf.constant(users[:1]))  # warm up
+    latencies, lock, counter = [], threading.Lock(), iter(range(requests))
+    deadline = time.monotonic() + time_limit
+
+    def worker():
+        while time.monotonic() < deadline:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                return
+            started = time.perf_counter()
+            fn(user_id=tf.constant([users[n % len(users)]]))
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    return _summary(model_dir.name, "in-process", concurrency, latencies, time.perf_counter() - started)
+
+
+async def _drive(address: str, model: str, users: list[str], concurrency: int, requests: int,
+                 time_limit: float) -> tuple[list[float], float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        await stub.Predict(_request(model, users[0]), timeout=60)  # warm up
+        latencies, next_index = [], iter(range(requests))
+        deadline = time.monotonic() + time_limit
+
+        async def worker():
+            while time.monotonic() < deadline:
+                n = next(next_index, None)
+                if n is None:
+                    return
+                started = time.perf_counter()
+                await stub.Predict(_request(model, users[n % len(users)]), timeout=60)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started
+
+
+def _request(model: str, user: str) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.inputs["user_id"].CopyFrom(client._string_tensor([user]))
+    return request
+
+
+def _summary(model: str, mode: str, concurrency: int, latencies: list[float], seconds: float) -> dict:
+    ms = np.array(latencies) * 1000
+    return {"model": model, "mode": mode, "concurrency": concurrency, "requests": len(ms),
+            "qps": len(ms) / seconds, "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+class _server:
+    """`cascade serve` in a child process on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, base: pathlib.Path, batching: bool):
+        self.base, self.batching = base, batching
+
+    def __enter__(self) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "serving.cli", "serve", "--model-base-path", str(self.base),
+                   "--port", str(port), "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0"]
+        if self.batching:
+            command += ["--enable_batching", "--batching_parameters_file", str(self.base / export.BATCHING_FILE)]
+        self.log = tempfile.TemporaryFile()  # a pipe nobody reads would block the server
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+        return f"127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def _plot(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    models = sorted({r["model"] for r in results["rows"]})
+    figure, axes = pyplot.subplots(len(models), 2, figsize=(10, 3.8 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for mode in MODES:
+            points = sorted((r for r in results["rows"] if r["model"] == model and r["mode"] == mode),
+                            key=lambda r: r["concurrency"])
+            c = [p["concurrency"] for p in points]
+            axes[row][0].plot(c, [p["qps"] for p in points], "o-", label=mode)
+            axes[row][1].plot(c, [p["p50_ms"] for p in points], "o-", label=f"{mode} p50")
+            axes[row][1].plot(c, [p["p99_ms"] for p in points], "x--", label=f"{mode} p99", alpha=0.6)
+        for axis, label in ((axes[row][0], "queries / s"), (axes[row][1], "latency (ms)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("concurrent clients")
+            axis.set_ylabel(label)
+            axis.set_title(f"{model}: {label}")
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    pyplot.close(figure)
+    os.replace(staging, path)

@@ -1,0 +1,20 @@
+"""`cascade bench serve` on a tiny export: what it measures and writes, not how fast."""
+
+from __future__ import annotations
+
+import json
+
+from serving import load_bench
+
+
+def test_serve_benchmark_writes_every_level(tiny_export, tmp_path):
+    results = load_bench.run_serve_benchmark(tiny_export, tmp_path, concurrency=(1, 4), requests=12)
+    rows = {(r["mode"], r["concurrency"]): r for r in results["rows"]}
+    assert set(rows) == {(m, c) for m in load_bench.MODES for c in (1, 4)}
+    for row in rows.values():
+        assert row["requests"] == 12 and row["qps"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert json.loads((tmp_path / "serve.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    table = (tmp_path / "serve.md").read_text()
+    assert "| retrieval | grpc+batching | 4 |" in table
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
