@@ -36,7 +36,7 @@ def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int 
 
 def catalog_titles(data_dir: str | os.PathLike) -> dict[str, str]:
     """item_id -> "Title (year)" from a MovieLens folder."""
-    return {i: item.text().split(";")[0] for i, item in data.load_movielens(data_dir).items.items()}
+    return {i: item.label() for i, item in data.load_movielens(data_dir).items.items()}
 
 
 def answers(user_ids: list[str], outputs: dict, titles: dict[str, str] | None, top: int) -> dict:

@@ -34,10 +34,13 @@ class Item:
     year: str  # four digits, or UNKNOWN_YEAR
     genres: tuple[str, ...]
 
+    def label(self) -> str:
+        """Title and year, e.g. `Toy Story (1995)`."""
+        return self.title if self.year == UNKNOWN_YEAR else f"{self.title} ({self.year})"
+
     def text(self) -> str:
         """The item as one line of text, e.g. `Toy Story (1995); Animation, Children's, Comedy`."""
-        year = "" if self.year == UNKNOWN_YEAR else f" ({self.year})"
-        return f"{self.title}{year}; {', '.join(self.genres)}"
+        return f"{self.label()}; {', '.join(self.genres)}"
 
 
 @dataclasses.dataclass(frozen=True)
