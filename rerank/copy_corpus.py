@@ -1,0 +1,473 @@
+"""The grounded copy corpus: what the copywriter reads (a prompt of facts) and learns to write.
+
+How the corpus is made. Every example is one (user, item) rating of the benchmark split's
+*training* rows; nothing from the test split is read. The prompt holds only facts: the item's
+title, year and genres from the catalog, and two or three titles the user rated highly (4 or 5
+stars) in training data, drawn from their eight best (by rating, then most recent, then item
+ID), never the item itself; about one prompt in twelve has no liked titles, as an unknown user's
+has at serving time (which uses the user's best three). The target is one line of copy written
+from that prompt by templates: 51 sentence frames (17 without the user's titles, 26 with one, 8
+with two), whose slots are filled from pools of phrasings: the genres (adjective and noun forms
+of one or two of the item's genres, 2-5 of each per genre), the year (10 forms such as `from
+1995`, `released in 1995`, and the era, `mid-'90s`), verbs and connecting phrases (5-12 each).
+A seeded `random.Random` makes every choice, so the same seed gives the same corpus. Titles are
+in display form (`The Usual Suspects` for the catalog's `Usual Suspects, The`).
+
+Titles are slot tokens. In the prompt each title follows a slot token (`<|title|>`,
+`<|liked1|>`...`<|liked3|>`); in the target the model writes the slot token where the title
+goes, and serving replaces it with the title (`lexicalize`, and the same in the exported graph).
+The model never spells a title, so it cannot misspell one or write one from memory; what it must
+get right is which slot to use, and that the prompt has it (a slot the prompt lacks fails the
+check). Decoding is shorter too: a title is one token. Measured with a copy-the-title model of
+the same size and training (literal titles in the target): 80% grounded and 10.6% hallucinated
+titles, against the slot model's numbers in the README.
+
+What it means for quality. The copywriter learns to restate facts it is given, in the voice of
+the templates: it cannot say anything true that the prompt does not hold (plot, cast, why the
+film is good), and its variety is bounded by the template pools, which the sampler recombines
+but does not extend. Its copy is grounded in the sense checked here: the item's title present,
+and no other catalog title that is not in the prompt. Genres and years are copied from the
+prompt by the model and are not checked, so a wrong genre word is possible, though rare. A
+pretrained GPT-2 fine-tuned on this corpus keeps more fluent English but learns the same frames.
+
+The grounding check: a copy line passes when it names the item's title and names no catalog
+title outside the prompt. Titles are found case-sensitively, with word boundaries where a title
+begins or ends with a letter or digit, longest titles first, so `Fear` is not found inside
+`Primal Fear` (`TitleMatcher`). The same patterns run in Python (`re`) and in the exported graph
+(RE2), with the same semantics. Every corpus line passes the check, by construction and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import re
+
+import numpy as np
+
+from towers import data
+
+HIGH_RATING = 4.0  # "rated highly": 4 or 5 stars
+LIKED_POOL = 8  # training prompts draw their liked titles from the user's best this many
+MAX_LIKED = 3  # titles in a prompt; serving uses the user's best MAX_LIKED
+NO_LIKED_RATE = 1 / 12  # share of training prompts without liked titles (cold-start users)
+PROMPT_HEAD = "Liked:"
+# Slot tokens: the copy names titles through these, and serving puts the title (with its leading
+# space) in their place, so a title is never spelled by the model (see the module docstring).
+TITLE_SLOT = "<|title|>"
+LIKED_SLOTS = ("<|liked1|>", "<|liked2|>", "<|liked3|>")
+SLOTS = (TITLE_SLOT, *LIKED_SLOTS)
+_ARTICLES = ("The", "A", "An", "Il", "La", "Le", "Les", "Das", "Der", "Die", "El", "Lo")
+
+# Adjective and noun phrasings of each genre (GroupLens names).
+GENRE_WORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Action": (("action-packed", "action", "explosive", "high-octane"),
+               ("action film", "action movie", "actioner", "action ride")),
+    "Adventure": (("adventure", "adventurous", "globe-trotting", "swashbuckling"),
+                  ("adventure", "adventure story", "quest", "escapade")),
+    "Animation": (("animated", "hand-drawn", "cartoon"),
+                  ("animated feature", "cartoon", "animated tale")),
+    "Children's": (("family", "kid-friendly", "all-ages", "family-friendly"),
+                   ("family film", "kids' movie", "family adventure", "children's film")),
+    "Comedy": (("comic", "funny", "witty", "zany", "lighthearted"),
+               ("comedy", "laugh-out-loud comedy", "romp", "farce")),
+    "Crime": (("crime", "gritty crime", "gangland", "hard-boiled"),
+              ("crime story", "crime film", "caper", "crime saga")),
+    "Documentary": (("documentary", "real-life", "true-life"),
+                    ("documentary", "nonfiction film", "true story")),
+    "Drama": (("dramatic", "heartfelt", "moving", "poignant", "absorbing"),
+              ("drama", "character drama", "character study", "tearjerker")),
+    "Fantasy": (("fantasy", "magical", "enchanted", "otherworldly"),
+                ("fantasy", "fairy tale", "fable")),
+    "Film-Noir": (("noir", "shadowy", "hard-bitten", "smoky"),
+                  ("film noir", "noir", "noir classic")),
+    "Horror": (("horror", "scary", "creepy", "blood-curdling", "spooky"),
+               ("horror film", "horror movie", "chiller", "fright fest", "creature feature")),
+    "Musical": (("musical", "song-filled", "toe-tapping", "tuneful"),
+                ("musical", "song-and-dance show", "sing-along")),
+    "Mystery": (("mystery", "puzzling", "twisty", "enigmatic"),
+                ("mystery", "whodunit", "puzzle", "detective story")),
+    "Romance": (("romantic", "swooning", "tender", "love-struck"),
+                ("romance", "love story", "romantic tale", "date movie")),
+    "Sci-Fi": (("sci-fi", "science-fiction", "futuristic", "space-age"),
+               ("sci-fi film", "science-fiction story", "space opera", "sci-fi tale")),
+    "Thriller": (("suspenseful", "tense", "edge-of-your-seat", "nerve-jangling"),
+                 ("thriller", "nail-biter", "suspense yarn", "pulse-pounder")),
+    "War": (("war", "wartime", "battlefield", "combat"),
+            ("war film", "war story", "war epic", "battle saga")),
+    "Western": (("western", "frontier", "dusty", "gunslinging"),
+                ("western", "oater", "frontier tale", "horse opera")),
+    "unknown": (("offbeat", "curious"), ("film", "movie", "oddity")),
+}
+_NOUNS = ("film", "movie", "picture", "feature", "flick", "gem", "treat", "pick", "outing",
+          "crowd-pleaser", "watch", "ride")
+
+# Sentence frames. {T}: the item's title; {L}, {L2}: liked titles; {ag}/{g}: genre phrase with
+# and without article; {y}: " from 1995"-style year phrase (empty when the year is unknown);
+# {py}: " (1995)"; {era}: "mid-'90s "; {L3}: a third liked title; the rest are phrasing pools.
+FRAMES_NONE = (
+    "{T}{py} is {ag} worth {seeing}.",
+    "Discover {T}, {ag}{y}.",
+    "{Verb} {T}: {ag}{y}.",
+    "Looking for {ag}? {T}{y} {delivers}.",
+    "{T} is {era}{g} at its best.",
+    "{Tonight}: {T}{py}, {ag} that {lands}.",
+    "{T}{py} is {ag} {worth}.",
+    "In the mood for {ag}? {Verb} {T}{y}.",
+    "{T} offers {era}{g} {worth}.",
+    "{Verb} {T}{py}, {ag} that {lands}.",
+    "Up next: {T}, {ag}{y}.",
+    "{T}{py}: pure {era}{g}.",
+    "{Verb} {T}{py} tonight.",
+    "{T}{py}, {ag} to {see}.",
+    "Say yes to {T}, {ag}{y}.",
+    "{ag_cap}{y}? {T} {delivers}.",
+    "{T}{py}: {ag} that {lands}, {worth}.",
+    "Need {ag}? {Verb} {T}, {worth}.",
+    "{Tonight}: {T}, {ag}{y}.",
+    "{T}{y} is {ag} that {lands}.",
+    "{T}: {ag}{y} that {lands}.",
+)
+FRAMES_ONE = (
+    "{Because}, {verb} {T}, {ag}{y}.",
+    "{T}{py} is {ag} for anyone who {liked} {L}.",
+    "{Loved} {L}? {T} is {ag}{y} to {see}.",
+    "{Loved} {L}? {Verb} {T}{py}.",
+    "{Loved} {L}? {T}{py} {delivers}.",
+    "{T} brings {aeg} to fans of {L}.",
+    "Next up after {L}: {T}, {ag}{y}.",
+    "{L} fans, meet {T}: {ag}{y}.",
+    "{Because}, {T}{py} is {ag} {worth}.",
+    "You gave {L} high marks; {T} is {ag}{y}.",
+    "{T} is {ag}{y}, a natural pick after {L}.",
+    "If {L} hit the spot, {verb} {T}, {ag}{y}.",
+    "{Because}, here is {ag}{y}: {T}.",
+    "{L} was a hit with you; {T} is {ag} that {lands}.",
+    "More {era}{g} for fans of {L}: {T}.",
+    "Because {L} clicked, {T}{py} might too.",
+    "{T}{y}, for anyone who {liked} {L}.",
+    "{L} lovers, {verb} {T}{py}.",
+    "{T}{py} is {aeg} in the vein of {L}.",
+    "{Because}, {T} should be {next}.",
+    "For fans of {L}: {T}{py}, {ag}.",
+    "{T}{py} pairs well with {L}.",
+    "From {L} to {T}: {ag}{y}.",
+    "{Verb} {T}, {ag}{y}; {L} fans approve.",
+    "{Because}, {T}{py} {delivers}.",
+    "{T}{py} is {ag} for anyone who {liked} {L}, {worth}.",
+    "Like {L}, {T} is {ag} that {lands}.",
+    "{L} gave you a good night; {T}{py} should too.",
+    "{Tonight}: {T}, {ag}{y}, for the fan of {L}.",
+    "{Loved} {L}? {T} is {ag} that {lands}.",
+    "Same spirit as {L}: {T}, {ag}{y}.",
+    "{Tonight}, after {L}: {T}{py}.",
+)
+FRAMES_TWO = (
+    "If {L} and {L2} are your kind of films, {T} should be {next}: {ag}{y}.",
+    "{T} is {ag}{y} for fans of {L} and {L2}.",
+    "Between {L} and {L2}, you will want {T}, {ag}{y}.",
+    "{Loved} {L} and {L2}? {Verb} {T}{py}.",
+    "{T}{py}: {ag} for the viewer who {liked} {L} and {L2}.",
+    "After {L} and {L2}, {verb} {T}, {ag}{y}.",
+    "{L}, {L2}, and now {T}: {ag}{y}.",
+    "Fans of {L} and {L2} {should} {T}{py}.",
+    "{T}{py} sits right between {L} and {L2}.",
+    "Part {L}, part {L2}: {T}, {ag}{y}.",
+    "You {liked} {L} and {L2}; {verb} {T}{py} next.",
+    "{T} is {ag}{y} with a bit of {L} and a dash of {L2}.",
+    "Picked from your love of {L} and {L2}: {T}{py}.",
+)
+FRAMES_THREE = (
+    "{L}, {L2}, {L3}... and next, {T}{py}.",
+    "For the fan of {L}, {L2} and {L3}: {T}, {ag}{y}.",
+    "If {L}, {L2} and {L3} are on your shelf, {T} belongs there too.",
+    "{Loved} {L}, {L2} and {L3}? {Verb} {T}{py}.",
+    "{T}{py} joins {L}, {L2} and {L3} on your list.",
+)
+YEARS = (" from {0}", " released in {0}", " made in {0}", " that opened in {0}",
+         " first screened in {0}", " dating from {0}", " of {0} vintage", " that premiered in {0}",
+         " from the class of {0}", " out since {0}", " from back in {0}", " that hit screens in {0}",
+         " which debuted in {0}", " first shown in {0}", " straight out of {0}")
+_VERBS = ("check out", "try", "watch", "queue up", "don't miss", "catch", "stream", "revisit",
+          "give a chance to", "make time for", "put on", "discover", "line up", "save a night for",
+          "cue up", "rent", "pick up", "settle in with", "treat yourself to", "fire up",
+          "unwind with", "seek out")
+POOLS = {
+    "Verb": tuple(verb[0].upper() + verb[1:] for verb in _VERBS),
+    "verb": _VERBS,
+    "see": ("see", "watch next", "add to your list", "try tonight", "catch soon", "stream next",
+            "save for the weekend", "put on next", "cue up soon", "enjoy this week",
+            "watch this weekend", "see next", "rent tonight", "share with friends"),
+    "seeing": ("seeing", "a look", "your time", "a spot on your list", "watching tonight",
+               "a rewatch", "the popcorn", "a slot this weekend", "an evening",
+               "a Sunday afternoon", "the time", "a double bill", "a second look",
+               "your attention"),
+    "delivers": ("delivers", "fits the bill", "is the answer", "will not disappoint",
+                 "hits the mark", "is a safe bet", "should satisfy", "comes through",
+                 "does the job", "answers the call", "never lets up", "stands tall",
+                 "earns its place", "rewards you"),
+    "lands": ("lands", "holds up", "keeps you hooked", "stays with you", "works", "delights",
+              "grips", "charms", "surprises", "entertains", "sticks the landing", "pays off",
+              "sings", "shines", "sparkles", "clicks", "soars", "resonates"),
+    "worth": ("worth a watch", "you will want to see", "to queue up next", "worth your evening",
+              "made for you", "worth a look", "to savor", "for a cozy night", "for the weekend",
+              "worth the popcorn", "worth staying up for", "for your next night in",
+              "worth a rental", "to share with friends", "you should not skip"),
+    "next": ("next", "your next watch", "next on your list", "tonight's pick", "up next",
+             "the next one", "first in line", "on deck", "your next pick"),
+    "Tonight": ("Tonight's pick", "Our pick", "Tonight", "This weekend", "Movie night",
+                "Your next watch", "Worth a look", "Our suggestion", "Next in your queue",
+                "Today's pick", "Weekend plan"),
+    "Loved": ("Loved", "Enjoyed", "Liked", "Into", "Fond of", "A fan of", "Still thinking about",
+              "Hooked on", "Crazy about", "Big on", "Moved by", "Won over by"),
+    "liked": ("liked", "loved", "enjoyed", "rated highly", "could not stop talking about",
+              "adored", "raved about", "gave five stars", "rewatched", "treasured"),
+    "should": ("should try", "will enjoy", "ought to see", "can count on", "will want",
+               "may love", "are sure to like", "should queue up", "will want to see",
+               "must see"),
+    "Because": ("Because you enjoyed {L}", "Since you rated {L} highly", "As a fan of {L}",
+                "Having loved {L}", "Since {L} is one of your favorites",
+                "Given how much you liked {L}", "If you liked {L}", "Since {L} worked for you",
+                "With {L} among your favorites", "Since {L} made your list",
+                "Because {L} won you over", "Since you gave {L} top marks",
+                "After the high rating you gave {L}", "Since {L} is in your top picks",
+                "Knowing you enjoyed {L}", "As someone who loved {L}"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyExample:
+    """One corpus line: the prompt's facts (IDs), the target the model learns (titles as slot
+    tokens) and the copy line it stands for."""
+
+    user_id: str
+    item_id: str
+    liked: tuple[str, ...]  # item IDs whose titles the prompt holds, in prompt order
+    template: str  # what the model writes: "<|title|> is a ... for fans of<|liked2|>."
+    target: str  # the copy line: "Toy Story is a ... for fans of Fargo."
+
+
+def display_title(title: str) -> str:
+    """The catalog title as people write it: `Usual Suspects, The` -> `The Usual Suspects`."""
+    match = re.fullmatch(rf"(.+), ({'|'.join(_ARTICLES)})( \(.*\))?", title)
+    if not match:
+        return title
+    return f"{match.group(2)} {match.group(1)}{match.group(3) or ''}"
+
+
+def top_items(ratings: data.Ratings, count: int = LIKED_POOL,
+              min_rating: float = HIGH_RATING) -> dict[str, tuple[str, ...]]:
+    """Each user's best-rated training items (rating >= `min_rating`), best first: by rating,
+    then the most recent, then item ID; users without one are left out."""
+    order = sorted(range(len(ratings)),
+                   key=lambda r: (-ratings.rating[r], -ratings.timestamp[r], ratings.item_id[r]))
+    best: dict[str, list[str]] = {}
+    for row in order:
+        if ratings.rating[row] >= min_rating:
+            items = best.setdefault(ratings.user_id[row], [])
+            if len(items) < count:
+                items.append(ratings.item_id[row])
+    return {user: tuple(items) for user, items in best.items()}
+
+
+def liked_piece(item: data.Item, position: int) -> str:
+    """A liked title as the prompt holds it, after the slot token that names it in the copy."""
+    return f"{LIKED_SLOTS[position]} {display_title(item.title)};"
+
+
+def film_piece(item: data.Item) -> str:
+    """The item's facts as the prompt holds them; the model writes its copy after this."""
+    year = "" if item.year == data.UNKNOWN_YEAR else f" ({item.year})"
+    return (f" Film:{TITLE_SLOT} {display_title(item.title)}{year}. "
+            f"Genres: {', '.join(item.genres)}. Copy:")
+
+
+def prompt_pieces(item: data.Item, liked: list[data.Item]) -> list[str]:
+    """The prompt as pieces that are tokenized one by one and concatenated, in training and in the
+    exported graph alike (which holds each piece already tokenized)."""
+    return [PROMPT_HEAD, *(liked_piece(other, n) for n, other in enumerate(liked)), film_piece(item)]
+
+
+def lexicalize(template: str, item: data.Item, liked: list[data.Item]) -> str:
+    """The copy line: each slot token replaced by its title, with the space the slot stands for."""
+    for slot, title in zip(SLOTS, [item, *liked]):
+        template = template.replace(slot, " " + display_title(title.title))
+    return template.strip()
+
+
+def write_copy(item: data.Item, liked: list[data.Item], rng: random.Random) -> str:
+    """One line of copy for `item` that uses its facts and, when there are any, a liked title;
+    titles are slot tokens that stand for " " + the title (`lexicalize` fills them in)."""
+    # Titles cost one token each to decode, and add the most variety: use liked titles often.
+    draw = rng.random()
+    frames = (FRAMES_NONE if not liked else FRAMES_THREE if len(liked) >= 3 and draw < 0.2
+              else FRAMES_TWO if len(liked) >= 2 and draw < 0.55 else FRAMES_ONE)
+    frame = rng.choice(frames)
+    first, second, third = [*rng.sample(range(len(liked)), len(liked)), None, None, None][:3]
+    slots = {name: rng.choice(pool) for name, pool in POOLS.items()}
+    genre, with_article = genre_phrase(item, rng)
+    known = item.year != data.UNKNOWN_YEAR
+    slots.update(
+        T=TITLE_SLOT, g=genre, ag=with_article,
+        ag_cap=with_article[0].upper() + with_article[1:],
+        y=rng.choice(YEARS).format(item.year) if known else "",
+        py=f" ({item.year})" if known else "", era=f"{era(item.year)} " if known else "",
+        aeg=article(f"{era(item.year)} {genre}" if known else genre),
+        L=LIKED_SLOTS[first] if first is not None else "",
+        L2=LIKED_SLOTS[second] if second is not None else "",
+        L3=LIKED_SLOTS[third] if third is not None else "")
+    line = frame.format(**slots).format(**slots)  # a pool entry ({Because}) has an {L} of its own
+    # Every title in a frame follows a space (the line itself follows "Copy:" and one), and the
+    # slot token stands for that space too.
+    return (" " + line).replace(" <|", "<|")
+
+
+def genre_phrase(item: data.Item, rng: random.Random) -> tuple[str, str]:
+    """(`sci-fi thriller`, `a sci-fi thriller`) from one or two of the item's genres."""
+    genres = list(item.genres) or ["unknown"]
+    if len(genres) >= 2 and rng.random() < 0.6:
+        first, second = rng.sample(genres, 2)
+        phrase = f"{rng.choice(GENRE_WORDS[first][0])} {rng.choice(GENRE_WORDS[second][1])}"
+    elif rng.random() < 0.5:
+        phrase = rng.choice(GENRE_WORDS[rng.choice(genres)][1])
+    else:
+        phrase = f"{rng.choice(GENRE_WORDS[rng.choice(genres)][0])} {rng.choice(_NOUNS)}"
+    return phrase, article(phrase)
+
+
+def article(phrase: str) -> str:
+    """`a comedy`, `an animated feature`, `an early-'90s drama`."""
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def era(year: str) -> str:
+    """`1995` -> `mid-'90s`; centuries other than the 1900s keep four digits (`early 2000s`)."""
+    value = int(year)
+    part = ("early", "early", "early", "early", "mid", "mid", "mid", "late", "late", "late")[value % 10]
+    decade = value // 10 * 10
+    return f"{part}-'{decade % 100:02d}s" if decade < 2000 else f"{part} {decade}s"
+
+
+def fallback_line(item: data.Item, liked: list[data.Item]) -> str:
+    """The deterministic line served when a generation fails the check; grounded by construction."""
+    return item_fallback(item) + (user_fallback(liked[0]) if liked else "")
+
+
+def item_fallback(item: data.Item) -> str:
+    """The item's part of the fallback line: `Toy Story (1995): animation, children's, comedy.`"""
+    year = "" if item.year == data.UNKNOWN_YEAR else f" ({item.year})"
+    # "unknown" is a genre and also a catalog title (item 267), so it is left out.
+    genres = ", ".join(genre for genre in item.genres if genre != "unknown").lower()
+    return f"{display_title(item.title)}{year}" + (f": {genres}." if genres else ".")
+
+
+def user_fallback(liked: data.Item) -> str:
+    """The user's part of the fallback line, after the item's."""
+    return f" Picked for fans of {display_title(liked.title)}."
+
+
+def build_corpus(movielens: data.MovieLens, train: data.Ratings, size: int,
+                 seed: int = 42) -> list[CopyExample]:
+    """`size` examples from training ratings, in a seeded random order (see the module docstring)."""
+    rng = random.Random(seed)
+    best = top_items(train)
+    rows = list(range(len(train)))
+    rng.shuffle(rows)
+    matcher = TitleMatcher(movielens.items)
+    corpus = []
+    for row in rows[:size]:
+        user, item_id = train.user_id[row], train.item_id[row]
+        pool = [other for other in best.get(user, ()) if other != item_id]
+        count = 0 if rng.random() < NO_LIKED_RATE else rng.choice((2, 3))
+        liked = rng.sample(pool, min(count, len(pool)))
+        item = movielens.items[item_id]
+        liked_items = [movielens.items[i] for i in liked]
+        template = write_copy(item, liked_items, rng)
+        target = lexicalize(template, item, liked_items)
+        present, foreign = matcher.check(target, item_id, liked)
+        if not present or foreign:  # a frame or pool phrase that reads as a title: fix the pools
+            raise ValueError(f"corpus line fails the grounding check (title present: {present}, "
+                             f"other titles: {foreign}): {target!r}")
+        corpus.append(CopyExample(user, item_id, tuple(liked), template, target))
+    return corpus
+
+
+class TitleMatcher:
+    """Finds catalog titles (display form) in text, longest titles first.
+
+    The titles, longest first, are cut into `CHUNKS` alternations (one alternation of all 1,664
+    exceeds RE2's DFA memory, and RE2 then falls back to a 7x slower NFA with an error log per
+    call). Each pass wraps the matches of one chunk in markers, `\\x01title\\x02`, and skips text
+    already wrapped, so a title inside a longer one found earlier is not found again. `passes`
+    are the RE2-compatible patterns the exported graph runs with the same semantics.
+    """
+
+    CHUNKS = 4
+
+    def __init__(self, items: dict[str, data.Item]):
+        self.item_ids = list(items)
+        self.titles = sorted({display_title(item.title) for item in items.values()})
+        self.title_index = {title: index for index, title in enumerate(self.titles)}
+        self.item_title = {item_id: self.title_index[display_title(item.title)]
+                           for item_id, item in items.items()}
+        ordered = sorted(self.titles, key=lambda t: (-len(t), t))
+        size = -(-len(ordered) // self.CHUNKS)
+        self.chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
+        self.passes = [pass_pattern(chunk) for chunk in self.chunks]
+
+    def titles_in(self, text: str) -> list[str]:
+        """The titles found, in text order, none overlapping."""
+        for chunk in self.chunks:
+            # Only titles that occur as substrings can match, so an alternation of those finds
+            # what the chunk's pattern finds, and Python's backtracking `re` is fast on it.
+            present = tuple(title for title in chunk if title in text)
+            if present:
+                text = _compiled(pass_pattern(present)).sub(
+                    lambda m: m.group(1) or f"\x01{m.group(2)}\x02", text)
+        return re.findall("\x01([^\x02]*)\x02", text)
+
+    def check(self, text: str, item_id: str, liked) -> tuple[bool, list[str]]:
+        """(the item's title is present, the titles found that are not in the prompt)."""
+        found = {self.title_index[title] for title in self.titles_in(text)}
+        allowed = {self.item_title[item_id], *(self.item_title[i] for i in liked)}
+        return self.item_title[item_id] in found, sorted(self.titles[t] for t in found - allowed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern, re.ASCII)
+
+
+def pass_pattern(titles) -> str:
+    """Group 1: text already wrapped in markers; group 2: one of `titles`, longest first, with
+    `\b` where a title starts or ends with an ASCII letter or digit (RE2 and `re.ASCII` agree
+    on what that is)."""
+    parts = []
+    for title in sorted(titles, key=lambda t: (-len(t), t)):
+        escaped = re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", title)
+        start = r"\b" if re.match(r"\w", title[0], re.ASCII) else ""
+        end = r"\b" if re.match(r"\w", title[-1], re.ASCII) else ""
+        parts.append(f"{start}{escaped}{end}")
+    return "(\x01[^\x02]*\x02)|(" + "|".join(parts) + ")"
+
+
+def distinct_n(lines: list[str], n: int) -> float:
+    """Distinct-n: unique word n-grams over all n-grams of `lines` (whitespace words)."""
+    grams = [tuple(words[i:i + n]) for words in (line.split() for line in lines)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def benchmark_pairs(test: data.Ratings, count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`count` distinct (user, item) pairs of the test split, chosen with a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(len(test))
+    pairs, seen = [], set()
+    for row in order:
+        pair = (test.user_id[row], test.item_id[row])
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+        if len(pairs) == count:
+            break
+    return pairs

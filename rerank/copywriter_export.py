@@ -1,0 +1,225 @@
+"""The copywriter as a SavedModel: IDs in, grounded copy out, with nothing but TF ops inside.
+
+    copywriter/<version>/  serving_default(user_id string[B], item_ids string[B, N]) -> copy string[B, N]
+
+Everything the copy depends on is a table in the graph: item ID -> row, user ID -> the user's
+best training items, each catalog item's prompt pieces already tokenized (the prompt is only
+ever catalog text, so tokenizing it at export with the run's own tokenizer is exact, and the
+graph assembles prompts by gathering and concatenating those token rows), the detokenizer (each
+byte-level BPE token's bytes; decoding is a gather and a string join), the catalog titles for
+the grounding check, and the pieces of the deterministic fallback line. Generation is the
+`copywriter.Decoder` loop, a `tf.while_loop` without XLA, so the signature runs on stock TF
+Serving; it needs no op beyond core TensorFlow.
+
+An unknown `user_id` gets copy without liked titles; an unknown or empty item ID gets "" (so a
+ragged request can be padded with ""). The sampling seed is a hash of the request, so the same
+request gets the same copy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np
+import tensorflow as tf
+
+from rerank import copy_corpus, copywriter
+
+MODEL_NAME = "copywriter"
+USER_ID = tf.TensorSpec([None], tf.string, name="user_id")
+ITEM_IDS = tf.TensorSpec([None, None], tf.string, name="item_ids")
+
+
+class Detokenizer(tf.Module):
+    """Token ids -> text, exactly: byte-level BPE tokens are byte strings, so text is their join;
+    a slot token becomes its row's text for that slot (a title with its leading space)."""
+
+    def __init__(self, tokenizer, slot_ids: list[int]):
+        super().__init__()
+        self.table = tf.constant(copywriter.token_bytes(tokenizer))
+        self.slot_ids = slot_ids
+
+    def __call__(self, tokens, slot_text=None):
+        """tokens int32 [R, T], slot_text string [R, len(slot_ids)] -> text string [R]."""
+        pieces = tf.gather(self.table, tokens)
+        if slot_text is not None:
+            for column, slot in enumerate(self.slot_ids):
+                pieces = tf.where(tokens == slot, slot_text[:, column:column + 1], pieces)
+        text = tf.strings.reduce_join(pieces, axis=-1)
+        # Sampling can cut a multi-byte character; control characters would confuse the check.
+        text = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace")
+        return tf.strings.strip(tf.strings.regex_replace(text, r"[\x00-\x1f]", " "))
+
+
+class TitleCheck(tf.Module):
+    """The grounding check in the graph: the catalog title ids found in each line, with the
+    passes of `copy_corpus.TitleMatcher` (RE2 here, the same semantics). Each pass wraps one
+    chunk's matches in marker characters by a global replace (text already wrapped is copied
+    through, with an empty marker pair that is then dropped); the titles are then cut out with
+    string splits, so nothing loops over rows."""
+
+    def __init__(self, matcher: copy_corpus.TitleMatcher):
+        super().__init__()
+        self.passes = matcher.passes
+        self.titles = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(matcher.titles), tf.range(len(matcher.titles), dtype=tf.int32)), -1)
+
+    def __call__(self, text):
+        """text string [R] -> title ids int32 [R, (found)]."""
+        for pattern in self.passes:
+            text = tf.strings.regex_replace(text, pattern, "\\1\x01\\2\x02")
+            text = tf.strings.regex_replace(text, "\x01\x02", "")
+        pieces = tf.strings.split(text, "\x01")[:, 1:]  # each starts with a title, then \x02
+        found = tf.ragged.map_flat_values(tf.strings.regex_replace, pieces, "\x02(?s:.*)", "")
+        return tf.ragged.map_flat_values(self.titles.lookup, found)
+
+
+class CopywriterModule(tf.Module):
+    """(user_id [B], item_ids [B, N]) -> copy [B, N]; `details` also returns what the check saw."""
+
+    def __init__(self, decoder: copywriter.Decoder, tokenizer, tables: copywriter.PromptTables,
+                 items: dict, liked: dict[str, tuple[str, ...]]):
+        super().__init__()
+        matcher = copy_corpus.TitleMatcher(items)
+        self.decoder, self.eos_id = decoder, tables.eos_id
+        self.detokenize = Detokenizer(tokenizer, tables.slot_ids)
+        self.check = TitleCheck(matcher)
+        self.liked_slot_ids = tf.constant(tables.slot_ids[1:], tf.int32)
+        self.item_rows = _table(tables.item_ids, np.arange(len(tables.item_ids)), -1)
+        users = sorted(liked)
+        self.user_rows = _table(users, np.arange(1, len(users) + 1), 0)  # row 0: unknown user
+        width = copy_corpus.MAX_LIKED + 1  # one spare: the item itself is dropped from its prompt
+        best = np.full((len(users) + 1, width), -1, np.int32)
+        for row, user in enumerate(users, start=1):
+            ids = [tables.row[item] for item in liked[user][:width]]
+            best[row, :len(ids)] = ids
+        self.user_liked = tf.constant(best)
+        self.head = tf.constant(tables.head, tf.int32)
+        # [position * items + item row, (tokens)]: a liked title's piece depends on its position.
+        self.liked_tokens = tf.ragged.constant(
+            [piece for position in tables.liked for piece in position], tf.int32)
+        self.items = len(tables.item_ids)
+        self.film_tokens = tf.ragged.constant(tables.film, tf.int32)
+        values = [items[item] for item in tables.item_ids]
+        self.item_title = tf.constant([matcher.item_title[item] for item in tables.item_ids], tf.int32)
+        self.slot_titles = tf.constant(
+            [" " + copy_corpus.display_title(item.title) for item in values] + [""])  # last: none
+        self.item_fallback = tf.constant([copy_corpus.item_fallback(item) for item in values])
+        self.user_fallback = tf.constant([copy_corpus.user_fallback(item) for item in values])
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, loaded=None) -> CopywriterModule:
+        """Built from a trained run (`loaded`: what `copywriter.load_run` returned, if at hand)."""
+        record, model, tokenizer, movielens, split = loaded or copywriter.load_run(run_dir)
+        decoder = copywriter.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
+        tables = copywriter.PromptTables.build(tokenizer, movielens.items)
+        liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
+        return cls(decoder, tokenizer, tables, movielens.items, liked)
+
+    @tf.function(input_signature=[USER_ID, ITEM_IDS])
+    def serve(self, user_id, item_ids):
+        return {"copy": self.details(user_id, item_ids)["copy"]}
+
+    @tf.function(input_signature=[USER_ID, ITEM_IDS])
+    def details(self, user_id, item_ids):
+        """The served copy and, per line, the generated text and the check's findings."""
+        shape = tf.shape(item_ids)
+        tf.debugging.assert_equal(tf.shape(user_id)[0], shape[0],
+                                  message="user_id and item_ids must have the same batch size")
+        items = tf.reshape(item_ids, [-1])  # R = B * N rows
+        item_row = self.item_rows.lookup(items)
+        row = tf.maximum(item_row, 0)
+        liked = tf.gather(self.user_liked, self.user_rows.lookup(tf.repeat(user_id, shape[1])))
+        liked = tf.ragged.boolean_mask(liked, (liked >= 0) & (liked != row[:, None]))
+        liked = liked[:, :copy_corpus.MAX_LIKED]  # [R, (<=3)] item rows
+        ids, mask = self._prompts(row, liked)
+        seed = tf.strings.to_hash_bucket_fast(tf.strings.reduce_join(
+            [tf.strings.reduce_join(user_id, separator="\x1f"),
+             tf.strings.reduce_join(items, separator="\x1f")], separator="\x1e"), 2**31 - 1)
+        tokens, finished = self.decoder.generate(ids, mask, seed)
+        slot_rows = tf.concat([row[:, None], liked.to_tensor(
+            self.items, shape=[None, copy_corpus.MAX_LIKED])], axis=1)  # [R, 4]; missing -> ""
+        text = self.detokenize(tokens, tf.gather(self.slot_titles, slot_rows))
+        # A liked-title slot the prompt does not have would leave a hole in the line.
+        used = tf.reduce_any(tokens[:, :, None] == self.liked_slot_ids, axis=1)  # [R, 3]
+        slots_ok = ~tf.reduce_any(used & (tf.range(copy_corpus.MAX_LIKED)[None]
+                                          >= tf.cast(liked.row_lengths(), tf.int32)[:, None]), axis=1)
+        present, foreign = self._grounding(text, row, liked)
+        fallback = tf.strings.join([tf.gather(self.item_fallback, row), tf.where(
+            liked.row_lengths() > 0,
+            tf.gather(self.user_fallback, liked.to_tensor(0, shape=[None, 1])[:, 0]), "")])
+        served = tf.where(present & ~foreign & finished & slots_ok, text, fallback)
+        served = tf.where(item_row >= 0, served, "")
+
+        def grid(values):
+            return tf.reshape(values, shape)
+        return {"copy": grid(served), "generated": grid(text), "title_present": grid(present),
+                "other_title": grid(foreign), "finished": grid(finished),
+                "slots_ok": grid(slots_ok),
+                "known_item": grid(item_row >= 0)}
+
+    def _prompts(self, row, liked):
+        """Token ids and mask [R, P], prompts padded on the left with EOS."""
+        rows = tf.shape(row)[0]
+        head = tf.RaggedTensor.from_tensor(tf.tile(self.head[None], [rows, 1]))
+        positions = tf.ragged.range(tf.cast(liked.row_lengths(), liked.dtype)).flat_values
+        index = liked.with_flat_values(positions * self.items + liked.flat_values)
+        pieces = tf.gather(self.liked_tokens, index).merge_dims(1, 2)
+        prompt = tf.concat([head, pieces, tf.gather(self.film_tokens, row)], axis=1)
+        lengths = tf.cast(prompt.row_lengths(), tf.int32)
+        dense = prompt.to_tensor(self.eos_id)  # [R, width], padded on the right
+        width = tf.shape(dense)[1]
+        source = tf.range(width)[None] - (width - lengths)[:, None]  # shift each row right
+        mask = source >= 0
+        ids = tf.where(mask, tf.gather(dense, tf.maximum(source, 0), batch_dims=1), self.eos_id)
+        return ids, tf.cast(mask, tf.int32)
+
+    def _grounding(self, text, row, liked):
+        """(item title present [R], a catalog title outside the prompt present [R])."""
+        found = self.check(text)
+        which = found.value_rowids()
+        titles = found.flat_values
+        is_item = titles == tf.gather(tf.gather(self.item_title, row), which)
+        liked_titles = tf.gather(self.item_title, liked).to_tensor(
+            -2, shape=[None, copy_corpus.MAX_LIKED])
+        allowed = is_item | tf.reduce_any(titles[:, None] == tf.gather(liked_titles, which), axis=1)
+        rows = tf.shape(row, out_type=which.dtype)[0]
+        present = tf.math.unsorted_segment_max(tf.cast(is_item, tf.int32), which, rows) > 0
+        foreign = tf.math.unsorted_segment_max(tf.cast(~allowed, tf.int32), which, rows) > 0
+        return present, foreign
+
+
+def _table(keys, values, default: int) -> tf.lookup.StaticHashTable:
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(list(keys)), tf.constant(np.asarray(values, np.int32))), default)
+
+
+def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
+                      version: int | None = None,
+                      module: CopywriterModule | None = None) -> pathlib.Path:
+    """Writes `<model_base_path>/copywriter/<version>/` (staging directory, then one rename) with
+    its warmup request, and lists it in `models.config`; returns the version directory.
+    `module`: one already built from `run_dir`, to save building it again."""
+    from serving import export  # serving depends on rerank, not the reverse, except here
+
+    base = pathlib.Path(model_base_path).resolve()
+    module = module or CopywriterModule.from_run(run_dir)
+    version = version or export.next_version(base, [MODEL_NAME])
+    users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
+    items = [item for item in ("1", "50", "100")]
+    warmup = export.warmup_request(MODEL_NAME, "user_id", [*users, "unknown-user"])
+    warmup.predict_log.request.inputs["item_ids"].CopyFrom(
+        tf.make_tensor_proto(np.array([items] * (len(users) + 1), dtype=object)))
+    record = {"run_dir": str(pathlib.Path(run_dir).resolve()), "version": version,
+              "model": MODEL_NAME, "decoding": {
+                  k: getattr(module.decoder.config, k) for k in (
+                      "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
+              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = export.save_version(module, base / MODEL_NAME, version, tf.saved_model.SaveOptions(),
+                               warmup, record)
+    export.write_models_config(base, [MODEL_NAME])
+    return path
