@@ -90,7 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--version", type=int, help="version number (default: next free one)")
     export.add_argument("--index", choices=["bruteforce", "scann"], default="bruteforce",
                         help="bruteforce serves on stock TF Serving; scann needs its ScaNN build")
-    export.add_argument("--k", type=int, default=100, help="items returned by `retrieval`")
+    export.add_argument("--k", type=int, default=100,
+                        help="items returned by `retrieval`, re-ranked by `cascade` (default: %(default)s)")
+    export.add_argument("--n", type=int, default=10,
+                        help="final items of `cascade`, each with copy (default: %(default)s)")
+    export.add_argument("--models", nargs="+", metavar="MODEL",
+                        choices=["query_tower", "candidate_tower", "retrieval", "reranker",
+                                 "copywriter", "cascade"],
+                        help="models to write (default: every stage the run has)")
     export.set_defaults(handler=_export)
 
     batch = commands.add_parser("batch", help="recommendations for every user (Apache Beam)",
@@ -222,7 +229,8 @@ def _bench_serve(args) -> None:
 def _export(args) -> None:
     from serving import export
 
-    paths = export.export(args.run, args.model_base_path, args.version, args.index, args.k)
+    paths = export.export(args.run, args.model_base_path, args.version, args.index, args.k,
+                          n=args.n, models=args.models)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -249,7 +257,7 @@ def _recommend(args) -> int | None:
         titles = local.catalog_titles(args.data) if pathlib.Path(args.data).exists() else None
         answers = local.answers(args.user, outputs, titles, args.top)
     else:
-        answers = local.recommend(args.model_base_path, args.user, args.top)
+        answers = local.recommend(args.model_base_path, args.user, args.top, args.model)
     if args.json:
         print(json.dumps(answers, indent=2))
         return
@@ -257,6 +265,8 @@ def _recommend(args) -> int | None:
         print(f"user {user}:")
         for rank, row in enumerate(rows, start=1):
             print(f"  {rank:2d}. {row['title']:<60s} {row['score']:.3f}  (item {row['item_id']})")
+            if row.get("copy"):
+                print(f"      {row['copy']}")
 
 
 if __name__ == "__main__":

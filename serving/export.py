@@ -4,7 +4,17 @@
     models/query_tower/<version>/      user_id [B] -> embedding [B, D]
     models/candidate_tower/<version>/  item_id [B] -> embedding [B, D]
     models/retrieval/<version>/        user_id [B] -> item_ids [B, K], scores [B, K]
+    models/reranker/<version>/         user_id [B], item_ids [B, M] -> scores [B, M]
+    models/copywriter/<version>/       user_id [B], item_ids [B, N] -> copy [B, N]
+    models/cascade/<version>/          user_id [B] -> item_ids, titles, scores, retrieval_scores,
+                                       copy, each [B, N]: the whole cascade in one Predict call
     models/batching_parameters.txt     TF Serving batching parameters sized for this machine
+
+`reranker`, `copywriter` and `cascade` are written when the run has those stages
+(`cascade train reranker|copywriter --run RUN`); the `cascade` SavedModel contains the
+retrieval index, the cross-encoder with its in-graph tokenizer and text tables, and the GPT-2
+decoder with its detokenizer and grounding check, so it loads with TensorFlow and
+tensorflow-text alone (and scann for the ScaNN variant).
 
 Each version is written to a staging directory outside every model's base path and renamed into
 place, so TF Serving's file-system poller never sees a half-written version. Each version carries
@@ -32,7 +42,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import server_config
-from towers import cold_start, features, index, train
+from towers import cold_start, data, features, index, train
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ RECORD_FILE = "cascade_export.json"
 BATCHING_FILE = "batching_parameters.txt"  # for --enable_batching --batching_parameters_file
 USER_ID = tf.TensorSpec([None], tf.string, name="user_id")
 ITEM_ID = tf.TensorSpec([None], tf.string, name="item_id")
+ITEM_IDS = tf.TensorSpec([None, None], tf.string, name="item_ids")
+STAGES = ("query_tower", "candidate_tower", "retrieval", "reranker", "copywriter", "cascade")
 
 
 class ExportError(ValueError):
@@ -98,11 +110,58 @@ class RetrievalModule(tf.Module):
         return {"item_ids": tf.gather(self.item_ids, rows), "scores": scores}
 
 
+class CascadeModule(tf.Module):
+    """user_id -> the final N items: retrieval top-K (seen items excluded, cold start for unknown
+    users), cross-encoder re-rank of the K, top N by the final score, a line of copy for each.
+
+    `scores` is the re-ranker's final score (cross-encoder logit plus its learned retrieval and
+    popularity terms); `retrieval_scores` the retrieval stage's score of the same item.
+    """
+
+    def __init__(self, retrieval: RetrievalModule, reranker, copywriter, titles: dict[str, str],
+                 temperature: float, n: int):
+        super().__init__()
+        self.retrieval, self.reranker, self.copywriter = retrieval, reranker, copywriter
+        self.n = n
+        self.inverse_temperature = tf.constant(1.0 / temperature, tf.float32)
+        keys = sorted(titles)
+        self.titles = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(keys), tf.constant([titles[key] for key in keys])), "")
+
+    @tf.function(input_signature=[USER_ID])
+    def serve(self, user_id):
+        found = self.retrieval.serve(user_id)
+        candidates, retrieval_scores = found["item_ids"], found["scores"]  # [B, K]
+        # The re-ranker was trained on retrieval logits: dot products over the temperature.
+        scores = self.reranker.score(user_id, candidates, retrieval_scores * self.inverse_temperature)
+        best = tf.math.top_k(scores, k=self.n)  # ties keep the retrieval order
+        item_ids = tf.gather(candidates, best.indices, batch_dims=1)
+        return {"item_ids": item_ids, "titles": self.titles.lookup(item_ids),
+                "scores": best.values,
+                "retrieval_scores": tf.gather(retrieval_scores, best.indices, batch_dims=1),
+                "copy": self.copywriter.serve(user_id, item_ids)["copy"]}
+
+
 def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
            version: int | None = None, index_kind: str = "bruteforce", k: int = 100,
-           scann: index.ScannConfig | None = None) -> dict[str, pathlib.Path]:
-    """Writes query_tower, candidate_tower and retrieval for one version; returns their paths."""
+           scann: index.ScannConfig | None = None, n: int = 10,
+           models: tuple[str, ...] | None = None) -> dict[str, pathlib.Path]:
+    """Writes one version of every model the run can make (or of `models`); returns their paths.
+
+    query_tower, candidate_tower and retrieval always; reranker when the run has a trained
+    re-ranker, copywriter when it has a copywriter, cascade when it has both. `k` is the
+    retrieval depth (the candidates the cascade re-ranks), `n` the cascade's final list.
+    """
     base = pathlib.Path(model_base_path).resolve()
+    run = pathlib.Path(run_dir)
+    available = _available_stages(run)
+    wanted = tuple(models) if models else available
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise ExportError(f"{run}: cannot export {', '.join(missing)}: " + "; ".join(
+            _HOW_TO_MAKE[name].format(run=run) for name in missing))
+    if "cascade" in wanted and not 1 <= n <= k:
+        raise ExportError(f"n={n}: the cascade's final list must hold 1 to k={k} items")
     retrieval, tables = train.load_run(run_dir)
     queries, candidates = train.embeddings(retrieval, tables)
     widest = tables.seen.shape[1]
@@ -115,30 +174,73 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     if index_kind == "scann" and scann is None:
         scann = benchmarked_scann_config(run_dir)
     top_k = index.build_index(index_kind, rows, candidates, k=k + widest, scann=scann)
-    modules = {
-        "query_tower": (query, "user_id"),
-        "candidate_tower": (CandidateTowerModule(retrieval.candidate_tower), "item_id"),
-        "retrieval": (RetrievalModule(query, top_k, tables, k), "user_id"),
+    retrieval_module = RetrievalModule(query, top_k, tables, k)
+    users = [*tables.user_ids[:2], "unknown-user"]
+    candidates_in = [list(tables.item_ids[:n])] * len(users)
+    modules = {  # name: (module, warmup inputs)
+        "query_tower": (query, {"user_id": users}),
+        "candidate_tower": (CandidateTowerModule(retrieval.candidate_tower),
+                            {"item_id": list(tables.item_ids[:3])}),
+        "retrieval": (retrieval_module, {"user_id": users}),
     }
+    if {"reranker", "cascade"} & set(wanted):
+        from rerank import reranker_export
+
+        reranker = reranker_export.RerankerModule.from_run(run)
+        modules["reranker"] = (reranker, {"user_id": users, "item_ids": candidates_in})
+    if {"copywriter", "cascade"} & set(wanted):
+        from rerank import copywriter_export
+
+        copywriter = copywriter_export.CopywriterModule.from_run(run)
+        modules["copywriter"] = (copywriter, {"user_id": users, "item_ids": candidates_in})
+    if "cascade" in wanted:
+        movielens = data.load_movielens(json.loads((run / train.CONFIG_FILE).read_text())["data_dir"])
+        titles = {item_id: item.label() for item_id, item in movielens.items.items()}
+        modules["cascade"] = (CascadeModule(retrieval_module, reranker, copywriter, titles,
+                                            retrieval.config.temperature, n), {"user_id": users})
+    modules = {name: modules[name] for name in STAGES if name in wanted}
     version = version or next_version(base, modules)
-    record = {"run_dir": str(pathlib.Path(run_dir).resolve()), "version": version,
-              "index": index_kind, "k": k, "embedding_dim": int(candidates.shape[1]),
+    record = {"run_dir": str(run.resolve()), "version": version,
+              "index": index_kind, "k": k, "n": n, "embedding_dim": int(candidates.shape[1]),
               "num_items": len(tables.item_ids), "num_users": len(tables.user_ids),
               "scann": (dataclasses.asdict((scann or index.ScannConfig()).for_catalog(len(rows)))
                         if index_kind == "scann" else None),
               "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    warmup_ids = {"user_id": [*tables.user_ids[:2], "unknown-user"], "item_id": list(tables.item_ids[:3])}
     paths = {}
-    for name, (module, input_name) in modules.items():
-        options = index.save_options(index_kind if name == "retrieval" else "bruteforce")
+    for name, (module, inputs) in modules.items():
+        with_index = name in ("retrieval", "cascade")
+        options = index.save_options(index_kind if with_index else "bruteforce")
         paths[name] = save_version(module, base / name, version, options,
-                                   warmup_request(name, input_name, warmup_ids[input_name]),
+                                   warmup_request(name, inputs),
                                    {**record, "model": name})
     write_models_config(base, list(modules))
     batching = base / BATCHING_FILE
     if not batching.exists():  # a hand-tuned file is kept
         server_config.write_batching_parameters(batching)
     return paths
+
+
+_HOW_TO_MAKE = {
+    "reranker": "train the re-ranker first: `cascade train reranker --run {run}`",
+    "copywriter": "train the copywriter first: `cascade train copywriter --run {run}`",
+    "cascade": "the cascade needs both `cascade train reranker --run {run}` and "
+               "`cascade train copywriter --run {run}`",
+}
+
+
+def _available_stages(run: pathlib.Path) -> tuple[str, ...]:
+    """The models a run can be exported as, in DESIGN.md order."""
+    if not (run / train.CONFIG_FILE).exists():
+        raise ExportError(f"{run / train.CONFIG_FILE}: not found; is {run} a retrieval run "
+                          "(`cascade train retrieval --run DIR`)?")
+    names = ["query_tower", "candidate_tower", "retrieval"]
+    if (run / "reranker" / "reranker_config.json").exists():
+        names.append("reranker")
+    if (run / "copywriter" / "config.json").exists():
+        names.append("copywriter")
+    if {"reranker", "copywriter"} <= set(names):
+        names.append("cascade")
+    return tuple(names)
 
 
 def benchmarked_scann_config(run_dir: str | os.PathLike) -> index.ScannConfig | None:
@@ -185,10 +287,15 @@ def save_version(module: tf.Module, model_dir: pathlib.Path, version: int,
     return target
 
 
-def warmup_request(model: str, input_name: str, values: list[str]) -> prediction_log_pb2.PredictionLog:
-    """One Predict request that TF Serving replays while loading the version."""
+def warmup_request(model: str, inputs: dict[str, list] | str,
+                   values: list | None = None) -> prediction_log_pb2.PredictionLog:
+    """One Predict request that TF Serving replays while loading the version: `inputs` maps input
+    names to values (or is one input's name, with its `values`)."""
+    if values is not None:
+        inputs = {inputs: values}
     request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model, signature_name=SIGNATURE))
-    request.inputs[input_name].CopyFrom(tf.make_tensor_proto(np.array(values, dtype=object)))
+    for name, values in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(np.array(values, dtype=object)))
     return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
 
 

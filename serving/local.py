@@ -1,4 +1,5 @@
-"""Answers from an exported `retrieval` SavedModel loaded in this process (no server needed)."""
+"""Answers from an exported `retrieval` or `cascade` SavedModel loaded in this process (no server
+needed)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
     return versions[-1]
 
 
-def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int = 10) -> dict:
-    """{user_id: [{item_id, title, score}, ...]} from the latest `retrieval` version."""
-    version = latest_version(pathlib.Path(model_base_path) / "retrieval")
+def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int = 10,
+              model: str = "retrieval") -> dict:
+    """{user_id: [{item_id, title, score[, retrieval_score, copy]}, ...]} from the latest version
+    of `model` (`retrieval` or `cascade`)."""
+    version = latest_version(pathlib.Path(model_base_path) / model)
     record = json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())
     if record.get("index") == "scann":
         import scann  # noqa: F401  registers the ScaNN ops the SavedModel uses
@@ -40,12 +43,23 @@ def catalog_titles(data_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def answers(user_ids: list[str], outputs: dict, titles: dict[str, str] | None, top: int) -> dict:
-    """Shapes `retrieval` outputs (item_ids [B, K], scores [B, K]) as one list per user."""
+    """Shapes `retrieval` outputs (item_ids [B, K], scores [B, K]) or `cascade` outputs (also
+    titles, retrieval_scores and copy [B, N]) as one list per user."""
     def text(value) -> str:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     result = {}
-    for user, ids, scores in zip(user_ids, outputs["item_ids"], outputs["scores"]):
-        result[user] = [{"item_id": text(i), "title": (titles or {}).get(text(i), ""),
-                         "score": float(s)} for i, s in zip(list(ids)[:top], list(scores)[:top])]
+    for b, user in enumerate(user_ids):
+        rows = []
+        for j, item in enumerate(list(outputs["item_ids"][b])[:top]):
+            item = text(item)
+            row = {"item_id": item, "title": (text(outputs["titles"][b][j]) if "titles" in outputs
+                                              else (titles or {}).get(item, "")),
+                   "score": float(outputs["scores"][b][j])}
+            if "retrieval_scores" in outputs:
+                row["retrieval_score"] = float(outputs["retrieval_scores"][b][j])
+            if "copy" in outputs:
+                row["copy"] = text(outputs["copy"][b][j])
+            rows.append(row)
+        result[user] = rows
     return result
