@@ -1,0 +1,119 @@
+"""Evaluation of a run's re-ranker on the benchmark test split (`cascade evaluate reranker`).
+
+The protocol is `cascade evaluate retrieval`'s (`towers.train.evaluate_run`): the same seeded
+split, the same test rows, each user's training items excluded, the same metrics code. For every
+test user the run's own retrieval model ranks the catalog (training items left out), its top K
+are re-scored by the re-ranker from the retrieval logits (dot products over the temperature, as in
+training), user contexts and popularity from all training rows; the top K in the re-ranker's
+order, then every other item in retrieval order, is the ranking measured. The re-ranker scores
+each (user, candidate) pair on its own, so the top 50 are scored once, as part of the top 100.
+
+The table has retrieval alone, ALS (`towers.peers`), the learned retrieval + popularity head
+without BERT (an ablation: what the two scalar terms alone give), and the re-ranked top K.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np
+
+from rerank import cross_encoder as ce
+from towers import data, metrics, peers
+from towers import train as towers_train
+
+log = logging.getLogger(__name__)
+
+KS = (10,)
+DEPTHS = (50, 100)
+
+
+def test_inputs(run_dir: str | os.PathLike):
+    """(retrieval logits [U, I], test user rows, test item rows, seen [U, I], tables) of a run."""
+    run = pathlib.Path(run_dir)
+    retrieval, tables = towers_train.load_run(run)
+    record = json.loads((run / towers_train.CONFIG_FILE).read_text())
+    movielens = data.load_movielens(record["data_dir"])
+    test = data.benchmark_split(movielens.ratings, train_size=record["train_size"]).test
+    queries, candidates = towers_train.embeddings(retrieval, tables)
+    users, items, seen = towers_train._test_rows(tables, test)
+    return queries @ candidates.T / retrieval.config.temperature, users, items, seen, tables
+
+
+def rerank_scores(reranker: ce.Reranker, logits: np.ndarray, seen: np.ndarray,
+                  user_rows: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, depth: int,
+                  users_per_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(top `depth` item rows [U, depth] of `user_rows` by retrieval, seen items left out, and
+    the re-ranker's final scores of them [U, depth])."""
+    top = ce.top_candidates(logits[user_rows], seen[user_rows], depth)
+    final = ce.score_candidates(reranker, user_ids[user_rows], item_ids[top],
+                                np.take_along_axis(logits[user_rows], top, axis=1),
+                                users_per_batch)
+    return top, final
+
+
+def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPTHS,
+                      with_als: bool = True, record: bool = True) -> dict[str, dict[str, float]]:
+    """The test table: retrieval, ALS, the head ablation and the re-ranked top K for each depth;
+    written to `metrics.json` under `reranker.test` (with the seconds re-ranking took)."""
+    run = pathlib.Path(run_dir)
+    reranker = ce.load_reranker(run)  # fails first, with the command to run, if not trained
+    logits, users, items, seen, tables = test_inputs(run)
+    evaluate = lambda scores: _rounded(metrics.evaluate(scores, users, items, seen, KS))
+    table = {"retrieval": evaluate(logits)}
+    if with_als:
+        table["als"] = evaluate(peers.als_scores(seen))
+    deepest = max(depths)
+    user_rows = np.unique(users)
+    started = time.perf_counter()
+    top, final = rerank_scores(reranker, logits, seen, user_rows, tables.user_ids, tables.item_ids,
+                               deepest)
+    seconds = time.perf_counter() - started
+    popularity = reranker.texts.popularity.lookup(
+        ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
+    head = (float(reranker.encoder.retrieval_weight) * np.take_along_axis(logits[user_rows], top, 1)
+            + float(reranker.encoder.popularity_weight) * popularity)
+    for depth in sorted(depths):
+        part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
+        table[f"head@{depth}"] = evaluate(ce._rows_replaced(
+            logits, user_rows, ce.reordered(logits[user_rows], top[:, part], head[:, part])))
+        table[f"reranked@{depth}"] = evaluate(ce._rows_replaced(
+            logits, user_rows, ce.reordered(logits[user_rows], top[:, part], final[:, part])))
+    if record:
+        path = run / towers_train.METRICS_FILE
+        current = json.loads(path.read_text()) if path.exists() else {}
+        section = dict(current.get("reranker", {}))
+        section["test"] = {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}
+        towers_train._update_metrics(run, {"reranker": section})
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """Markdown: one row per model, HR@10, NDCG@10, Recall@10, and the change over retrieval."""
+    base = table["retrieval"]
+    columns = ("hit_rate@10", "ndcg@10", "recall@10")
+    lines = ["| model | " + " | ".join(columns) + " | HR@10 vs retrieval | NDCG@10 vs retrieval |",
+             "|---" * (len(columns) + 3) + "|"]
+    for name, row in table.items():
+        change = [f"{(row[c] / base[c] - 1) * 100:+.1f}%" for c in ("hit_rate@10", "ndcg@10")]
+        lines.append(f"| {_label(name)} | " + " | ".join(f"{row[c]:.4f}" for c in columns)
+                     + " | " + " | ".join(change) + " |")
+    return "\n".join(lines)
+
+
+def _label(name: str) -> str:
+    if name.startswith("reranked@"):
+        return f"retrieval top-{name.split('@')[1]} re-ranked (cross-encoder)"
+    if name.startswith("head@"):
+        return f"retrieval top-{name.split('@')[1]}, learned retrieval + popularity terms only"
+    return {"retrieval": "retrieval alone", "als": "ALS"}.get(name, name)
+
+
+def _rounded(result: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 5) for key, value in result.items()}
