@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--concurrency", default="1,8,32")
     bench_serve.set_defaults(handler=_bench_serve)
 
+    report = commands.add_parser("report", help="Markdown + HTML report with plots of a run")
+    report.add_argument("--run", required=True)
+    report.add_argument("--out", help="output folder (default: RUN/report)")
+    report.add_argument("--no-curves", action="store_true",
+                        help="skip the hit rate@K curves (the part that loads the models)")
+    report.set_defaults(handler=_report)
+
     export = commands.add_parser("export", help="export SavedModels for TF Serving")
     export.add_argument("--run", required=True)
     export.add_argument("--model-base-path", default="models")
@@ -263,6 +270,15 @@ def _bench_index(args) -> None:
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen, out,
                                     synthetic_items=args.synthetic_items, noise=args.synthetic_noise)
     print((out / "retrieval_index.md").read_text())
+
+
+def _report(args) -> None:
+    from serving import report
+
+    written = report.build_report(args.run, args.out, curves=not args.no_curves)
+    for section, command in written["missing"].items():
+        log.info("%s: not in the run yet; `%s` makes it", section, command)
+    print(f"{written['markdown']}\n{written['html']}")
 
 
 def _bench_serve(args) -> None:

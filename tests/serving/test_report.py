@@ -1,0 +1,125 @@
+"""`cascade report` on tiny runs: what it writes, that its numbers are the run's, what it says
+when an input is missing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from serving import cli, report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == PNG and path.stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny retrieval run with its test table (peers included) in metrics.json."""
+    from towers import train
+
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(tiny_run, run)
+    train.evaluate_run(run)
+    return run
+
+
+def test_retrieval_only_run_names_the_commands_it_lacks(evaluated_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["report", "--run", str(evaluated_run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "report.md"), str(out / "report.html")]
+
+    for plot in ("training_curves.png", "hit_rate_at_k.png"):
+        assert _is_png(out / plot), plot
+    assert not (out / "scann_tradeoff.png").exists()
+    text = (out / "report.md").read_text()
+    run = str(evaluated_run)
+    for command in (f"cascade bench retrieval-index --run {run}",
+                    f"cascade train reranker --run {run}",
+                    f"cascade bench serve --model-base-path models --out {run}/bench",
+                    f"cascade train copywriter --run {run}",
+                    f"cascade evaluate reranker --run {run}"):
+        assert command in text, command
+    assert "| cascade_retrieval |" in text and "| ALS |" in text
+    html = (out / "report.html").read_text()
+    assert '<img alt="Hit rate@K" src="hit_rate_at_k.png"' in html and "<table>" in html
+
+
+def test_hit_rate_curves_agree_with_the_evaluation(evaluated_run):
+    table = json.loads((evaluated_run / "metrics.json").read_text())["test"]
+    curves = report.hit_rate_curves(evaluated_run)
+    assert set(curves) == {"retrieval", "popularity", "ALS"}
+    for name, row in (("retrieval", "cascade_retrieval"), ("popularity", "popularity"),
+                      ("ALS", "als")):
+        curve = curves[name]
+        assert len(curve) == 100 and curve == sorted(curve)  # hit rate only grows with K
+        for k in (10, 50, 100):
+            assert curve[k - 1] == pytest.approx(table[row][f"hit_rate@{k}"], abs=1e-5), (name, k)
+
+
+def test_training_curves_come_from_tensorboard(evaluated_run):
+    stages = report.training_curves(evaluated_run)
+    recorded = json.loads((evaluated_run / "metrics.json").read_text())["training"]["loss"]
+    assert list(stages) == ["retrieval"]
+    assert stages["retrieval"]["loss"] == pytest.approx(recorded, rel=1e-6)
+
+
+def test_empty_run_gets_a_report_of_commands(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    written = report.build_report(run, curves=True)
+    assert written["markdown"] == run / "report" / "report.md" and written["plots"] == []
+    assert written["missing"]["Training curves"] == f"cascade train retrieval --run {run}"
+    assert written["missing"]["Hit rate@K"] == f"cascade train retrieval --run {run}"
+    assert len(written["missing"]) == 7
+
+
+def test_bad_inputs_are_named(evaluated_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        report.build_report(tmp_path / "nowhere")
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    (run / "bench").mkdir(exist_ok=True)
+    (run / "bench" / "serve.json").write_text("{not json")
+    with pytest.raises(report.ReportError, match="serve.json: not valid JSON"):
+        report.build_report(run, curves=False)
+    assert cli.main(["report", "--run", str(run), "--no-curves"]) == 1
+
+
+def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path):
+    """Every benchmark and evaluation really run on the tiny cascade, then the report."""
+    from rerank import copywriter, rerank_bench, rerank_eval
+    from towers import index_bench, train
+    from serving import load_bench
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cascade_run, run)
+    train.evaluate_run(run, with_peers=False)
+    rerank_eval.evaluate_reranker(run, with_als=False)
+    copywriter.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2)
+    retrieval, tables = train.load_run(run)
+    queries, candidates = train.embeddings(retrieval, tables)
+    index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen,
+                                    run / "bench", synthetic_items=2000)
+    rerank_bench.run_reranker_benchmark(run, run / "bench", lengths=(16,), quality_users=6,
+                                        bfloat16=False)
+    load_bench.run_serve_benchmark(tiny_export, run / "bench", concurrency=(1, 2), requests=6)
+
+    written = report.build_report(run)
+    assert written["missing"] == {}
+    assert written["plots"] == ["training_curves.png", "hit_rate_at_k.png", "scann_tradeoff.png",
+                                "rerank_latency_quality.png", "serving_latency.png"]
+    for plot in written["plots"]:
+        assert _is_png(run / "report" / plot), plot
+    text = written["markdown"].read_text()
+    assert "| re-ranked top 100 |" in text and "grounded_after_check" in text
+    assert "Not measured" not in text and "Not trained" not in text
+    # The re-ranked curve is cached against the checkpoints it came from, and reused.
+    cache = json.loads((run / "report" / report.CURVES_CACHE).read_text())
+    assert len(cache["curve"]) == 100 and any("reranker" in key for key in cache["stamp"])
+    again = report.hit_rate_curves(run, run / "report" / report.CURVES_CACHE)
+    assert again["re-ranked top 100"] == cache["curve"]
