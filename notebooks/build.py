@@ -1,0 +1,517 @@
+"""Writes the four notebooks of this folder from the cells below, with no outputs.
+
+The notebooks are generated so that their code is reviewable as plain Python and their JSON stays
+free of outputs in git. Edit the cells here, then run `.venv/bin/python notebooks/build.py`.
+`tests/e2e/test_notebooks.py` checks that the committed notebooks are what this script writes.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import nbformat
+from nbformat import v4
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+SETUP = '''\
+import os
+import pathlib
+import shutil
+import tempfile
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFRS needs Keras 2 (tf_keras)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import matplotlib.pyplot as plt
+import tensorflow as tf
+import tf_keras as keras
+from IPython.display import Markdown, display
+
+from towers import data, fetch, model, train
+
+REPO = pathlib.Path.cwd().resolve()
+if not (REPO / "setup.cfg").exists():  # started from notebooks/
+    REPO = REPO.parent
+# CASCADE_NOTEBOOK_SMALL=1: a 3,000-rating slice and tiny models, for CI (seconds, not minutes).
+SMALL = os.environ.get("CASCADE_NOTEBOOK_SMALL") == "1"
+DATA = pathlib.Path(os.environ.get("CASCADE_DATA", REPO / "data" / "ml-100k"))
+if not (DATA / "ml-100k.inter").exists():
+    fetch.fetch_movielens_100k(DATA)  # RecBole's copy from its wheel, SHA-256 verified
+WORK = pathlib.Path(tempfile.mkdtemp(prefix="cascade-notebook-"))  # scratch, removed at the end
+
+
+def small_data(rows: int = 3_000) -> pathlib.Path:
+    """The first `rows` ratings of MovieLens-100K, with the whole catalog and every user."""
+    folder = WORK / "ml-100k-small"
+    folder.mkdir(exist_ok=True)
+    lines = (DATA / "ml-100k.inter").read_text().splitlines(keepends=True)
+    (folder / "ml-100k.inter").write_text("".join(lines[:rows + 1]))  # + the header line
+    for suffix in ("item", "user"):
+        shutil.copy(DATA / f"ml-100k.{suffix}", folder)
+    return folder
+
+
+TINY_RETRIEVAL = model.RetrievalConfig(embedding_dim=16, id_dim=16, side_dim=4, hidden=32,
+                                       history_length=32, epochs=3, batch_size=128,
+                                       learning_rate=1e-2)
+DATA_USED, TRAIN_SIZE = (small_data(), 2_400) if SMALL else (DATA, 80_000)
+print(f"data: {DATA_USED} ({'small' if SMALL else 'full'} configuration)")'''
+
+DEMO_RUN = '''\
+# The demo run (`make demo`) when it exists; otherwise train one like it, here or in scratch.
+def retrieval_run() -> pathlib.Path:
+    if SMALL:
+        run = WORK / "run"
+        if not (run / train.WEIGHTS).with_suffix(".index").exists():
+            train.train(DATA_USED, run, TINY_RETRIEVAL, train_size=TRAIN_SIZE, verbose=0)
+        return run
+    run = REPO / "runs" / "ml100k"
+    if not (run / "checkpoints" / "final.index").exists():
+        print("no demo run: training one (about a minute on 2 cores)")
+        train.train(DATA_USED, run, verbose=2)
+    return run'''
+
+CLEANUP = '''\
+shutil.rmtree(WORK, ignore_errors=True)'''
+
+
+def retrieval_notebook() -> list:
+    md, code = v4.new_markdown_cell, v4.new_code_cell
+    return [
+        md("# 01 · Retrieval: the two-tower model with Keras `fit`\n\n"
+           "Stage one of Cascade (`towers/`): a query tower (user ID, demographics, recent "
+           "history) and a candidate tower (item ID, genres, year, title words), trained with "
+           "in-batch softmax (`tfrs.tasks.Retrieval`). This notebook trains one from scratch with "
+           "plain `model.fit`, plots its curves, compares it with popularity and ALS on the "
+           "benchmark split, and looks at which films end up next to each other.\n\n"
+           "Set `CASCADE_NOTEBOOK_SMALL=1` for the small configuration CI runs."),
+        code(SETUP),
+        md("## Data and the benchmark split\n\nMovieLens-100K in `u.data` order, the TFRS "
+           "tutorial split (seeded shuffle, 80,000 train / 20,000 test). The last training rows "
+           "are held out as a validation set for the curves; the test split is only read at the "
+           "end."),
+        code('''\
+movielens = data.load_movielens(DATA_USED)
+split = data.benchmark_split(movielens.ratings, train_size=TRAIN_SIZE)
+holdout = 200 if SMALL else 8_000
+fit_rows = split.train.take(np.arange(len(split.train) - holdout))
+validation = split.train.take(np.arange(len(split.train) - holdout, len(split.train)))
+print(f"{len(movielens.users)} users, {len(movielens.items)} items; "
+      f"{len(fit_rows)} training, {len(validation)} validation, {len(split.test)} test ratings")
+for user, item, rating in list(zip(fit_rows.user_id, fit_rows.item_id, fit_rows.rating))[:5]:
+    print(f"user {user:>4} rated {rating:g} stars: {movielens.items[item].label()}")'''),
+        md("## The model\n\n`features.build_tables` turns the training rows into lookup tables "
+           "(vocabularies, each user's history, item side features); `model.RetrievalModel` is a "
+           "`tfrs.Model` whose `compute_loss` is the retrieval task. Everything else is Keras."),
+        code('''\
+from towers import features
+
+config = TINY_RETRIEVAL if SMALL else model.RetrievalConfig()
+tables = features.build_tables(movielens, fit_rows, config.history_length)
+keras.utils.set_random_seed(config.seed)
+retrieval = model.RetrievalModel(tables, config)
+retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+history = retrieval.fit(
+    train.training_dataset(fit_rows, config),
+    epochs=config.epochs,
+    callbacks=[train.ValidationMetrics(tables, validation)],  # adds val_hit_rate@10/@100
+    verbose=2,
+)'''),
+        md("## Training curves"),
+        code('''\
+epochs = np.arange(1, len(history.history["loss"]) + 1)
+figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+left.plot(epochs, history.history["loss"], "o-")
+left.set(title="training loss (last batch of each epoch)", xlabel="epoch")
+for name in ("val_hit_rate@10", "val_hit_rate@100"):
+    right.plot(epochs, history.history[name], "o-", label=name)
+right.set(title="validation hit rate", xlabel="epoch")
+right.legend()
+plt.show()'''),
+        md("## Hit rate vs peers on the test split\n\nThe evaluation protocol: for each test "
+           "interaction, is the item in the user's top K, with the user's training items left "
+           "out? Popularity and implicit ALS are scored by the same code. (This model did not "
+           "train on the validation rows, so its numbers sit a little below the demo run's.)"),
+        code('''\
+from towers import metrics, peers
+
+queries, candidates = train.embeddings(retrieval, tables)
+users, items, seen = train._test_rows(tables, split.test)  # test pairs as table rows + seen mask
+table = {
+    "two-tower (this notebook)": metrics.evaluate(queries @ candidates.T, users, items, seen),
+    "popularity": metrics.evaluate(peers.popularity_scores(seen), users, items, seen),
+    "ALS (implicit, 64 factors)": metrics.evaluate(peers.als_scores(seen), users, items, seen),
+}
+demo_metrics = REPO / "runs" / "ml100k" / "metrics.json"
+if not SMALL and demo_metrics.exists():  # the demo run, trained on every training row
+    import json
+    table["demo run (`cascade train retrieval`)"] = json.loads(
+        demo_metrics.read_text())["test"]["cascade_retrieval"]
+display(Markdown(train.format_table(table)))'''),
+        md("## Embedding neighbours\n\nThe candidate tower's embeddings are L2-normalized, so "
+           "the dot product is the cosine. Films close to a few well-known ones:"),
+        code('''\
+normalized = candidates / np.linalg.norm(candidates, axis=1, keepdims=True)
+row_of = {item_id: row for row, item_id in enumerate(tables.item_ids)}
+for item_id in ("1", "50", "100", "181"):  # Toy Story, Star Wars, Fargo, Return of the Jedi
+    similarity = normalized @ normalized[row_of[item_id]]
+    nearest = [r for r in np.argsort(-similarity) if tables.item_ids[r] != item_id][:5]
+    print(movielens.items[item_id].label())
+    for r in nearest:
+        print(f"    {similarity[r]:.3f}  {movielens.items[tables.item_ids[r]].label()}")'''),
+        code(CLEANUP),
+    ]
+
+
+def rerank_notebook() -> list:
+    md, code = v4.new_markdown_cell, v4.new_code_cell
+    return [
+        md("# 02 · Re-ranking one user's candidates\n\n"
+           "Stage two (`rerank/cross_encoder.py`): a BERT cross-encoder reads (user context, "
+           "candidate) text pairs for the retrieval top K. The final score is\n\n"
+           "    cross-encoder logit + w_r · retrieval logit + w_p · log(1 + training count)\n\n"
+           "with w_r and w_p learned, so every move can be split into the three terms. This "
+           "notebook re-ranks one user's candidates and shows what moved and why.\n\n"
+           "Full configuration: the demo run's re-ranker (`make demo`; trained here if missing, "
+           "which takes a while). Small configuration: a tiny random BERT, trained for one epoch."),
+        code(SETUP),
+        code(DEMO_RUN),
+        code('''\
+from rerank import cross_encoder
+
+RUN = retrieval_run()
+if SMALL:  # a tiny random BERT whose WordPieces are characters, as the tests use
+    import string
+    import transformers
+
+    bert_dir = WORK / "tiny-bert"
+    keras.utils.set_random_seed(0)
+    bert = transformers.TFBertModel(transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2))
+    bert(bert.dummy_inputs)
+    bert.save_pretrained(str(bert_dir))
+    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+             + ["##" + c for c in string.ascii_lowercase] + list(string.digits)
+             + ["##" + c for c in string.digits] + list(".,:;()'!?-&"))
+    (bert_dir / "vocab.txt").write_text("\\n".join(vocab) + "\\n")
+    cross_encoder.train_reranker(RUN, checkpoint=bert_dir, verbose=0, config=cross_encoder.RerankerConfig(
+        max_length=32, history_titles=2, layers=1, candidates=12, group_size=4, holdout=400,
+        validation_users=8, epochs=1, batch_groups=4, learning_rate=1e-3))
+elif not (RUN / cross_encoder.RERANKER_DIR / cross_encoder.CONFIG_FILE).exists():
+    print("the demo run has no re-ranker: training it (`cascade train reranker`), many minutes")
+    cross_encoder.train_reranker(RUN, verbose=2)
+reranker = cross_encoder.load_reranker(RUN)
+retrieval, tables = train.load_run(RUN)
+print(f"w_r = {float(reranker.encoder.retrieval_weight):.3f}, "
+      f"w_p = {float(reranker.encoder.popularity_weight):.3f}")'''),
+        md("## One user's retrieval candidates\n\nThe run's retrieval model ranks the catalog "
+           "for the user (their training items left out); its top K are the candidates. "
+           "Items the user rated in the test split are marked ✓."),
+        code('''\
+import json
+
+from towers import features
+
+record = json.loads((RUN / train.CONFIG_FILE).read_text())
+movielens = data.load_movielens(record["data_dir"])
+split = data.benchmark_split(movielens.ratings, train_size=record["train_size"])
+K = 20 if SMALL else 100
+test_items = {}
+for user, item in zip(split.test.user_id, split.test.item_id):
+    test_items.setdefault(user, set()).add(item)
+user = "42" if "42" in test_items else sorted(test_items, key=lambda u: -len(test_items[u]))[0]
+
+_, candidates = train.embeddings(retrieval, tables)
+query = retrieval.query_tower(tf.constant([user])).numpy()[0]
+logits = candidates @ query / retrieval.config.temperature  # what the re-ranker was trained on
+user_row = list(tables.user_ids).index(user)
+seen = set(tables.seen[user_row]) - {features.PAD}
+order = [r for r in np.argsort(-logits, kind="stable") if tables.item_ids[r] not in seen][:K]
+item_ids = [str(tables.item_ids[r]) for r in order]
+context = reranker.texts.context.lookup(tf.constant([user])).numpy()[0].decode()
+print(f"user {user}: {context}")'''),
+        md("## Re-rank, and split every score into its three terms"),
+        code('''\
+ranked = reranker.rank(user, item_ids, [float(logits[r]) for r in order])
+final = dict(ranked)
+w_r, w_p = float(reranker.encoder.retrieval_weight), float(reranker.encoder.popularity_weight)
+popularity = reranker.texts.popularity.lookup(tf.constant(item_ids)).numpy()
+rows = []
+for before, (item_id, r) in enumerate(zip(item_ids, order)):
+    retrieval_term = w_r * float(logits[r])
+    popularity_term = w_p * float(popularity[before])
+    bert_term = final[item_id] - retrieval_term - popularity_term
+    rows.append(dict(item_id=item_id, before=before + 1, bert=bert_term,
+                     retrieval=retrieval_term, popularity=popularity_term))
+after = {item_id: rank + 1 for rank, (item_id, _) in enumerate(ranked)}
+mean = {key: np.mean([row[key] for row in rows]) for key in ("bert", "retrieval", "popularity")}
+
+
+def why(row) -> str:
+    """The term that sets this item furthest from the average candidate, in the direction it moved."""
+    moved = row["before"] - after[row["item_id"]]
+    deviation = {key: row[key] - mean[key] for key in mean}
+    key = max(deviation, key=lambda k: deviation[k] * (1 if moved >= 0 else -1))
+    return f"{key} {deviation[key]:+.2f}"
+
+
+lines = ["| after | before | moved | film | test | BERT | w_r·retrieval | w_p·popularity | why |",
+         "|---|---|---|---|---|---|---|---|---|"]
+for row in sorted(rows, key=lambda row: after[row["item_id"]])[:15]:
+    moved = row["before"] - after[row["item_id"]]
+    lines.append(
+        f"| {after[row['item_id']]} | {row['before']} | {moved:+d} | "
+        f"{movielens.items[row['item_id']].label()} | "
+        f"{'✓' if row['item_id'] in test_items[user] else ''} | {row['bert']:.2f} | "
+        f"{row['retrieval']:.2f} | {row['popularity']:.2f} | {why(row)} |")
+display(Markdown("\\n".join(lines)))'''),
+        md("`why` names the term in which the film differs most from the average candidate, in "
+           "the direction it moved: `bert` means the cross-encoder read something in the pair "
+           "(the user's recent titles and genres against the film's) that retrieval's dot "
+           "product did not."),
+        code('''\
+figure, axis = plt.subplots(figsize=(5, 7))
+for row in rows:
+    hit = row["item_id"] in test_items[user]
+    axis.plot([0, 1], [row["before"], after[row["item_id"]]], "o-",
+              color="tab:green" if hit else "tab:gray", alpha=0.9 if hit else 0.3,
+              linewidth=2 if hit else 1)
+axis.set_xticks([0, 1], ["retrieval", "re-ranked"])
+axis.set_ylim(K + 1, 0)
+axis.set_ylabel("rank")
+axis.set_title(f"user {user}: candidates before and after (green: test items)")
+plt.show()
+hits = lambda ranks: sum(1 for item_id in item_ids if item_id in test_items[user]
+                         and ranks[item_id] <= 10)
+print(f"test items in the top 10: retrieval {hits({i: n + 1 for n, i in enumerate(item_ids)})}, "
+      f"re-ranked {hits(after)}")'''),
+        code(CLEANUP),
+    ]
+
+
+def copy_notebook() -> list:
+    md, code = v4.new_markdown_cell, v4.new_code_cell
+    return [
+        md("# 03 · Copy: grounded lines from the GPT-2 copywriter\n\n"
+           "Stage three (`rerank/copywriter.py`): a compact GPT-2 writes one line of copy per "
+           "final item from a prompt of facts (the film's title, year and genres, and films the "
+           "user rated highly). Titles are slot tokens the graph fills in, and a grounding check "
+           "in the graph replaces any line that lacks the film's title or names a film the "
+           "prompt does not hold.\n\n"
+           "Full configuration: the demo run's copywriter (trained here if missing). Small: a "
+           "one-layer GPT-2 trained for a few seconds, whose lines are mostly fallbacks."),
+        code(SETUP),
+        code('''\
+from rerank import copy_corpus, copywriter, copywriter_export
+
+if SMALL:
+    RUN = WORK / "run"
+    copywriter.train_copywriter(RUN, DATA_USED, copywriter.CopywriterConfig(
+        n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400,
+        epochs=3, batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12,
+        jit_compile=False), train_size=TRAIN_SIZE, verbose=0)
+else:
+    RUN = REPO / "runs" / "ml100k"
+    if not (RUN / copywriter.SUBDIR / copywriter.CONFIG_FILE).exists():
+        print("the demo run has no copywriter: training it (`cascade train copywriter`)")
+        copywriter.train_copywriter(RUN, DATA_USED, verbose=2)
+record, gpt2, tokenizer, movielens, split = copywriter.load_run(RUN)
+print(f"GPT-2: {gpt2.config.n_layer} layers x {gpt2.config.n_embd}, "
+      f"{gpt2.count_params():,} parameters, vocabulary {len(tokenizer)}")'''),
+        md("## What it learned from\n\nThe corpus is built from training ratings only: a prompt "
+           "of facts and a templated line with slot tokens where titles go."),
+        code('''\
+for example in copy_corpus.build_corpus(movielens, split.train, 4, seed=7):
+    print("prompt facts:", movielens.items[example.item_id].label(), "| liked:",
+          [movielens.items[i].label() for i in example.liked])
+    print("  template:", example.template)
+    print("  copy:    ", example.target)'''),
+        md("## Generate copy for one user's films\n\n`CopywriterModule` is the exported graph: "
+           "`details` returns the served line and what the check found."),
+        code('''\
+module = copywriter_export.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, movielens, split))
+by_user = {}
+for user, item in zip(split.test.user_id, split.test.item_id):
+    by_user.setdefault(user, []).append(item)
+user = "42" if "42" in by_user else max(by_user, key=lambda u: len(by_user[u]))
+items = by_user[user][:5]
+out = module.details(tf.constant([user]), tf.constant([items]))
+lines = ["| film | served copy | generated | title present | other title | fallback |",
+         "|---|---|---|---|---|---|"]
+for n, item in enumerate(items):
+    served, generated = (out[key].numpy()[0, n].decode() for key in ("copy", "generated"))
+    lines.append(f"| {movielens.items[item].label()} | {served} | {generated} | "
+                 f"{bool(out['title_present'].numpy()[0, n])} | "
+                 f"{bool(out['other_title'].numpy()[0, n])} | {served != generated} |")
+display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
+        md("## Grounding statistics\n\n`copywriter.evaluate_copywriter` writes copy for "
+           "(user, item) pairs of the test split and checks every line again in Python. It "
+           "records its result in the run's `metrics.json`, so it runs here on a scratch folder "
+           "that links to the run's copywriter, and the demo run's recorded numbers stay as "
+           "`cascade evaluate copywriter` wrote them."),
+        code('''\
+scratch = WORK / "evaluation"
+scratch.mkdir(exist_ok=True)
+if not (scratch / copywriter.SUBDIR).exists():
+    (scratch / copywriter.SUBDIR).symlink_to((RUN / copywriter.SUBDIR).resolve())
+result = copywriter.evaluate_copywriter(scratch, pairs=24 if SMALL else 300, examples=5,
+                                        timing_calls=2 if SMALL else 10)
+display(Markdown(copywriter.format_report(result)))'''),
+        code(CLEANUP),
+    ]
+
+
+def serving_notebook() -> list:
+    md, code = v4.new_markdown_cell, v4.new_code_cell
+    return [
+        md("# 04 · Serving: export, `cascade serve`, and the TF Serving client\n\n"
+           "The run is exported as SavedModels in the TF Serving model-base-path layout; "
+           "`cascade serve` (TF-Serving-compatible) serves them on a free port; the client side "
+           "is nothing but the official `tensorflow-serving-api` stubs over gRPC, and plain "
+           "HTTP for REST, exactly as against `tensorflow_model_server`.\n\n"
+           "Full configuration: the demo run (trained if missing), every stage it has. Small: "
+           "a tiny retrieval run."),
+        code(SETUP),
+        code(DEMO_RUN),
+        code('''\
+from serving import export
+
+RUN = retrieval_run()
+MODELS = WORK / "models"
+written = export.export(RUN, MODELS, index_kind="bruteforce", k=20 if SMALL else 100)
+for name, path in written.items():
+    print(f"{name:16s} {path.relative_to(WORK)}")
+print((MODELS / "models.config").read_text())'''),
+        md("## Start `cascade serve` on free ports"),
+        code('''\
+import atexit
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GRPC_PORT, REST_PORT = free_port(), free_port()
+server_log = open(WORK / "serve.log", "wb")
+server = subprocess.Popen(
+    [sys.executable, "-m", "serving.cli", "serve", "--model-base-path", str(MODELS),
+     "--port", str(GRPC_PORT), "--rest_api_port", str(REST_PORT)],
+    stdout=server_log, stderr=subprocess.STDOUT)
+atexit.register(server.kill)  # never leave it behind, even if a later cell fails
+print(f"cascade serve: pid {server.pid}, gRPC localhost:{GRPC_PORT}, REST localhost:{REST_PORT}")'''),
+        md("## gRPC with the official stubs\n\nWait until `retrieval` is AVAILABLE "
+           "(`ModelService.GetModelStatus`), read its signature (`GetModelMetadata`), then "
+           "`Predict` for a known user and one the model has never seen (cold start)."),
+        code('''\
+import time
+
+import grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+channel = grpc.insecure_channel(f"localhost:{GRPC_PORT}")
+status_request = get_model_status_pb2.GetModelStatusRequest()
+status_request.model_spec.name = "retrieval"
+deadline = time.monotonic() + 300
+while True:
+    try:
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            status_request, timeout=5)
+        if any(v.state == v.AVAILABLE for v in status.model_version_status):
+            break
+    except grpc.RpcError as error:
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((WORK / "serve.log").read_text()[-2000:]) from error
+    time.sleep(0.5)
+print(status)
+
+stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+metadata_request = get_model_metadata_pb2.GetModelMetadataRequest()
+metadata_request.model_spec.name = "retrieval"
+metadata_request.metadata_field.append("signature_def")
+metadata = stub.GetModelMetadata(metadata_request, timeout=10)
+signatures = get_model_metadata_pb2.SignatureDefMap()
+metadata.metadata["signature_def"].Unpack(signatures)
+signature = signatures.signature_def["serving_default"]
+print("inputs:", dict((k, v.dtype) for k, v in signature.inputs.items()),
+      "outputs:", dict((k, v.dtype) for k, v in signature.outputs.items()))'''),
+        code('''\
+movielens = data.load_movielens(DATA_USED)
+users = ["42", "someone-new"]
+request = predict_pb2.PredictRequest()
+request.model_spec.name = "retrieval"
+request.model_spec.signature_name = "serving_default"
+request.inputs["user_id"].CopyFrom(tf.make_tensor_proto(users))
+response = stub.Predict(request, timeout=30)
+grpc_items = tf.make_ndarray(response.outputs["item_ids"])
+grpc_scores = tf.make_ndarray(response.outputs["scores"])
+print("answered by", response.model_spec.name, "version", response.model_spec.version.value)
+for user, ids, scores in zip(users, grpc_items, grpc_scores):
+    print(f"user {user}:")
+    for item_id, score in list(zip(ids, scores))[:5]:
+        print(f"   {score:6.3f}  {movielens.items[item_id.decode()].label()}")'''),
+        md("## REST\n\nThe same call as JSON over HTTP (`/v1/models/<name>:predict`, columnar "
+           "`inputs`), and the model status at `/v1/models/<name>`."),
+        code('''\
+import json
+import urllib.request
+
+base = f"http://localhost:{REST_PORT}/v1/models/retrieval"
+with urllib.request.urlopen(base, timeout=10) as reply:
+    print(json.loads(reply.read()))
+body = json.dumps({"inputs": {"user_id": users}}).encode()
+request = urllib.request.Request(f"{base}:predict", data=body,
+                                 headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=30) as reply:
+    outputs = json.loads(reply.read())["outputs"]
+rest_items = np.array(outputs["item_ids"], dtype=object)
+print("REST and gRPC agree:", (rest_items == grpc_items.astype(str)).all()
+      and np.allclose(outputs["scores"], grpc_scores, atol=1e-5))'''),
+        md("## Stop the server"),
+        code('''\
+channel.close()
+server.terminate()  # SIGTERM: the server drains and exits
+print("exit code", server.wait(timeout=60))
+server_log.close()
+print((WORK / "serve.log").read_text()[-600:])'''),
+        code(CLEANUP),
+    ]
+
+
+NOTEBOOKS = {
+    "01_retrieval.ipynb": retrieval_notebook,
+    "02_rerank.ipynb": rerank_notebook,
+    "03_copy.ipynb": copy_notebook,
+    "04_serving.ipynb": serving_notebook,
+}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    notebook = v4.new_notebook(cells=NOTEBOOKS[name]())
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    notebook.metadata["language_info"] = {"name": "python"}
+    for number, cell in enumerate(notebook.cells):
+        cell["id"] = f"{name.split('_')[0]}-{number:02d}"  # stable ids: no diff on rebuild
+    return notebook
+
+
+def main() -> int:
+    for name in NOTEBOOKS:
+        nbformat.write(build(name), HERE / name)
+        print(HERE / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
