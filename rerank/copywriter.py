@@ -59,7 +59,7 @@ class CopywriterConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     # Decoding.
-    temperature: float = 0.8
+    temperature: float = 1.0  # measured: 0.8 gave distinct-2 0.40, 1.0 0.43 at 100% grounded
     top_k: int = 40
     top_p: float = 0.95
     repetition_penalty: float = 1.3  # on tokens already generated, never on the prompt's
@@ -513,12 +513,17 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     heldout = [copy_corpus.CopyExample(**{**e, "liked": tuple(e["liked"])}) for e in map(
         json.loads, (run / SUBDIR / HELDOUT_FILE).read_text().splitlines())]
     tables = PromptTables.build(tokenizer, movielens.items)
+    # A liked-title slot the prompt lacks names a title the prompt does not hold (it would be
+    # served as a hole): counted as a hallucinated title, as a catalog title outside the prompt is.
+    for line in lines:
+        line["hallucinated"] = bool(line["foreign"]) or not line["slots_ok"]
+        line["grounded"] = line["present"] and not line["hallucinated"]
     result = {
         "pairs": len(lines),
-        "grounded_before_check": round(float(np.mean(
-            [line["present"] and not line["foreign"] for line in lines])), 4),
+        "grounded_before_check": rate("grounded"),
         "title_present": rate("present"),
-        "hallucinated_title": rate("foreign"),
+        "hallucinated_title": rate("hallucinated"),
+        "other_catalog_title": rate("foreign"),
         "finished": rate("finished"),
         "slots_ok": rate("slots_ok"),
         "served_generated": round(float(np.mean(
@@ -566,13 +571,16 @@ def _latency(saved_model: str, test: data.Ratings, calls: int) -> dict:
 
 def format_report(result: dict) -> str:
     """The evaluation as a Markdown table and the example lines, for the CLI to print."""
-    keys = ("grounded_before_check", "title_present", "hallucinated_title", "finished",
-            "slots_ok", "served_generated", "grounded_after_check", "distinct_1", "distinct_2",
-            "heldout_perplexity")
-    lines = ["| metric | value |", "|---|---|"] + [f"| {key} | {result[key]} |" for key in keys]
-    lines += [f"| latency ms ({name}) | {value} |" for name, value in result["latency_ms"].items()]
+    keys = ("pairs", "grounded_before_check", "title_present", "hallucinated_title",
+            "other_catalog_title", "slots_ok", "finished", "served_generated",
+            "grounded_after_check", "graph_check_agrees_with_python", "distinct_1", "distinct_2",
+            "served_distinct_2", "heldout_perplexity")
+    lines = ["| metric | value |", "|---|---|"] + [f"| {key} | {result[key]} |" for key in keys
+                                                  if key in result]  # older records lack some
+    lines += [f"| latency ms ({name}) | {value} |"
+              for name, value in result.get("latency_ms", {}).items()]
     lines.append("")
-    for example in result["examples"]:
+    for example in result.get("examples", []):
         lines.append(f"- user {example['user_id']}, item {example['item_id']}: {example['copy']}"
                      + ("" if example["copy"] == example["generated"]
                         else f"  (fallback; generated: {example['generated']})"))

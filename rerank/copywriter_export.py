@@ -113,7 +113,12 @@ class CopywriterModule(tf.Module):
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, loaded=None) -> CopywriterModule:
-        """Built from a trained run (`loaded`: what `copywriter.load_run` returned, if at hand)."""
+        """Built from a trained run: `run_dir` is the retrieval run directory (e.g. runs/ml100k)
+        that holds `copywriter/` (`cascade train copywriter --run RUN`); `loaded`: what
+        `copywriter.load_run` returned, if at hand.
+
+        `serve(user_id [B], item_ids [B, N]) -> {"copy": [B, N]}` can be called inside another
+        `tf.function` (the one-call cascade does, on its top-N item IDs) and saved with it."""
         record, model, tokenizer, movielens, split = loaded or copywriter.load_run(run_dir)
         decoder = copywriter.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
         tables = copywriter.PromptTables.build(tokenizer, movielens.items)

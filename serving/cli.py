@@ -61,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(retrieval, model.RetrievalConfig)
     retrieval.set_defaults(handler=_train_retrieval)
 
+    from rerank import copywriter  # the config dataclass for the flags
+
+    copy = train.add_parser("copywriter", help="train the GPT-2 copywriter of a run")
+    copy.add_argument("--run", required=True,
+                      help="retrieval run directory; the copywriter goes to RUN/copywriter/")
+    copy.add_argument("--data", help="MovieLens folder (default: the run's retrieval_config.json)")
+    copy.add_argument("--checkpoint", help="local Hugging Face GPT-2 directory to fine-tune "
+                      "(default: a compact GPT-2 from scratch with a tokenizer trained on the corpus)")
+    _add_config_flags(copy, copywriter.CopywriterConfig)
+    copy.set_defaults(handler=_train_copywriter)
+
     from rerank import cross_encoder  # a dataclass and constants; TensorFlow is imported anyway
 
     reranker = train.add_parser("reranker", help="train the BERT cross-encoder re-ranker of a run")
@@ -75,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_retrieval.add_argument("--run", required=True)
     evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity and ALS")
     evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
+    evaluate_copy = evaluate.add_parser(
+        "copywriter", help="grounding, hallucinated titles, distinct-n, perplexity, latency")
+    evaluate_copy.add_argument("--run", required=True)
+    evaluate_copy.add_argument("--pairs", type=int, default=1000,
+                               help="(user, item) pairs of the test split (default: %(default)s)")
+    evaluate_copy.add_argument("--out", help="Markdown report (default: RUN/copywriter/evaluation.md)")
+    evaluate_copy.set_defaults(handler=_evaluate_copywriter)
     evaluate_reranker = evaluate.add_parser("reranker", help="re-ranked top 50/100 vs retrieval and ALS")
     evaluate_reranker.add_argument("--run", required=True)
     evaluate_reranker.add_argument("--no-peers", action="store_true", help="skip ALS")
@@ -259,6 +277,30 @@ def _bench_reranker(args) -> None:
     rerank_bench.run_reranker_benchmark(args.run, out, tuple(int(n) for n in args.lengths.split(",")),
                                         quality_users=args.quality_users)
     print((out / "reranker.md").read_text())
+
+
+def _train_copywriter(args) -> None:
+    from rerank import copywriter
+
+    config = _config_from(args, copywriter.CopywriterConfig)
+    result = copywriter.train_copywriter(args.run, args.data, config, checkpoint=args.checkpoint)
+    log.info("trained in %.0f s; wrote %s", result["seconds"],
+             pathlib.Path(args.run) / copywriter.SUBDIR)
+    print(json.dumps({key: result[key] for key in ("parameters", "examples", "epochs", "loss",
+                                                   "heldout_perplexity")}, indent=2))
+
+
+def _evaluate_copywriter(args) -> None:
+    from rerank import copywriter
+    from towers import fetch
+
+    result = copywriter.evaluate_copywriter(args.run, pairs=args.pairs)
+    report = copywriter.format_report(result)
+    out = pathlib.Path(args.out or pathlib.Path(args.run) / copywriter.SUBDIR / "evaluation.md")
+    fetch.write_atomic(out, (report + "\n").encode())
+    print(report)
+    log.info("wrote %s and the \"copywriter\" entry of %s", out,
+             pathlib.Path(args.run) / copywriter.METRICS_FILE)
 
 
 def _bench_index(args) -> None:

@@ -1,0 +1,98 @@
+"""`cascade train copywriter` / `cascade evaluate copywriter` on the tiny retrieval run, and the
+copywriter called from inside another `tf.function`, as the one-call cascade SavedModel does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import tensorflow as tf
+
+from rerank import copy_corpus, copywriter, copywriter_export
+from serving import cli
+
+TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-positions", "320",
+              "--vocab-size", "400", "--corpus-size", "400", "--epochs", "2", "--batch-size", "32",
+              "--learning-rate", "0.01", "--warmup-steps", "2", "--max-new-tokens", "12",
+              "--jit-compile", "false"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny retrieval run with a copywriter trained through the CLI."""
+    run = tmp_path_factory.mktemp("copy-cli") / "run"
+    shutil.copytree(tiny_run, run)
+    (run.parent / "metrics_before.json").write_bytes((run / "metrics.json").read_bytes())
+    assert cli.main(["train", "copywriter", "--run", str(run), *TINY_FLAGS]) == 0
+    return run
+
+
+def test_train_copywriter_cli_writes_into_the_retrieval_run(cli_run, tiny_run):
+    record = json.loads((cli_run / "copywriter" / "config.json").read_text())
+    retrieval = json.loads((tiny_run / "retrieval_config.json").read_text())
+    # Data and split come from the retrieval run; the flags reach the config.
+    assert record["data_dir"] == retrieval["data_dir"]
+    assert record["train_size"] == retrieval["train_size"]
+    assert (record["n_embd"], record["corpus_size"], record["jit_compile"]) == (32, 400, False)
+    metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert "training" in metrics["copywriter"]
+    before = json.loads((cli_run.parent / "metrics_before.json").read_text())
+    assert {key: metrics[key] for key in before} == before  # the run's other entries stay
+
+
+def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
+    assert cli.main(["evaluate", "copywriter", "--run", str(cli_run), "--pairs", "30"]) == 0
+    printed = capsys.readouterr().out
+    evaluation = json.loads((cli_run / "metrics.json").read_text())["copywriter"]["evaluation"]
+    assert evaluation["pairs"] == 30
+    assert evaluation["grounded_after_check"] == 1.0  # whatever the tiny model wrote
+    assert evaluation["graph_check_agrees_with_python"] == 1.0
+    assert 0 <= evaluation["hallucinated_title"] <= 1 and evaluation["heldout_perplexity"] > 1
+    assert set(evaluation["latency_ms"]) >= {"single_line", "ten_lines_one_user"}
+    assert len(evaluation["examples"]) == 10
+    table = (cli_run / "copywriter" / "evaluation.md").read_text()
+    assert "| grounded_after_check | 1.0 |" in table and table.strip() in printed
+
+
+def test_evaluate_copywriter_without_a_copywriter_says_how_to_train(tiny_run, caplog):
+    assert cli.main(["evaluate", "copywriter", "--run", str(tiny_run)]) == 1
+    assert "cascade train copywriter" in caplog.text
+
+
+def test_train_copywriter_rejects_a_bad_checkpoint(tiny_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", "copywriter", "--run", str(run), "--checkpoint",
+                     str(tmp_path / "empty"), *TINY_FLAGS]) == 1
+    assert "no tokenizer" in caplog.text
+    assert not (run / "copywriter").exists()
+
+
+def test_serve_inside_another_tf_function(cli_run, tmp_path):
+    """The lead's cascade calls `serve` inside its own tf.function on computed item IDs [B, N];
+    the copy matches a direct call, and survives a save and load of the outer module."""
+    module = copywriter_export.CopywriterModule.from_run(cli_run)
+    _, _, _, _, split = copywriter.load_run(cli_run)
+    users = tf.constant(list(copy_corpus.top_items(split.train))[:2])
+    items = tf.constant([list(split.test.item_id[:3]), list(split.test.item_id[3:6])])
+
+    class Outer(tf.Module):
+        def __init__(self, copy):
+            super().__init__()
+            self.copy = copy
+
+        @tf.function(input_signature=[copywriter_export.USER_ID, copywriter_export.ITEM_IDS])
+        def __call__(self, user_id, item_ids):
+            chosen = tf.reverse(item_ids, axis=[1])  # computed inside the graph, as top-N is
+            return {"copy": self.copy.serve(user_id, chosen)["copy"], "items": chosen}
+
+    outer = Outer(module)
+    expected = module.serve(users, tf.reverse(items, axis=[1]))["copy"].numpy()
+    assert (outer(users, items)["copy"].numpy() == expected).all()
+    tf.saved_model.save(outer, str(tmp_path / "outer"))
+    loaded = tf.saved_model.load(str(tmp_path / "outer"))
+    assert (loaded(users, items)["copy"].numpy() == expected).all()
+    assert expected.shape == (2, 3)
+    assert all(line for line in expected.ravel())
