@@ -6,10 +6,11 @@ title, year and genres from the catalog, and two or three titles the user rated 
 stars) in training data, drawn from their eight best (by rating, then most recent, then item
 ID), never the item itself; about one prompt in twelve has no liked titles, as an unknown user's
 has at serving time (which uses the user's best three). The target is one line of copy written
-from that prompt by templates: 51 sentence frames (17 without the user's titles, 26 with one, 8
-with two), whose slots are filled from pools of phrasings: the genres (adjective and noun forms
-of one or two of the item's genres, 2-5 of each per genre), the year (10 forms such as `from
-1995`, `released in 1995`, and the era, `mid-'90s`), verbs and connecting phrases (5-12 each).
+from that prompt by templates: 71 sentence frames (21 without the user's titles, 32 with one, 13
+with two, 5 with three), whose slots are filled from pools of phrasings: the genres (adjective
+and noun forms of one or two of the item's genres, 2-5 of each per genre), the year (15 forms
+such as `from 1995`, `released in 1995`, and the era, `mid-'90s`), verbs and connecting phrases
+(9-22 each).
 A seeded `random.Random` makes every choice, so the same seed gives the same corpus. Titles are
 in display form (`The Usual Suspects` for the catalog's `Usual Suspects, The`).
 
