@@ -130,6 +130,9 @@ def test_bad_inputs():
                                        np.zeros((1, 4)), 0.0)
 
 
-def test_from_run_without_reranker_names_the_command(tiny_run):
+def test_from_run_without_reranker_names_the_command(tiny_run, tmp_path):
+    # A copy without `reranker/` (another test module trains one into the session's tiny run).
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(ce.RERANKER_DIR))
     with pytest.raises(FileNotFoundError, match="cascade train reranker"):
-        reranker_export.RerankerModule.from_run(tiny_run)
+        reranker_export.RerankerModule.from_run(run)
