@@ -32,19 +32,29 @@ data: $(INSTALLED)
 $(RUN)/checkpoints/final.index: | $(INSTALLED) data
 	$(BIN)/cascade train retrieval --data $(DATA) --run $(RUN)
 
-$(RUN)/.exported: $(RUN)/checkpoints/final.index
+$(RUN)/reranker/checkpoints/final.index: $(RUN)/checkpoints/final.index
+	$(BIN)/cascade train reranker --run $(RUN)
+
+$(RUN)/copywriter/config.json: $(RUN)/checkpoints/final.index
+	$(BIN)/cascade train copywriter --run $(RUN)
+
+STAGES := $(RUN)/checkpoints/final.index $(RUN)/reranker/checkpoints/final.index $(RUN)/copywriter/config.json
+
+$(RUN)/.exported: $(STAGES)
 	$(BIN)/cascade export --run $(RUN) --model-base-path $(MODELS) --index bruteforce
 	touch $@
 
-demo: data $(RUN)/checkpoints/final.index $(RUN)/.exported
+demo: data $(STAGES) $(RUN)/.exported
 	$(BIN)/cascade evaluate retrieval --run $(RUN)
-	$(BIN)/cascade recommend --model-base-path $(MODELS) --user 42 --user new-user-not-in-data
+	$(BIN)/cascade evaluate reranker --run $(RUN)
+	$(BIN)/cascade evaluate copywriter --run $(RUN)
+	$(BIN)/cascade recommend --model-base-path $(MODELS) --model cascade --user 42 --user new-user-not-in-data
 	@echo "--- the same through TF Serving's API: cascade serve on localhost:$(GRPC_PORT) (gRPC) and :$(REST_PORT) (REST)"
 	@$(BIN)/cascade serve --model-base-path $(MODELS) --port $(GRPC_PORT) --rest_api_port $(REST_PORT) \
 	    --enable_batching --batching_parameters_file $(MODELS)/batching_parameters.txt \
 	    > $(RUN)/serve.log 2>&1 & server=$$!; trap 'kill -TERM $$server; wait $$server' EXIT; \
-	  $(BIN)/cascade recommend --server localhost:$(GRPC_PORT) --wait 180 --user 42 --user new-user-not-in-data && \
-	  $(BIN)/cascade recommend --rest http://localhost:$(REST_PORT) --user 7 --top 5
+	  $(BIN)/cascade recommend --server localhost:$(GRPC_PORT) --wait 300 --model cascade --user 42 --user new-user-not-in-data && \
+	  $(BIN)/cascade recommend --rest http://localhost:$(REST_PORT) --model cascade --user 7 --top 5
 
 test: data
 	$(BIN)/python -m pytest

@@ -67,3 +67,61 @@ def tiny_export(tiny_run, tmp_path_factory) -> pathlib.Path:
     base = tmp_path_factory.mktemp("models")
     export.export(tiny_run, base, index_kind="bruteforce", k=20)
     return base
+
+
+# A tiny random BERT (characters as WordPieces, so every catalog word tokenizes) and tiny
+# re-ranker / copywriter configs: the whole cascade in seconds.
+TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64, type_vocab_size=2)
+
+
+def tiny_bert_vocab() -> list[str]:
+    import string
+
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+            + ["##" + c for c in string.ascii_lowercase] + list(string.digits)
+            + ["##" + c for c in string.digits] + list(".,:;()'!?-&"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
+    """A local Hugging Face BERT directory (TF weights + vocab.txt) with random weights."""
+    import tensorflow as tf
+    import transformers
+
+    tf.keras.utils.set_random_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-bert-dir")
+    model = transformers.TFBertModel(transformers.BertConfig(**TINY_BERT))
+    model(model.dummy_inputs)
+    model.save_pretrained(str(directory))
+    (directory / "vocab.txt").write_text("\n".join(tiny_bert_vocab()) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade_run(tiny_run, tiny_data_dir, tiny_bert_dir, tmp_path_factory) -> pathlib.Path:
+    """A copy of the tiny retrieval run with a tiny re-ranker and a tiny copywriter trained."""
+    import shutil
+
+    from rerank import copywriter, cross_encoder
+
+    run = tmp_path_factory.mktemp("tiny-cascade") / "run"
+    shutil.copytree(tiny_run, run)
+    cross_encoder.train_reranker(run, checkpoint=tiny_bert_dir, verbose=0, config=cross_encoder.RerankerConfig(
+        max_length=32, history_titles=2, layers=1, candidates=12, group_size=4, holdout=400,
+        validation_users=8, epochs=1, batch_groups=4, learning_rate=1e-3))
+    copywriter.train_copywriter(run, tiny_data_dir, copywriter.CopywriterConfig(
+        n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400, epochs=3,
+        batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12, jit_compile=False),
+        train_size=TINY_TRAIN, verbose=0)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade_export(tiny_cascade_run, tmp_path_factory) -> pathlib.Path:
+    """Every model of the tiny cascade run (brute force), K = 20 candidates, N = 5 final items."""
+    from serving import export
+
+    base = tmp_path_factory.mktemp("cascade-models")
+    export.export(tiny_cascade_run, base, index_kind="bruteforce", k=20, n=5)
+    return base

@@ -86,3 +86,31 @@ def test_users_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="users file not found"):
         batch.read_users(str(tmp_path / "missing.txt"), {})
     assert np.array_equal(batch.read_users("synthetic:5", {}), ["1", "2", "3", "4", "5"])
+
+
+def test_cascade_batch_for_all_943_users_equals_what_the_server_answers(tiny_cascade_export, tmp_path):
+    from serving import client, server, server_config
+
+    record = json.loads((tiny_cascade_export / "cascade" / "1" / "assets.extra" / "cascade_export.json").read_text())
+    users = batch.read_users("all", record)
+    assert len(users) == 943
+    out = tmp_path / "out"
+    summary = batch.run_batch(tiny_cascade_export, "cascade", users, out, max_batch_size=64)
+    assert (summary["users_read"], summary["users_written"], summary["users_failed"]) == (943, 943, 0)
+    table = parquet.read_table(sorted(out.glob("recommendations-*.parquet"))).to_pylist()
+    assert len(table) == 943 and {r["user_id"] for r in table} == set(users)
+    assert set(table[0]) == {"user_id", "item_ids", "titles", "scores", "retrieval_scores", "copy"}
+    by_user = {r["user_id"]: r for r in table}
+    options = server.ServerOptions(server_config.config_for_base_path(tiny_cascade_export), port=0,
+                                   rest_api_port=0)
+    with server.Server(options).start() as running:
+        address = f"127.0.0.1:{running.grpc_port}"
+        client.wait_until_available(address, "cascade", 60)
+        for start in range(0, len(users), 100):
+            chunk = users[start:start + 100]
+            served = client.predict_grpc(address, "cascade", {"user_id": chunk}, timeout=120)
+            for row, user in enumerate(chunk):
+                assert by_user[user]["item_ids"] == list(served["item_ids"][row]), user
+                assert by_user[user]["titles"] == list(served["titles"][row]), user
+                np.testing.assert_allclose(by_user[user]["scores"], served["scores"][row], rtol=1e-4, atol=1e-4)
+                assert all(by_user[user]["copy"]), user

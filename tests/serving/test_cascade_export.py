@@ -1,0 +1,162 @@
+"""The one-call `cascade` SavedModel: every stage exported, the cascade equal to its parts
+(retrieval -> re-rank -> top N -> copy), loading in a fresh process with TensorFlow and
+tensorflow-text alone (and scann for the ScaNN variant), served over gRPC by `cascade serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from rerank import copy_corpus
+from serving import cli, export, server, server_config
+from towers import data, train
+
+MODELS = ("query_tower", "candidate_tower", "retrieval", "reranker", "copywriter", "cascade")
+USERS = ["1", "2", "nobody"]
+
+# A fresh interpreter: only TensorFlow, tensorflow-text and, for the ScaNN variant, scann.
+PROBE = r"""
+import json, sys
+import tensorflow as tf
+import tensorflow_text
+if sys.argv[3] == "scann":
+    import scann
+fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+out = fn(user_id=tf.constant(json.loads(sys.argv[2])))
+print(json.dumps({
+    "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_input_signature[1].items()},
+    "outputs": {k: [v.dtype.name, v.shape.as_list() if v.shape.rank is not None else None]
+                for k, v in fn.structured_outputs.items()},
+    "values": {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+               for k, v in out.items()},
+    "modules": sorted(m for m in sys.modules if m.split(".")[0] in
+                      ("rerank", "towers", "serving", "transformers", "tf_keras", "tensorflow_recommenders")),
+}))
+"""
+
+
+def _probe(version_dir, index_kind: str, tmp_path) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run([sys.executable, "-c", PROBE, str(version_dir), json.dumps(USERS), index_kind],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _signature(version_dir):
+    return tf.saved_model.load(str(version_dir)).signatures[export.SIGNATURE]
+
+
+@pytest.fixture(scope="module")
+def truth(tiny_cascade_run):
+    """What the answers must respect: training items per user, catalog labels, liked titles."""
+    record = json.loads((tiny_cascade_run / train.CONFIG_FILE).read_text())
+    movielens = data.load_movielens(record["data_dir"])
+    split = data.benchmark_split(movielens.ratings, train_size=record["train_size"])
+    seen = {}
+    for user, item in zip(split.train.user_id, split.train.item_id):
+        seen.setdefault(str(user), set()).add(str(item))
+    liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
+    return movielens, seen, liked
+
+
+def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
+    config = model_server_config_pb2.ModelServerConfig()
+    text_format.Parse((tiny_cascade_export / "models.config").read_text(), config)
+    assert sorted(c.name for c in config.model_config_list.config) == sorted(MODELS)
+    for name in MODELS:
+        version = tiny_cascade_export / name / "1"
+        assert (version / "saved_model.pb").is_file(), name
+        assert (version / "assets.extra" / export.WARMUP_FILE).is_file(), name
+    record = json.loads((tiny_cascade_export / "cascade" / "1" / "assets.extra" / export.RECORD_FILE).read_text())
+    assert (record["k"], record["n"], record["index"], record["model"]) == (20, 5, "bruteforce", "cascade")
+    # Warmup requests are real requests: the cascade's replays through its signature.
+    for raw in tf.data.TFRecordDataset(str(tiny_cascade_export / "cascade" / "1" / "assets.extra" / export.WARMUP_FILE)):
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        request = prediction_log_pb2.PredictionLog.FromString(raw.numpy()).predict_log.request
+        users = tf.make_ndarray(request.inputs["user_id"])
+        assert _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(users))["copy"].shape == (len(users), 5)
+
+
+def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth):
+    movielens, seen, _ = truth
+    cascade = _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(USERS))
+    found = _signature(tiny_cascade_export / "retrieval" / "1")(user_id=tf.constant(USERS))
+    candidates, retrieval_scores = found["item_ids"].numpy(), found["scores"].numpy()  # [B, 20]
+    reranked = _signature(tiny_cascade_export / "reranker" / "1")(
+        user_id=tf.constant(USERS), item_ids=tf.constant(candidates))["scores"].numpy()
+    for b in range(len(USERS)):
+        order = np.argsort(-reranked[b], kind="stable")[:5]
+        np.testing.assert_array_equal(cascade["item_ids"].numpy()[b], candidates[b][order])
+        np.testing.assert_allclose(cascade["scores"].numpy()[b], reranked[b][order], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(cascade["retrieval_scores"].numpy()[b], retrieval_scores[b][order], rtol=1e-6)
+    copy = _signature(tiny_cascade_export / "copywriter" / "1")(
+        user_id=tf.constant(USERS), item_ids=cascade["item_ids"])["copy"]
+    np.testing.assert_array_equal(cascade["copy"].numpy(), copy.numpy())
+    labels = [[movielens.items[i.decode()].label() for i in row] for row in cascade["item_ids"].numpy()]
+    assert cascade["titles"].numpy().astype(str).tolist() == labels
+
+
+@pytest.mark.parametrize("index_kind", ["bruteforce", "scann"])
+def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_run, tiny_cascade_export,
+                                                      truth, tmp_path):
+    movielens, seen, liked = truth
+    if index_kind == "bruteforce":
+        version = tiny_cascade_export / "cascade" / "1"
+    else:
+        version = export.export(tiny_cascade_run, tmp_path / "models", index_kind="scann", k=20, n=5,
+                                models=("cascade",))["cascade"]
+        assert json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())["index"] == "scann"
+    out = _probe(version, index_kind, tmp_path)
+    assert out["modules"] == []
+    assert out["inputs"] == {"user_id": ["string", [None]]}
+    assert {name: dtype for name, (dtype, _) in out["outputs"].items()} == {
+        "item_ids": "string", "titles": "string", "scores": "float32", "retrieval_scores": "float32",
+        "copy": "string"}
+    values = out["values"]
+    matcher = copy_corpus.TitleMatcher(movielens.items)
+    for b, user in enumerate(USERS):
+        items = values["item_ids"][b]
+        assert len(items) == len(set(items)) == 5
+        assert not set(items) & seen.get(user, set()), f"user {user} got a training item"
+        assert values["scores"][b] == sorted(values["scores"][b], reverse=True)
+        assert values["titles"][b] == [movielens.items[i].label() for i in items]
+        for item, line in zip(items, values["copy"][b]):  # served copy is always grounded
+            allowed = tuple(i for i in liked.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
+            assert matcher.check(line, item, allowed) == (True, []), line
+
+
+def test_cascade_over_grpc_and_rest_through_the_client(tiny_cascade_export, capsys):
+    options = server.ServerOptions(server_config.config_for_base_path(tiny_cascade_export), port=0,
+                                   rest_api_port=0)
+    with server.Server(options).start() as running:
+        answers = []
+        for flags in (["--server", f"127.0.0.1:{running.grpc_port}", "--wait", "60"],
+                      ["--rest", f"http://127.0.0.1:{running.rest_port}"],
+                      ["--model-base-path", str(tiny_cascade_export)]):
+            assert cli.main(["recommend", "--model", "cascade", "--user", "1", "--user", "nobody",
+                             "--json", *flags]) == 0
+            answers.append(json.loads(capsys.readouterr().out))
+    grpc_answer, rest_answer, local_answer = answers
+    for answer in (grpc_answer, rest_answer):
+        for user in ("1", "nobody"):
+            assert [r["item_id"] for r in answer[user]] == [r["item_id"] for r in local_answer[user]]
+            assert [r["copy"] for r in answer[user]] == [r["copy"] for r in local_answer[user]]
+            assert all(r["copy"] and r["title"] for r in answer[user])
+
+
+def test_cascade_needs_both_stages_and_a_sane_n(tiny_run, tiny_cascade_run, tmp_path):
+    with pytest.raises(export.ExportError, match="cascade train reranker --run"):
+        export.export(tiny_run, tmp_path / "a", models=("cascade",))
+    with pytest.raises(export.ExportError, match="n=30"):
+        export.export(tiny_cascade_run, tmp_path / "b", k=20, n=30)
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*/1"))
