@@ -256,7 +256,7 @@ def why(row) -> str:
     moved = row["before"] - after[row["item_id"]]
     deviation = {key: row[key] - mean[key] for key in mean}
     key = max(deviation, key=lambda k: deviation[k] * (1 if moved >= 0 else -1))
-    return f"{key} {deviation[key]:+.2f}"
+    return f"{key} {deviation[key]:+.3f}"
 
 
 lines = ["| after | before | moved | film | test | BERT | w_r·retrieval | w_p·popularity | why |",
@@ -266,8 +266,8 @@ for row in sorted(rows, key=lambda row: after[row["item_id"]])[:15]:
     lines.append(
         f"| {after[row['item_id']]} | {row['before']} | {moved:+d} | "
         f"{movielens.items[row['item_id']].label()} | "
-        f"{'✓' if row['item_id'] in test_items[user] else ''} | {row['bert']:.2f} | "
-        f"{row['retrieval']:.2f} | {row['popularity']:.2f} | {why(row)} |")
+        f"{'✓' if row['item_id'] in test_items[user] else ''} | {row['bert']:.3f} | "
+        f"{row['retrieval']:.3f} | {row['popularity']:.3f} | {why(row)} |")
 display(Markdown("\\n".join(lines)))'''),
         md("`why` names the term in which the film differs most from the average candidate, in "
            "the direction it moved: `bert` means the cross-encoder read something in the pair "
@@ -443,8 +443,9 @@ metadata = stub.GetModelMetadata(metadata_request, timeout=10)
 signatures = get_model_metadata_pb2.SignatureDefMap()
 metadata.metadata["signature_def"].Unpack(signatures)
 signature = signatures.signature_def["serving_default"]
-print("inputs:", dict((k, v.dtype) for k, v in signature.inputs.items()),
-      "outputs:", dict((k, v.dtype) for k, v in signature.outputs.items()))'''),
+dtype = tf.dtypes.as_dtype
+print("inputs:", {k: dtype(v.dtype).name for k, v in signature.inputs.items()},
+      "outputs:", {k: dtype(v.dtype).name for k, v in signature.outputs.items()})'''),
         code('''\
 movielens = data.load_movielens(DATA_USED)
 users = ["42", "someone-new"]
