@@ -48,7 +48,7 @@ demo: data $(STAGES) $(RUN)/.exported
 	$(BIN)/cascade evaluate retrieval --run $(RUN)
 	$(BIN)/cascade evaluate reranker --run $(RUN)
 	$(BIN)/cascade evaluate copywriter --run $(RUN)
-	$(BIN)/cascade report --run $(RUN) --out report
+	$(BIN)/cascade report --run $(RUN)
 	$(BIN)/cascade recommend --model-base-path $(MODELS) --model cascade --user 42 --user new-user-not-in-data
 	@echo "--- the same through TF Serving's API: cascade serve on localhost:$(GRPC_PORT) (gRPC) and :$(REST_PORT) (REST)"
 	@$(BIN)/cascade serve --model-base-path $(MODELS) --port $(GRPC_PORT) --rest_api_port $(REST_PORT) \
@@ -61,4 +61,4 @@ test: data
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(RUN) $(MODELS) report
+	rm -rf $(RUN) $(MODELS)
