@@ -195,7 +195,11 @@ def test_reordered_puts_reranked_top_k_first():
                                   [[1, 2]])
 
 
-def test_train_reranker_end_to_end(tiny_run, tiny_bert):
+def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")  # the session's tiny run stays retrieval-only
+    tiny_run = tmp_path / "run"
     result = ce.train_reranker(tiny_run, checkpoint=tiny_bert, config=TINY_CONFIG, verbose=0)
     out = tiny_run / ce.RERANKER_DIR
     assert result["training"]["groups"] > 0 and len(result["training"]["loss"]) == 1
