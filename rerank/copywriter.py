@@ -29,6 +29,7 @@ import tf_keras as keras
 
 from rerank import copy_corpus
 from towers import data, fetch
+from towers import train as towers_train
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ SUBDIR = "copywriter"
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"
 HELDOUT_FILE = "heldout.jsonl"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = towers_train.METRICS_FILE
 EOS = "<|endoftext|>"  # GPT-2's one special token: start of prompt, end of copy, padding
 
 
@@ -322,7 +323,7 @@ def train_copywriter(run_dir: str | os.PathLike, data_dir: str | os.PathLike | N
               "checkpoint": str(pathlib.Path(checkpoint).resolve()) if checkpoint else None,
               **dataclasses.asdict(config)}
     _write_run(run, model, tokenizer, heldout, record)
-    _update_metrics(run, {"training": result})
+    towers_train._update_metrics(run, {"training": result}, SUBDIR)
     log.info("copywriter: %d parameters, %.0f s, held-out perplexity %.3f",
              result["parameters"], seconds, heldout_ppl)
     return result
@@ -541,7 +542,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         result["latency_ms"] = _latency(str(path), split.test, timing_calls)
     result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "generated", "copy")}
                           for line in lines[:examples]]
-    _update_metrics(run, {"evaluation": result})
+    towers_train._update_metrics(run, {"evaluation": result}, SUBDIR)
     return result
 
 
@@ -632,11 +633,3 @@ def load_run(run_dir: str | os.PathLike):
 def config_of(record: dict) -> CopywriterConfig:
     names = {field.name for field in dataclasses.fields(CopywriterConfig)}
     return CopywriterConfig(**{key: value for key, value in record.items() if key in names})
-
-
-# Copied from towers.train._update_metrics, under the copywriter's own key.
-def _update_metrics(run: pathlib.Path, update: dict) -> None:
-    path = run / METRICS_FILE
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.setdefault(SUBDIR, {}).update(update)
-    fetch.write_atomic(path, json.dumps(current, indent=2).encode())

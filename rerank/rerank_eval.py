@@ -86,11 +86,8 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
         table[f"reranked@{depth}"] = evaluate(ce._rows_replaced(
             logits, user_rows, ce.reordered(logits[user_rows], top[:, part], final[:, part])))
     if record:
-        path = run / towers_train.METRICS_FILE
-        current = json.loads(path.read_text()) if path.exists() else {}
-        section = dict(current.get("reranker", {}))
-        section["test"] = {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}
-        towers_train._update_metrics(run, {"reranker": section})
+        towers_train._update_metrics(
+            run, {"test": {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}}, "reranker")
     return table
 
 

@@ -205,8 +205,9 @@ def _test_rows(tables: features.FeatureTables, test: data.Ratings):
     return users, items, seen
 
 
-def _update_metrics(run: pathlib.Path, update: dict) -> None:
+def _update_metrics(run: pathlib.Path, update: dict, section: str | None = None) -> None:
+    """Merges `update` into `<run>/metrics.json` (into its `section` when given), keeping the rest."""
     path = run / METRICS_FILE
     current = json.loads(path.read_text()) if path.exists() else {}
-    current.update(update)
+    (current.setdefault(section, {}) if section else current).update(update)
     fetch.write_atomic(path, json.dumps(current, indent=2).encode())
