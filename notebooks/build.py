@@ -85,7 +85,7 @@ def retrieval_notebook() -> list:
            "Stage one of Cascade (`towers/`): a query tower (user ID, demographics, recent "
            "history) and a candidate tower (item ID, genres, year, title words), trained with "
            "in-batch softmax (`tfrs.tasks.Retrieval`). This notebook trains one from scratch with "
-           "plain `model.fit`, plots its curves, compares it with popularity and ALS on the "
+           "plain `model.fit`, plots its curves, compares it with popularity, ALS and EASE on the "
            "benchmark split, and looks at which films end up next to each other.\n\n"
            "Set `CASCADE_NOTEBOOK_SMALL=1` for the small configuration CI runs."),
         code(SETUP),
@@ -144,6 +144,7 @@ table = {
     "two-tower (this notebook)": metrics.evaluate(queries @ candidates.T, users, items, seen),
     "popularity": metrics.evaluate(peers.popularity_scores(seen), users, items, seen),
     "ALS (implicit, 64 factors)": metrics.evaluate(peers.als_scores(seen), users, items, seen),
+    "EASE (l2 500)": metrics.evaluate(peers.ease_scores(seen), users, items, seen),
 }
 demo_metrics = REPO / "runs" / "ml100k" / "metrics.json"
 if not SMALL and demo_metrics.exists():  # the demo run, trained on every training row
@@ -172,8 +173,10 @@ def rerank_notebook() -> list:
         md("# 02 · Re-ranking one user's candidates\n\n"
            "Stage two (`rerank/cross_encoder.py`): a BERT cross-encoder reads (user context, "
            "candidate) text pairs for the retrieval top K. The final score is\n\n"
-           "    cross-encoder logit + w_r · retrieval logit + w_p · log(1 + training count)\n\n"
-           "with w_r and w_p learned, so every move can be split into the three terms. This "
+           "    cross-encoder logit + w_r · retrieval logit + w_p · log(1 + training count)"
+           " + w_e · EASE score\n\n"
+           "with w_r, w_p and w_e learned (EASE: the item-item peer of `towers/peers.py`), so "
+           "every move can be split into the four terms. This "
            "notebook re-ranks one user's candidates and shows what moved and why.\n\n"
            "Full configuration: the demo run's re-ranker (`make demo`; trained here if missing, "
            "which takes a while). Small configuration: a tiny random BERT, trained for one epoch."),
@@ -206,8 +209,8 @@ elif not (RUN / cross_encoder.RERANKER_DIR / cross_encoder.CONFIG_FILE).exists()
     cross_encoder.train_reranker(RUN, verbose=2)
 reranker = cross_encoder.load_reranker(RUN)
 retrieval, tables = train.load_run(RUN)
-print(f"w_r = {float(reranker.encoder.retrieval_weight):.3f}, "
-      f"w_p = {float(reranker.encoder.popularity_weight):.3f}")'''),
+print(", ".join(f"{name} = {value:.3f}"
+                for name, value in cross_encoder.head_weights(reranker.encoder).items()))'''),
         md("## One user's retrieval candidates\n\nThe run's retrieval model ranks the catalog "
            "for the user (their training items left out); its top K are the candidates. "
            "Items the user rated in the test split are marked ✓."),
@@ -234,21 +237,23 @@ order = [r for r in np.argsort(-logits, kind="stable") if tables.item_ids[r] not
 item_ids = [str(tables.item_ids[r]) for r in order]
 context = reranker.texts.context.lookup(tf.constant([user])).numpy()[0].decode()
 print(f"user {user}: {context}")'''),
-        md("## Re-rank, and split every score into its three terms"),
+        md("## Re-rank, and split every score into its four terms"),
         code('''\
 ranked = reranker.rank(user, item_ids, [float(logits[r]) for r in order])
 final = dict(ranked)
-w_r, w_p = float(reranker.encoder.retrieval_weight), float(reranker.encoder.popularity_weight)
+weights = cross_encoder.head_weights(reranker.encoder)
 popularity = reranker.texts.popularity.lookup(tf.constant(item_ids)).numpy()
+ease = reranker.texts.ease_score(tf.constant([user] * len(item_ids)), tf.constant(item_ids)).numpy()
 rows = []
 for before, (item_id, r) in enumerate(zip(item_ids, order)):
-    retrieval_term = w_r * float(logits[r])
-    popularity_term = w_p * float(popularity[before])
-    bert_term = final[item_id] - retrieval_term - popularity_term
-    rows.append(dict(item_id=item_id, before=before + 1, bert=bert_term,
-                     retrieval=retrieval_term, popularity=popularity_term))
+    terms = dict(retrieval=weights["retrieval_weight"] * float(logits[r]),
+                 popularity=weights["popularity_weight"] * float(popularity[before]),
+                 ease=weights["ease_weight"] * float(ease[before]))
+    rows.append(dict(item_id=item_id, before=before + 1,
+                     bert=final[item_id] - sum(terms.values()), **terms))
 after = {item_id: rank + 1 for rank, (item_id, _) in enumerate(ranked)}
-mean = {key: np.mean([row[key] for row in rows]) for key in ("bert", "retrieval", "popularity")}
+mean = {key: np.mean([row[key] for row in rows])
+        for key in ("bert", "retrieval", "popularity", "ease")}
 
 
 def why(row) -> str:
@@ -259,15 +264,15 @@ def why(row) -> str:
     return f"{key} {deviation[key]:+.3f}"
 
 
-lines = ["| after | before | moved | film | test | BERT | w_r·retrieval | w_p·popularity | why |",
-         "|---|---|---|---|---|---|---|---|---|"]
+lines = ["| after | before | moved | film | test | BERT | w_r·retrieval | w_p·popularity "
+         "| w_e·EASE | why |", "|---|---|---|---|---|---|---|---|---|---|"]
 for row in sorted(rows, key=lambda row: after[row["item_id"]])[:15]:
     moved = row["before"] - after[row["item_id"]]
     lines.append(
         f"| {after[row['item_id']]} | {row['before']} | {moved:+d} | "
         f"{movielens.items[row['item_id']].label()} | "
         f"{'✓' if row['item_id'] in test_items[user] else ''} | {row['bert']:.3f} | "
-        f"{row['retrieval']:.3f} | {row['popularity']:.3f} | {why(row)} |")
+        f"{row['retrieval']:.3f} | {row['popularity']:.3f} | {row['ease']:.3f} | {why(row)} |")
 display(Markdown("\\n".join(lines)))'''),
         md("`why` names the term in which the film differs most from the average candidate, in "
            "the direction it moved: `bert` means the cross-encoder read something in the pair "

@@ -8,8 +8,9 @@ training), user contexts and popularity from all training rows; the top K in the
 order, then every other item in retrieval order, is the ranking measured. The re-ranker scores
 each (user, candidate) pair on its own, so the top 50 are scored once, as part of the top 100.
 
-The table has retrieval alone, ALS (`towers.peers`), the learned retrieval + popularity head
-without BERT (an ablation: what the two scalar terms alone give), and the re-ranked top K.
+The table has retrieval alone, ALS and EASE (`towers.peers`), the learned scalar head without
+BERT (an ablation: what the retrieval, popularity and EASE terms alone give), and the re-ranked
+top K.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     table = {"retrieval": evaluate(logits)}
     if with_als:
         table["als"] = evaluate(peers.als_scores(seen))
+        table["ease"] = evaluate(peers.ease_scores(seen, reranker_l2(run)))
     deepest = max(depths)
     user_rows = np.unique(users)
     started = time.perf_counter()
@@ -77,8 +79,10 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     seconds = time.perf_counter() - started
     popularity = reranker.texts.popularity.lookup(
         ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
-    head = (float(reranker.encoder.retrieval_weight) * np.take_along_axis(logits[user_rows], top, 1)
-            + float(reranker.encoder.popularity_weight) * popularity)
+    ease = np.take_along_axis(reranker.texts.ease_rows(tables.user_ids[user_rows]),
+                              _columns(reranker.texts, tables.item_ids)[top], axis=1)
+    head = ce.head_scores(reranker.encoder, np.take_along_axis(logits[user_rows], top, 1),
+                          popularity, ease)
     for depth in sorted(depths):
         part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
         table[f"head@{depth}"] = evaluate(ce._rows_replaced(
@@ -89,6 +93,18 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
         towers_train._update_metrics(
             run, {"test": {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}}, "reranker")
     return table
+
+
+def reranker_l2(run: pathlib.Path) -> float:
+    """The EASE l2 the run's re-ranker was trained with (the config default for older runs)."""
+    record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
+    return float(record.get("ease_l2", ce.RerankerConfig.ease_l2))
+
+
+def _columns(texts: ce.PairTexts, item_ids: np.ndarray) -> np.ndarray:
+    """int [I]: the column of each of `item_ids` in the texts' EASE table."""
+    column = {i: c for c, i in enumerate(texts.arrays["item_ids"])}
+    return np.array([column[str(i)] for i in item_ids])
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -108,8 +124,9 @@ def _label(name: str) -> str:
     if name.startswith("reranked@"):
         return f"retrieval top-{name.split('@')[1]} re-ranked (cross-encoder)"
     if name.startswith("head@"):
-        return f"retrieval top-{name.split('@')[1]}, learned retrieval + popularity terms only"
-    return {"retrieval": "retrieval alone", "als": "ALS"}.get(name, name)
+        return (f"retrieval top-{name.split('@')[1]}, learned retrieval + popularity + EASE terms "
+                "only (no BERT)")
+    return {"retrieval": "retrieval alone", "als": "ALS", "ease": "EASE"}.get(name, name)
 
 
 def _rounded(result: dict[str, float]) -> dict[str, float]:

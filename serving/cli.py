@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="evaluate a stage").add_subparsers(metavar="STAGE")
     evaluate_retrieval = evaluate.add_parser("retrieval", help="hit rate / recall / NDCG vs peers")
     evaluate_retrieval.add_argument("--run", required=True)
-    evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity and ALS")
+    evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity, ALS and EASE")
     evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
     evaluate_copy = evaluate.add_parser(
         "copywriter", help="grounding, hallucinated titles, distinct-n, perplexity, latency")
@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_copy.set_defaults(handler=_evaluate_copywriter)
     evaluate_reranker = evaluate.add_parser("reranker", help="re-ranked top 50/100 vs retrieval and ALS")
     evaluate_reranker.add_argument("--run", required=True)
-    evaluate_reranker.add_argument("--no-peers", action="store_true", help="skip ALS")
+    evaluate_reranker.add_argument("--no-peers", action="store_true", help="skip ALS and EASE")
     evaluate_reranker.set_defaults(handler=_evaluate_reranker)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")

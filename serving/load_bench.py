@@ -5,6 +5,11 @@ For each model, in one run: the SavedModel called in this process (the floor, no
 by a `grpc.aio` client at several concurrency levels through the official TF Serving stubs. Every
 request asks for one user; the load is bounded by a request count and a time limit, and only
 loopback addresses are used.
+
+The server's overhead is also measured *paired*: with the unbatched server up, each user is asked
+once in-process and once over gRPC, alternately, one call at a time. The phases above run minutes
+apart, and on a shared 2-core machine their medians drift by more than the overhead itself; the
+median of the paired ratios cancels that drift (and any difference between users).
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ def run_serve_benchmark(model_base_path: str | os.PathLike, out_dir: str | os.Pa
     """Measures every (model, mode, concurrency); writes serve.{json,md,png} to `out_dir`."""
     base = pathlib.Path(model_base_path).resolve()
     users = _users(base, models[0])
-    rows = []
+    rows, paired, functions = [], [], {model: _load(base / model) for model in models}
     for model in models:
-        rows += [_in_process(base / model, users, c, requests, time_limit) | {"model": model}
+        rows += [_in_process(functions[model], model, users, c, requests, time_limit)
                  for c in concurrency]
     for mode in MODES[1:]:
         with _server(base, batching=mode.endswith("batching")) as address:
@@ -54,7 +59,13 @@ def run_serve_benchmark(model_base_path: str | os.PathLike, out_dir: str | os.Pa
                     rows.append(_summary(model, mode, c, latencies, seconds))
                     log.info("%s %s c=%d: %.0f QPS, p50 %.1f ms", model, mode, c,
                              rows[-1]["qps"], rows[-1]["p50_ms"])
-    results = {"requests_per_level": requests, "rows": rows}
+                if mode == "grpc":
+                    paired.append(_paired(functions[model], address, model, users, requests,
+                                          time_limit))
+                    log.info("%s paired: in-process p50 %.1f ms, gRPC p50 %.1f ms, overhead %+.1f%%",
+                             model, paired[-1]["in_process_p50_ms"], paired[-1]["grpc_p50_ms"],
+                             paired[-1]["overhead_p50"] * 100)
+    results = {"requests_per_level": requests, "rows": rows, "paired": paired}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fetch.write_atomic(out / "serve.json", json.dumps(results, indent=2).encode())
@@ -72,6 +83,14 @@ def format_table(results: dict) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {r['concurrency']} | {r['qps']:,.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{'' if r['mode'] == 'in-process' else f'{overhead:+.0%}'} |")
+    if results.get("paired"):
+        lines += ["", "Server overhead, paired (concurrency 1, each user in-process then over gRPC):",
+                  "", "| model | pairs | in-process p50 ms | gRPC p50 ms | gRPC - in-process, p50 ms "
+                  "| overhead (median of paired ratios) |", "|---" * 6 + "|"]
+        for r in results["paired"]:
+            lines.append(f"| {r['model']} | {r['pairs']} | {r['in_process_p50_ms']:.1f} | "
+                         f"{r['grpc_p50_ms']:.1f} | {r['difference_p50_ms']:+.1f} | "
+                         f"{r['overhead_p50']:+.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,12 +102,46 @@ def _users(base: pathlib.Path, model: str) -> list[str]:
     return [str(u) for u in tables.user_ids]
 
 
-def _in_process(model_dir: pathlib.Path, users: list[str], concurrency: int, requests: int,
-                time_limit: float) -> dict:
+def _load(model_dir: pathlib.Path):
+    """The newest version's serving signature, loaded in this process and warmed up."""
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(local.latest_version(model_dir))).signatures[export.SIGNATURE]
-    fn(user_id=tf.constant(users[:1]))  # warm up
+    fn(user_id=tf.constant(["1"]))
+    return fn
+
+
+def _paired(fn, address: str, model: str, users: list[str], requests: int,
+            time_limit: float) -> dict:
+    """Each user asked in-process, then over gRPC (official stub), one call at a time."""
+    import tensorflow as tf
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(address))
+    stub.Predict(_request(model, users[0]), timeout=60)  # warm up
+    local_ms, remote_ms = [], []
+    deadline = time.monotonic() + time_limit
+    for n in range(requests):
+        if time.monotonic() >= deadline:
+            break
+        user = users[n % len(users)]
+        started = time.perf_counter()
+        fn(user_id=tf.constant([user]))
+        middle = time.perf_counter()
+        stub.Predict(_request(model, user), timeout=60)
+        local_ms.append((middle - started) * 1000)
+        remote_ms.append((time.perf_counter() - middle) * 1000)
+    local_ms, remote_ms = np.array(local_ms), np.array(remote_ms)
+    return {"model": model, "pairs": len(local_ms),
+            "in_process_p50_ms": float(np.median(local_ms)),
+            "grpc_p50_ms": float(np.median(remote_ms)),
+            "difference_p50_ms": float(np.median(remote_ms - local_ms)),
+            "overhead_p50": float(np.median(remote_ms / local_ms - 1))}
+
+
+def _in_process(fn, model: str, users: list[str], concurrency: int, requests: int,
+                time_limit: float) -> dict:
+    import tensorflow as tf
+
     latencies, lock, counter = [], threading.Lock(), iter(range(requests))
     deadline = time.monotonic() + time_limit
 
@@ -107,7 +160,7 @@ def _in_process(model_dir: pathlib.Path, users: list[str], concurrency: int, req
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
-    return _summary(model_dir.name, "in-process", concurrency, latencies, time.perf_counter() - started)
+    return _summary(model, "in-process", concurrency, latencies, time.perf_counter() - started)
 
 
 async def _drive(address: str, model: str, users: list[str], concurrency: int, requests: int,

@@ -6,7 +6,7 @@ It reads what the run directory already holds and measures only what is cheap an
 | --- | --- | --- |
 | results | `metrics.json` (`test`, `reranker.test`, `copywriter.evaluation`) | `cascade evaluate retrieval/reranker/copywriter` |
 | training curves | TensorBoard logs (`logs/`, `reranker/logs/`), copywriter loss in `metrics.json` | `cascade train ...` |
-| hit rate@K, K = 1..100 | computed here: retrieval, re-ranked top 100, popularity, ALS | a trained retrieval run |
+| hit rate@K, K = 1..100 | computed here: retrieval, re-ranked top 100, popularity, ALS, EASE | a trained retrieval run |
 | ScaNN trade-off | `bench/retrieval_index.json` | `cascade bench retrieval-index` |
 | re-rank latency vs quality | `bench/reranker.json` | `cascade bench reranker` |
 | serving latency | `bench/serve.json` | `cascade bench serve` |
@@ -243,7 +243,7 @@ def read_scalars(log_dir: pathlib.Path) -> dict[str, list[float]]:
 def hit_rate_curves(run: pathlib.Path, cache: pathlib.Path | None = None,
                     max_k: int = MAX_K) -> dict[str, list[float]]:
     """Hit rate@K for K = 1..max_k on the test split: retrieval, the re-ranked retrieval top
-    `max_k` (when the run has a re-ranker), popularity and ALS."""
+    `max_k` (when the run has a re-ranker), popularity, ALS and EASE."""
     import json as json_module
 
     from towers import data, metrics, peers, train
@@ -264,6 +264,8 @@ def hit_rate_curves(run: pathlib.Path, cache: pathlib.Path | None = None,
                                   users, items, max_k)
     curves["ALS"] = _curve(metrics.rankings(peers.als_scores(seen), seen, max_k), users, items,
                            max_k)
+    curves["EASE"] = _curve(metrics.rankings(peers.ease_scores(seen), seen, max_k), users, items,
+                            max_k)
     return curves
 
 

@@ -165,7 +165,8 @@ def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTabl
 
 def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100),
                  with_peers: bool = True) -> dict:
-    """Evaluates a run on the benchmark test split beside popularity and ALS; writes metrics.json."""
+    """Evaluates a run on the benchmark test split beside popularity, ALS and EASE; writes
+    metrics.json."""
     run = pathlib.Path(run_dir)
     retrieval, tables = load_run(run)
     record = json.loads((run / CONFIG_FILE).read_text())
@@ -181,6 +182,7 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
     if with_peers:
         table["popularity"] = metrics.evaluate(peers.popularity_scores(seen), users, items, seen, ks)
         table["als"] = metrics.evaluate(peers.als_scores(seen), users, items, seen, ks)
+        table["ease"] = metrics.evaluate(peers.ease_scores(seen), users, items, seen, ks)
     _update_metrics(run, {"test": table})
     return table
 

@@ -18,7 +18,8 @@ def test_train_evaluate_export_recommend(tiny_data_dir, tmp_path, capsys):
 
     assert cli.main(["evaluate", "retrieval", "--run", str(run)]) == 0
     table = capsys.readouterr().out
-    for row in ("cascade_retrieval", "cascade_retrieval_no_exclusion", "popularity", "als"):
+    for row in ("cascade_retrieval", "cascade_retrieval_no_exclusion", "popularity", "als",
+                "ease"):
         assert f"| {row} |" in table
     assert set(json.loads((run / "metrics.json").read_text())["test"]) >= {"popularity", "als"}
 

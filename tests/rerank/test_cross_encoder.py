@@ -16,7 +16,7 @@ import transformers
 
 from rerank import cross_encoder as ce
 from rerank import tokenizer
-from towers import data, metrics
+from towers import data, metrics, peers
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, type_vocab_size=2)
@@ -86,6 +86,27 @@ def test_pair_text_uses_training_rows_only(movielens, tiny_split):
     count = dict(zip(*np.unique(fit_rows.item_id.astype(str), return_counts=True)))
     np.testing.assert_allclose(texts.arrays["popularity"],
                                np.log1p([count.get(i, 0) for i in texts.arrays["item_ids"]]))
+    # The EASE table is the peer's scores on the fit rows alone, rows and columns as the IDs.
+    user_row = {u: r for r, u in enumerate(texts.arrays["user_ids"])}
+    item_row = {i: r for r, i in enumerate(texts.arrays["item_ids"])}
+    seen = np.zeros(texts.arrays["ease"].shape, bool)
+    seen[[user_row[u] for u in fit_rows.user_id], [item_row[i] for i in fit_rows.item_id]] = True
+    np.testing.assert_allclose(texts.arrays["ease"], peers.ease_scores(seen, ce.RerankerConfig.ease_l2),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_ease_lookup_in_graph_and_unknown_ids():
+    texts = ce.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
+                         np.array(["x", "y", "z"]), np.zeros(3),
+                         np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]))
+    scores = texts.ease_score(tf.constant(["8", "7", "new-user", "7"]),
+                              tf.constant(["3", "1", "1", "999"])).numpy()
+    np.testing.assert_allclose(scores, [0.6, 0.1, 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(texts.ease_rows(np.array(["8", "new-user"])),
+                               [[0.4, 0.5, 0.6], [0.0, 0.0, 0.0]], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"ease \(2, 2\) must be \[users, items\] = \[2, 3\]"):
+        ce.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
+                     np.array(["x", "y", "z"]), np.zeros(3), np.zeros((2, 2)))
 
 
 def test_groups_hold_training_positives_and_never_test_items(tiny_split):
@@ -157,16 +178,20 @@ def test_final_score_uses_retrieval_score(tiny_base, movielens, tiny_split):
     reranker = _reranker(tiny_base, movielens, tiny_split.train)
     reranker.encoder.retrieval_weight.assign(0.7)
     reranker.encoder.popularity_weight.assign(0.2)
+    reranker.encoder.ease_weight.assign(0.3)
     inputs = dict(user_id=tf.constant(["1", "2"]), item_ids=tf.constant([["1", "50"], ["7", "9"]]),
                   retrieval_score=tf.constant([[0.5, -1.0], [2.0, 0.0]]))
     before = reranker(inputs).numpy()
     after = reranker({**inputs, "retrieval_score": inputs["retrieval_score"] + 1.0}).numpy()
     np.testing.assert_allclose(after - before, 0.7, rtol=1e-5)
-    # A fresh classifier is zero: the score is exactly the retrieval and popularity terms.
+    # A fresh classifier is zero: the score is exactly the retrieval, popularity and EASE terms.
     popularity = reranker.texts.popularity.lookup(inputs["item_ids"]).numpy()
+    ease = reranker.texts.ease_score(tf.constant(["1", "1", "2", "2"]),
+                                     tf.reshape(inputs["item_ids"], [-1])).numpy().reshape(2, 2)
+    assert np.abs(ease).max() > 0
     bias = float(reranker.encoder.classifier.bias[0])
     np.testing.assert_allclose(before, 0.7 * inputs["retrieval_score"].numpy() + 0.2 * popularity
-                               + bias, rtol=1e-5, atol=1e-6)
+                               + 0.3 * ease + bias, rtol=1e-5, atol=1e-6)
     ranked = reranker.rank("1", ["1", "50"], [0.5, -1.0])
     assert [item for item, _ in ranked] == ["1", "50"]
 

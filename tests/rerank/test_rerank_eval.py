@@ -20,13 +20,14 @@ from towers import train as towers_train
 
 def test_evaluate_reranker_table(reranker_run):
     table = rerank_eval.evaluate_reranker(reranker_run)
-    assert set(table) == {"retrieval", "als", "head@50", "head@100", "reranked@50",
+    assert set(table) == {"retrieval", "als", "ease", "head@50", "head@100", "reranked@50",
                           "reranked@100"}
     # The retrieval row is what `cascade evaluate retrieval` reports (same split, exclusion).
     reference = towers_train.evaluate_run(reranker_run, ks=(10,), with_peers=True)
     for key, value in table["retrieval"].items():
         assert value == pytest.approx(reference["cascade_retrieval"][key], abs=1e-5)
         assert table["als"][key] == pytest.approx(reference["als"][key], abs=1e-5)
+        assert table["ease"][key] == pytest.approx(reference["ease"][key], abs=1e-5)
     recorded = json.loads((reranker_run / "metrics.json").read_text())["reranker"]
     assert recorded["test"]["reranked@100"] == table["reranked@100"]
     assert "training" in recorded  # training's record is kept

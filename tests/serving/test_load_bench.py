@@ -17,4 +17,10 @@ def test_serve_benchmark_writes_every_level(tiny_export, tmp_path):
     assert json.loads((tmp_path / "serve.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
     table = (tmp_path / "serve.md").read_text()
     assert "| retrieval | grpc+batching | 4 |" in table
+    # The paired overhead: one in-process and one gRPC call per request, same users.
+    [paired] = results["paired"]
+    assert paired["model"] == "retrieval" and paired["pairs"] == 12
+    assert 0 < paired["in_process_p50_ms"] and 0 < paired["grpc_p50_ms"]
+    assert paired["overhead_p50"] > -1
+    assert "| retrieval | 12 |" in table
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"

@@ -52,9 +52,9 @@ def test_retrieval_only_run_names_the_commands_it_lacks(evaluated_run, tmp_path,
 def test_hit_rate_curves_agree_with_the_evaluation(evaluated_run):
     table = json.loads((evaluated_run / "metrics.json").read_text())["test"]
     curves = report.hit_rate_curves(evaluated_run)
-    assert set(curves) == {"retrieval", "popularity", "ALS"}
+    assert set(curves) == {"retrieval", "popularity", "ALS", "EASE"}
     for name, row in (("retrieval", "cascade_retrieval"), ("popularity", "popularity"),
-                      ("ALS", "als")):
+                      ("ALS", "als"), ("EASE", "ease")):
         curve = curves[name]
         assert len(curve) == 100 and curve == sorted(curve)  # hit rate only grows with K
         for k in (10, 50, 100):
