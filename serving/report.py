@@ -435,10 +435,12 @@ def _plot_serving(bench: dict, path: pathlib.Path) -> None:
             axis.bar(np.arange(3) + n * width, [row["p50_ms"], row["p95_ms"], row["p99_ms"]],
                      width, label=" ".join(group))
         axis.set_xticks(np.arange(3) + width * (len(groups) - 1) / 2, ["p50", "p95", "p99"])
-        axis.set_ylabel("ms")
+        axis.set_yscale("log")  # retrieval's ~2 ms and the cascade's ~200 ms on one axis
+        axis.set_ylabel("ms (log scale)")
         axis.set_title(f"{level} concurrent client{'s' if level > 1 else ''}")
         axis.grid(True, axis="y", alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.set_ylim(top=axis.get_ylim()[1] * 20)  # headroom above the bars for the legend
+        axis.legend(fontsize=7, ncol=2, loc="upper left")
     _save(figure, path)
 
 
