@@ -33,6 +33,24 @@ def movielens(movielens_dir):
 
 
 @pytest.fixture(scope="session")
+def benchmark_rows(movielens):
+    """(seen [U, I] training matrix, test user rows, test item rows) of the benchmark split, users
+    and items in ID order: what a peer is scored and evaluated on."""
+    import numpy as np
+
+    from towers import data
+
+    split = data.benchmark_split(movielens.ratings)
+    user_row = {u: r for r, u in enumerate(sorted(movielens.users, key=int))}
+    item_row = {i: r for r, i in enumerate(sorted(movielens.items, key=int))}
+    rows = lambda ratings: (np.array([user_row[u] for u in ratings.user_id]),
+                            np.array([item_row[i] for i in ratings.item_id]))
+    seen = np.zeros((len(user_row), len(item_row)), bool)
+    seen[rows(split.train)] = True
+    return (seen, *rows(split.test))
+
+
+@pytest.fixture(scope="session")
 def tiny_data_dir(movielens_dir, tmp_path_factory) -> pathlib.Path:
     """The first 3,000 ratings of MovieLens-100K in RecBole format, with the full catalog."""
     out = tmp_path_factory.mktemp("tiny-ml")

@@ -71,18 +71,10 @@ def test_split_is_the_documented_one(movielens):
     assert not pairs & set(zip(split.test.user_id, split.test.item_id))
 
 
-def test_split_reproduces_the_popularity_peer(movielens):
+def test_split_reproduces_the_popularity_peer(benchmark_rows):
     """DESIGN.md's popularity peer on this protocol: hit rate 0.091 @10 and 0.412 @100."""
-    split = data.benchmark_split(movielens.ratings)
-    users = sorted(movielens.users, key=int)
-    items = sorted(movielens.items, key=int)
-    user_row = {u: r for r, u in enumerate(users)}
-    item_row = {i: r for r, i in enumerate(items)}
-    seen = np.zeros((len(users), len(items)), bool)
-    seen[[user_row[u] for u in split.train.user_id], [item_row[i] for i in split.train.item_id]] = True
-    result = metrics.evaluate(peers.popularity_scores(seen),
-                              np.array([user_row[u] for u in split.test.user_id]),
-                              np.array([item_row[i] for i in split.test.item_id]), seen)
+    seen, users, items = benchmark_rows
+    result = metrics.evaluate(peers.popularity_scores(seen), users, items, seen)
     assert round(result["hit_rate@10"], 3) == 0.091
     assert round(result["hit_rate@100"], 3) == 0.413  # 0.4126
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from towers import data, metrics, peers
+from towers import metrics, peers
 
 
 def test_ease_weights_are_per_item_ridge_regressions():
@@ -26,16 +26,8 @@ def test_ease_weights_are_per_item_ridge_regressions():
         peers.ease_item_weights(seen, 0.0)
 
 
-def test_ease_benchmark_hit_rate(movielens):
+def test_ease_benchmark_hit_rate(benchmark_rows):
     """EASE (l2 500) on the benchmark split: hit rate@10 0.1767, above the two-tower's 0.156."""
-    split = data.benchmark_split(movielens.ratings)
-    users = sorted(movielens.users, key=int)
-    items = sorted(movielens.items, key=int)
-    user_row = {u: r for r, u in enumerate(users)}
-    item_row = {i: r for r, i in enumerate(items)}
-    seen = np.zeros((len(users), len(items)), bool)
-    seen[[user_row[u] for u in split.train.user_id], [item_row[i] for i in split.train.item_id]] = True
-    result = metrics.evaluate(peers.ease_scores(seen, 500.0),
-                              np.array([user_row[u] for u in split.test.user_id]),
-                              np.array([item_row[i] for i in split.test.item_id]), seen, (10,))
+    seen, users, items = benchmark_rows
+    result = metrics.evaluate(peers.ease_scores(seen, 500.0), users, items, seen, (10,))
     assert round(result["hit_rate@10"], 3) == 0.177  # 0.17665
