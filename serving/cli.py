@@ -47,15 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", default="data/ml-100k", help="folder to write (default: %(default)s)")
     fetch.add_argument("--from", dest="source", help="GroupLens ml-100k.zip (path or URL) or folder")
     fetch.set_defaults(handler=_fetch)
+    split = data.add_parser("split", help="write a protocol's split as pre-split RecBole files")
+    split.add_argument("--data", required=True, help="dataset folder (RecBole atomic files)")
+    split.add_argument("--out", required=True, help="folder for <name>.train.inter/.test.inter")
+    _add_split_flags(split)
+    split.set_defaults(handler=_split)
 
     train = commands.add_parser("train", help="train a stage").add_subparsers(metavar="STAGE")
     retrieval = train.add_parser("retrieval", help="train the two-tower retrieval model")
-    retrieval.add_argument("--data", default="data/ml-100k")
+    retrieval.add_argument("--data", default="data/ml-100k",
+                           help="dataset folder of RecBole atomic files (default: %(default)s)")
     retrieval.add_argument("--run", required=True, help="run directory to write")
     retrieval.add_argument("--holdout", type=int, default=0,
                            help="keep the last N training rows out for validation (tuning)")
-    retrieval.add_argument("--train-size", type=int, default=80_000,
-                           help="training rows of the seeded split (default: the protocol's %(default)s)")
+    _add_split_flags(retrieval)
     retrieval.add_argument("--strategy", choices=["default", "mirrored", "multiworker"],
                            default="default", help="multiworker reads the cluster from TF_CONFIG")
     _add_config_flags(retrieval, model.RetrievalConfig)
@@ -230,13 +235,37 @@ def _fetch(args) -> None:
     fetch.fetch_movielens_100k(args.out, args.source)
 
 
+def _add_split_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--card", help="dataset card (YAML/JSON) instead of the folder's <name>.yaml")
+    parser.add_argument("--split", choices=["random", "temporal", "user-temporal", "cold-items"],
+                        help="protocol (default: the card's, random; pre-split folders use their files)")
+    parser.add_argument("--test-share", type=float, default=0.2,
+                        help="share of rows (cold-items: of items) held out (default: %(default)s)")
+    parser.add_argument("--split-seed", type=int, default=42,
+                        help="seed of the random and cold-items splits (default: %(default)s)")
+
+
+def _data_config(args):
+    from towers import train
+
+    return train.DataConfig(args.data, args.card, args.split, args.test_share, args.split_seed)
+
+
+def _split(args) -> None:
+    from towers import protocols
+
+    dataset, split = _data_config(args).load()
+    out = protocols.write_split(dataset, split, args.out)
+    log.info("wrote %s: %d training and %d test rows (%s)", out, len(split.train), len(split.test),
+             split.protocol)
+
+
 def _train_retrieval(args) -> None:
     from towers import model, train
 
     strategy = train.make_strategy(args.strategy)
     config = _config_from(args, model.RetrievalConfig)
-    train.train(args.data, args.run, config, strategy=strategy, holdout=args.holdout,
-                train_size=args.train_size)
+    train.train(_data_config(args), args.run, config, strategy=strategy, holdout=args.holdout)
     if strategy is not None and not strategy.extended.should_checkpoint:
         log.info("worker %s done; the chief wrote %s", strategy.cluster_resolver.task_id, args.run)
         return

@@ -1,65 +1,286 @@
-"""MovieLens-100K: loaders for the GroupLens and RecBole files, the data model, the benchmark split.
+"""Any dataset in RecBole's atomic format: the files, the dataset card, and the data model.
 
-Both file formats load into the same `MovieLens` record (ratings in file order, item and user
-tables). Item text (title, year, genres) and user text (age, gender, occupation) live here so
-every later stage reads them from one place.
+A dataset is a folder holding `<name>.inter` (required), `<name>.item` and `<name>.user`
+(optional), tab-separated with a `field:type` header (types `token`, `token_seq`, `float`,
+`float_seq`, any column order), or the pre-split `<name>.train.inter` / `<name>.test.inter`
+(optional `<name>.valid.inter`). An optional card, `<name>.yaml` or `<name>.json`, renames fields,
+declares which item/user fields are features and of what kind, the positive threshold of explicit
+ratings, and the text templates the language stages read (`docs/data.md`). Every stage reads the
+dataset through `Dataset`, so no stage names one dataset's fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import pathlib
 import re
+from typing import Any
 
 import numpy as np
 
-# Genre columns of GroupLens `u.item`, in file order.
-GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
-)
+FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+# Feature kinds and the field types each may be declared on.
+FEATURE_KINDS = {
+    "category": ("token",),  # StringLookup -> embedding
+    "categories": ("token_seq", "token"),  # StringLookup per token -> pooled embedding
+    "text": ("token_seq", "token"),  # TextVectorization words -> mean-pooled embedding
+    "number": ("float", "token"),  # Discretization -> embedding
+    "numbers": ("float_seq",),  # Normalization -> dense inputs
+}
+DEFAULT_KIND = {"token": "category", "token_seq": "categories", "float": "number",
+                "float_seq": "numbers"}
+TITLE_FIELDS = ("title", "movie_title", "name")
 UNKNOWN_YEAR = "unknown"
+SPLIT_SUFFIXES = ("train", "valid", "test")
 
 
 class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file, the line and what was expected."""
+    """A data file or card is missing or malformed; the message names the file, the line, the
+    field and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
 
 
 @dataclasses.dataclass(frozen=True)
-class Item:
-    item_id: str
-    title: str
-    year: str  # four digits, or UNKNOWN_YEAR
-    genres: tuple[str, ...]
-
-    def label(self) -> str:
-        """Title and year, e.g. `Toy Story (1995)`."""
-        return self.title if self.year == UNKNOWN_YEAR else f"{self.title} ({self.year})"
-
-    def text(self) -> str:
-        """The item as one line of text, e.g. `Toy Story (1995); Animation, Children's, Comedy`."""
-        return f"{self.label()}; {', '.join(self.genres)}"
+class Field:
+    name: str
+    type: str  # one of FIELD_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
-class User:
-    user_id: str
-    age: int
-    gender: str  # "M" or "F"
-    occupation: str
-    zip_code: str
+class AtomicFile:
+    """One atomic file's columns: token -> str [N], token_seq -> object [N] of tuple[str],
+    float -> float64 [N] (NaN where empty), float_seq -> object [N] of float64 arrays."""
 
-    def text(self) -> str:
-        """The user's demographics as text, e.g. `24-year-old man, technician`."""
-        person = {"M": "man", "F": "woman"}.get(self.gender, "person")
-        return f"{self.age}-year-old {person}, {self.occupation}"
+    path: pathlib.Path
+    fields: tuple[Field, ...]
+    columns: dict[str, np.ndarray]
+    lines: np.ndarray  # int64 [N], the file line of each row (for error messages)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def field(self, name: str) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+def read_header(path: pathlib.Path) -> tuple[Field, ...]:
+    """The `field:type` header of an atomic file."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        header = handle.readline().rstrip("\r\n")
+    return _parse_header(header, path)
+
+
+def _parse_header(header: str, path: pathlib.Path) -> tuple[Field, ...]:
+    fields = []
+    for column, entry in enumerate(header.split("\t"), start=1):
+        name, colon, kind = entry.rpartition(":")
+        if not colon or not name:
+            raise DataError(f"{path}:1: column {column} header {entry!r} must be `field:type` "
+                            f"with type one of {', '.join(FIELD_TYPES)}")
+        if kind not in FIELD_TYPES:
+            raise DataError(f"{path}:1: field {name!r} has unknown type {kind!r}; expected one of "
+                            f"{', '.join(FIELD_TYPES)}")
+        fields.append(Field(name, kind))
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}:1: repeated field name in header {names}")
+    return tuple(fields)
+
+
+def read_atomic(path: str | os.PathLike, seq_separator: str = " ") -> AtomicFile:
+    """Reads a tab-separated atomic file; every value is checked against its field's type."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8", newline="") as handle:
+        try:
+            fields = _parse_header(handle.readline().rstrip("\r\n"), path)
+            raw: list[list[str]] = [[] for _ in fields]
+            lines = []
+            for number, line in enumerate(handle, start=2):
+                line = line.rstrip("\r\n")
+                if not line:
+                    continue
+                parts = line.split("\t")
+                if len(parts) != len(fields):
+                    raise DataError(
+                        f"{path}:{number}: expected {len(fields)} tab-separated fields "
+                        f"({', '.join(f.name for f in fields)}), got {len(parts)}: {line[:80]!r}")
+                for column, value in zip(raw, parts):
+                    column.append(value)
+                lines.append(number)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    lines = np.array(lines, np.int64)
+    columns = {f.name: _typed(values, f, path, lines, seq_separator) for f, values in zip(fields, raw)}
+    return AtomicFile(path, fields, columns, lines)
+
+
+def _typed(values: list[str], field: Field, path: pathlib.Path, lines: np.ndarray,
+           separator: str) -> np.ndarray:
+    if field.type == "token":
+        return np.array(values, dtype=object)
+    if field.type == "token_seq":
+        column = np.empty(len(values), dtype=object)
+        column[:] = [tuple(v.split(separator)) if v else () for v in values]
+        return column
+    if field.type == "float":
+        out = np.empty(len(values), np.float64)
+        for row, value in enumerate(values):
+            out[row] = _number(value, path, lines[row], field)
+        return out
+    column = np.empty(len(values), dtype=object)
+    column[:] = [np.array([_number(v, path, lines[row], field) for v in value.split(separator)]
+                          if value else [], np.float64) for row, value in enumerate(values)]
+    return column
+
+
+def _number(text: str, path: pathlib.Path, line: int, field: Field) -> float:
+    if text == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{path}:{line}: field {field.name!r} is {field.type}, got {text!r}, "
+                        "not a number") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset card
 
 
 @dataclasses.dataclass(frozen=True)
-class Ratings:
-    """Rating events as parallel arrays, in file order."""
+class Feature:
+    """A side feature of items or users: the file field, its kind and the options of that kind."""
+
+    name: str
+    kind: str  # one of FEATURE_KINDS
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """What a dataset's files mean. Every field is optional; `from_dict` documents the keys."""
+
+    name: str
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    rating: str | None = "rating"  # absent from the file: implicit feedback
+    timestamp: str | None = "timestamp"  # absent: no time-based protocol, file order is time
+    positive_threshold: float | None = None  # explicit ratings: rows below it are not positives
+    seq_separator: str = " "
+    item_features: tuple[Feature, ...] | None = None  # None: every item field by its type
+    user_features: tuple[Feature, ...] | None = None
+    title: str | None = None  # item field holding the title; None: first of TITLE_FIELDS
+    categories: str | None = None  # item field of category words (copy, cold-start baseline)
+    year: str | None = None  # item field holding a date or year (copy claims, `label`)
+    item_text: str | None = None  # template; None: the item's fields in file order
+    user_text: str | None = None  # template; None: the user's fields in file order
+    label: str | None = None  # short display name; None: title [(year)]
+    values: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # display words
+    split: str = "random"  # default protocol when the folder is not pre-split
+    source: pathlib.Path | None = None  # the card file, None when defaulted
+    declared: tuple[str, ...] = ()  # the roles the card's `fields` named: they must exist
+
+    KEYS = ("name", "fields", "positive_threshold", "seq_separator", "item_features",
+            "user_features", "text", "values", "split")
+
+    @classmethod
+    def from_dict(cls, record: dict, name: str, source: pathlib.Path | None = None) -> Card:
+        """Keys: `fields` (`user_id`, `item_id`, `rating`, `timestamp`: the file field of each
+        role, null to say the role is absent), `positive_threshold`, `seq_separator`,
+        `item_features` / `user_features` (field: kind, or field: {kind: ..., options}),
+        `text` (`title`, `categories`, `year`, `item`, `user`, `label`), `values` (field: {file
+        value: display word}), `split` (the default protocol)."""
+        where = source or "card"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a card must be a mapping of keys, got {type(record).__name__}")
+        unknown = sorted(set(record) - set(cls.KEYS))
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; a card may have "
+                            f"{', '.join(cls.KEYS)}")
+        fields = record.get("fields") or {}
+        bad = sorted(set(fields) - {"user_id", "item_id", "rating", "timestamp"})
+        if bad:
+            raise DataError(f"{where}: fields: unknown role(s) {', '.join(bad)}; roles are "
+                            "user_id, item_id, rating, timestamp")
+        text = record.get("text") or {}
+        bad = sorted(set(text) - {"title", "categories", "year", "item", "user", "label"})
+        if bad:
+            raise DataError(f"{where}: text: unknown key(s) {', '.join(bad)}; keys are title, "
+                            "categories, year, item, user, label")
+        threshold = record.get("positive_threshold")
+        return cls(
+            name=str(record.get("name", name)),
+            user_id=fields.get("user_id", "user_id"),
+            item_id=fields.get("item_id", "item_id"),
+            rating=fields.get("rating", "rating"),
+            timestamp=fields.get("timestamp", "timestamp"),
+            positive_threshold=None if threshold is None else float(threshold),
+            seq_separator=record.get("seq_separator", " "),
+            item_features=_features(record, "item_features", where),
+            user_features=_features(record, "user_features", where),
+            title=text.get("title"), categories=text.get("categories"), year=text.get("year"),
+            item_text=text.get("item"), user_text=text.get("user"), label=text.get("label"),
+            values={k: {str(a): str(b) for a, b in v.items()} for k, v in
+                    (record.get("values") or {}).items()},
+            split=record.get("split", "random"),
+            source=source,
+            declared=tuple(k for k, v in fields.items() if v is not None),
+        )
+
+
+def _features(record: dict, key: str, where) -> tuple[Feature, ...] | None:
+    if key not in record:
+        return None
+    entries = record[key] or {}
+    if not isinstance(entries, dict):
+        raise DataError(f"{where}: {key} must map field names to kinds, got {entries!r}")
+    features = []
+    for name, spec in entries.items():
+        if isinstance(spec, str):
+            spec = {"kind": spec}
+        if not isinstance(spec, dict) or "kind" not in spec:
+            raise DataError(f"{where}: {key}.{name} must be a kind or a mapping with `kind`, got "
+                            f"{spec!r}")
+        if spec["kind"] not in FEATURE_KINDS:
+            raise DataError(f"{where}: {key}.{name}: unknown kind {spec['kind']!r}; expected one of "
+                            f"{', '.join(FEATURE_KINDS)}")
+        features.append(Feature(str(name), spec["kind"], {k: v for k, v in spec.items() if k != "kind"}))
+    return tuple(features)
+
+
+def load_card(path: str | os.PathLike, name: str) -> Card:
+    path = pathlib.Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            record = json.loads(text)
+        else:
+            import yaml  # only when a YAML card is there
+
+            record = yaml.safe_load(text)
+    except (ValueError, ImportError) as error:
+        raise DataError(f"{path}: cannot parse the card: {error}") from None
+    except Exception as error:  # yaml.YAMLError carries the line and column
+        raise DataError(f"{path}: cannot parse the card: {error}") from None
+    return Card.from_dict(record or {}, name, source=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data model
+
+
+@dataclasses.dataclass(frozen=True)
+class Interactions:
+    """Interaction events as parallel arrays, in file order. Implicit feedback has rating 1;
+    without a timestamp field, `timestamp` is the row's position in the files."""
 
     user_id: np.ndarray  # str [N]
     item_id: np.ndarray  # str [N]
@@ -69,151 +290,392 @@ class Ratings:
     def __len__(self) -> int:
         return len(self.user_id)
 
-    def take(self, indices: np.ndarray) -> Ratings:
+    def take(self, indices: np.ndarray) -> Interactions:
         """The rows at `indices`, in that order."""
-        return Ratings(self.user_id[indices], self.item_id[indices], self.rating[indices],
-                       self.timestamp[indices])
+        return Interactions(self.user_id[indices], self.item_id[indices], self.rating[indices],
+                            self.timestamp[indices])
+
+    @staticmethod
+    def concat(parts: list[Interactions]) -> Interactions:
+        return Interactions(*(np.concatenate([getattr(p, f.name) for p in parts])
+                              for f in dataclasses.fields(Interactions)))
 
 
 @dataclasses.dataclass(frozen=True)
-class MovieLens:
-    ratings: Ratings
-    items: dict[str, Item]
-    users: dict[str, User]
+class Table:
+    """An item or user file: IDs in file order and each non-ID field's column (see AtomicFile)."""
+
+    ids: np.ndarray  # str [N]
+    fields: tuple[Field, ...]  # the non-ID fields, in file order
+    columns: dict[str, np.ndarray]
+    path: pathlib.Path
+
+    def row_of(self) -> dict[str, int]:
+        return {identifier: row for row, identifier in enumerate(self.ids)}
+
+    def field(self, name: str) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    train: Ratings
-    test: Ratings
+    train: Interactions
+    test: Interactions
+    protocol: str  # random | temporal | user-temporal | cold-items | pre-split
+    valid: int = 0  # the last `valid` training rows came from `<name>.valid.inter`
+    train_index: np.ndarray | None = None  # rows of `Dataset.interactions` (None: pre-split)
+    test_index: np.ndarray | None = None
 
 
-def load_movielens(path: str | os.PathLike) -> MovieLens:
-    """Loads a directory holding either GroupLens (`u.data`, ...) or RecBole (`ml-100k.inter`, ...) files."""
-    path = pathlib.Path(path)
-    if (path / "u.data").exists():
-        return load_grouplens(path)
-    if (path / "ml-100k.inter").exists():
-        return load_recbole(path)
-    raise DataError(f"{path}: expected GroupLens files (u.data, u.item, u.user) or RecBole files "
-                    "(ml-100k.inter, .item, .user); run `cascade data fetch movielens-100k` first")
+@dataclasses.dataclass(frozen=True)
+class ItemFacts:
+    """What the language stages may say of an item: title, year (4 digits or UNKNOWN_YEAR) and
+    category words, from the card's `text.title`, `text.year` and `text.categories`."""
+
+    item_id: str
+    title: str
+    year: str
+    categories: tuple[str, ...]
+
+    def label(self) -> str:
+        return self.title if self.year == UNKNOWN_YEAR else f"{self.title} ({self.year})"
 
 
-def load_grouplens(path: str | os.PathLike) -> MovieLens:
-    """Loads GroupLens `u.data` (tab-separated), `u.item` and `u.user` (`|`-separated, Latin-1)."""
-    path = pathlib.Path(path)
-    items = {}
-    for where, f in _rows(path / "u.item", "|", 5 + len(GENRES), encoding="latin-1"):
-        flags = f[5:]
-        if any(flag not in ("0", "1") for flag in flags):
-            raise DataError(f"{where}: genre flags must be 0 or 1, got {'|'.join(flags)}")
-        title, year = _split_year(f[1], f[2])
-        items[f[0]] = Item(f[0], title, year, tuple(g for g, flag in zip(GENRES, flags) if flag == "1"))
-    users = {}
-    for where, f in _rows(path / "u.user", "|", 5):
-        users[f[0]] = User(f[0], _int(f[1], where, "age"), f[2], f[3], f[4])
-    ratings = _ratings(_rows(path / "u.data", "\t", 4), items, users)
-    return MovieLens(ratings, items, users)
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    path: pathlib.Path
+    card: Card
+    interactions: Interactions  # every row; pre-split: train, valid, then test rows
+    items: Table | None
+    users: Table | None
+    presplit: Split | None
+    implicit: bool  # no rating field: every row a positive
+    has_time: bool
+    lines: np.ndarray | None = None  # int64 [N], the `.inter` file line of each row (not pre-split)
 
+    # -- IDs ---------------------------------------------------------------------------------
 
-def load_recbole(path: str | os.PathLike) -> MovieLens:
-    """Loads RecBole's atomic files `ml-100k.inter`, `.item`, `.user` (tab-separated, one header line)."""
-    path = pathlib.Path(path)
-    items = {}
-    for where, f in _rows(path / "ml-100k.item", "\t", 4, header=True):
-        # RecBole spells item 267's unknown title and year "unkonwn"; GroupLens has "unknown".
-        title, year = ("unknown", "") if f[1] == "unkonwn" else (f[1], f[2])
-        if not re.fullmatch(r"\d{4}", year):  # item 1412 keeps its year in the title, "V" here
-            title, year = _split_year(title, "")
-        genres = tuple(f[3].split(" ")) if f[3] else ()
-        bad = [g for g in genres if g not in GENRES]
-        if bad:
-            raise DataError(f"{where}: unknown genre {bad[0]!r}; expected one of {', '.join(GENRES)}")
-        items[f[0]] = Item(f[0], title, year, genres)
-    users = {}
-    for where, f in _rows(path / "ml-100k.user", "\t", 5, header=True):
-        users[f[0]] = User(f[0], _int(f[1], where, "age"), f[2], f[3], f[4])
-    ratings = _ratings(_rows(path / "ml-100k.inter", "\t", 4, header=True), items, users)
-    return MovieLens(ratings, items, users)
+    def item_ids(self) -> np.ndarray:
+        """str [I]: every item in the files (item file and interactions), in ID order."""
+        known = set(self.interactions.item_id)
+        if self.items is not None:
+            known.update(self.items.ids)
+        return np.array(sorted(known, key=id_key), dtype=str)
 
+    def user_ids(self) -> np.ndarray:
+        """str [U]: every user in the files, in ID order."""
+        known = set(self.interactions.user_id)
+        if self.users is not None:
+            known.update(self.users.ids)
+        return np.array(sorted(known, key=id_key), dtype=str)
 
-def benchmark_split(ratings: Ratings, seed: int = 42, train_size: int = 80_000) -> Split:
-    """The TFRS-tutorial split of DESIGN.md: a seeded `tf.data` shuffle of the rows, first 80,000 train.
+    # -- Features ----------------------------------------------------------------------------
 
-    `Dataset.shuffle` permutes positions independently of the element values, so shuffling the row
-    indices gives exactly the order that shuffling the rows would. The shuffle runs in a fresh graph:
-    its seed pair also depends on TensorFlow's global seed, and the protocol is defined with none
-    set, so a `tf.random.set_seed` elsewhere in the process (Keras training does one) must not move
-    the split.
-    """
-    import tensorflow as tf  # imported here so that loading data does not pay for TensorFlow
+    def item_features(self) -> tuple[Feature, ...]:
+        return _resolved_features(self.card.item_features, self.items, "item_features", self.card)
 
-    if len(ratings) <= train_size:
-        raise DataError(f"benchmark split needs more than {train_size} ratings, got {len(ratings)}")
-    with tf.Graph().as_default():
-        shuffled = tf.data.Dataset.range(len(ratings)).shuffle(
-            100_000, seed=seed, reshuffle_each_iteration=False)
-        everything = shuffled.batch(len(ratings)).get_single_element()
-        with tf.compat.v1.Session() as session:
-            order = session.run(everything)
-    return Split(ratings.take(order[:train_size]), ratings.take(order[train_size:]))
+    def user_features(self) -> tuple[Feature, ...]:
+        return _resolved_features(self.card.user_features, self.users, "user_features", self.card)
 
+    # -- Text --------------------------------------------------------------------------------
 
-def _rows(file: pathlib.Path, sep: str, fields: int, header: bool = False,
-          encoding: str = "utf-8"):
-    """Yields ("file:line", fields) for each non-empty line, checking the field count."""
-    if not file.exists():
-        raise DataError(f"{file}: file not found")
-    with open(file, encoding=encoding, newline="") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if (header and number == 1) or not line:
+    def title_field(self) -> str | None:
+        if self.items is None:
+            return None
+        if self.card.title:
+            return self.card.title
+        names = [f.name for f in self.items.fields]
+        return next((n for n in TITLE_FIELDS if n in names), None)
+
+    def item_texts(self, item_ids) -> list[str]:
+        """The item text of each ID: the card's `text.item` template, else every field in file
+        order; an item without a row in the item file is its ID."""
+        return self._texts(self.items, self.card.item_text, item_ids, "item")
+
+    def user_texts(self, user_ids) -> list[str]:
+        """The user text of each ID (`text.user`, else every field); "" without a user file."""
+        return self._texts(self.users, self.card.user_text, user_ids, "user")
+
+    def facts(self, item_ids) -> list[ItemFacts]:
+        """Title, year and categories of each ID (title = the ID when there is no title field)."""
+        rows = self._rows(self.items, item_ids)
+        title, year, categories = self.title_field(), self.card.year, self.card.categories
+        out = []
+        for item_id, row in zip(item_ids, rows):
+            values = self._values(self.items, row)
+            name = values.get(title, "") if title else ""
+            date = values.get(year, "") if year else ""
+            match = re.search(r"(1[89]\d\d|20\d\d)", date)
+            cats = self.items.columns[categories][row] if categories and row >= 0 else ()
+            out.append(ItemFacts(str(item_id), name or str(item_id),
+                                 match.group(1) if match else UNKNOWN_YEAR,
+                                 tuple(cats) if not isinstance(cats, str) else (cats,)))
+        return out
+
+    def labels(self, item_ids) -> list[str]:
+        """Short display names: the card's `text.label` template, else `title (year)`."""
+        if self.card.label:
+            return self._texts(self.items, self.card.label, item_ids, "item")
+        return [f.label() for f in self.facts(item_ids)]
+
+    def _texts(self, table: Table | None, template: str | None, ids, side: str) -> list[str]:
+        if table is None:
+            return [str(i) if side == "item" else "" for i in ids]
+        rows = self._rows(table, ids)
+        texts = []
+        for identifier, row in zip(ids, rows):
+            if row < 0:
+                texts.append(str(identifier) if side == "item" else "")
                 continue
-            parts = line.split(sep)
-            if len(parts) != fields:
-                raise DataError(f"{file}:{number}: expected {fields} fields separated by {sep!r}, "
-                                f"got {len(parts)}: {line[:80]!r}")
-            yield f"{file}:{number}", parts
+            values = self._values(table, row)
+            if template:
+                texts.append(render(template, values))
+            else:
+                texts.append("; ".join(v for v in values.values() if v))
+        return texts
+
+    def _rows(self, table: Table | None, ids) -> list[int]:
+        if table is None:
+            return [-1] * len(ids)
+        cache = "_item_rows" if table is self.items else "_user_rows"
+        row_of = self.__dict__.get(cache)
+        if row_of is None:
+            row_of = table.row_of()
+            object.__setattr__(self, cache, row_of)
+        return [row_of.get(str(i), -1) for i in ids]
+
+    def _values(self, table: Table, row: int) -> dict[str, str]:
+        """Each field of one row as display text (sequences joined by spaces, `values` mapped)."""
+        if row < 0:
+            return {}
+        out = {}
+        for f in table.fields:
+            value = table.columns[f.name][row]
+            mapping = self.card.values.get(f.name, {})
+            if f.type == "token":
+                text = mapping.get(value, value)
+            elif f.type == "token_seq":
+                text = " ".join(mapping.get(v, v) for v in value)
+            elif f.type == "float":
+                text = "" if math.isnan(value) else f"{value:g}"
+            else:
+                text = " ".join(f"{v:g}" for v in value)
+            out[f.name] = text
+        return out
+
+    # -- Splits ------------------------------------------------------------------------------
+
+    def split(self, protocol: str | None = None, test_share: float = 0.2, seed: int = 42) -> Split:
+        """The pre-split files when the folder has them, else `protocol` (default: the card's)."""
+        from towers import protocols  # the protocols read this module's types
+
+        if self.presplit is not None:
+            if protocol not in (None, "pre-split"):
+                raise DataError(f"{self.path}: the folder is pre-split ({self.name}.train.inter, "
+                                f"{self.name}.test.inter); --split {protocol} would re-split it. "
+                                "Leave out --split to use the files as given")
+            return self.presplit
+        return protocols.split(self, protocol or self.card.split, test_share, seed)
 
 
-def _ratings(rows, items: dict[str, Item], users: dict[str, User]) -> Ratings:
-    user_ids, item_ids, values, times = [], [], [], []
-    for where, (user, item, rating, timestamp) in rows:
-        if user not in users:
-            raise DataError(f"{where}: user_id {user!r} is not in the user table")
-        if item not in items:
-            raise DataError(f"{where}: item_id {item!r} is not in the item table")
-        value = _float(rating, where, "rating")
-        if not 0.0 <= value <= 5.0:
-            raise DataError(f"{where}: rating must be between 0 and 5, got {rating!r}")
-        user_ids.append(user)
-        item_ids.append(item)
-        values.append(value)
-        times.append(_int(timestamp, where, "timestamp"))
-    if not user_ids:
-        raise DataError("no ratings found")
-    return Ratings(np.array(user_ids, dtype=object), np.array(item_ids, dtype=object),
-                   np.array(values, dtype=np.float32), np.array(times, dtype=np.int64))
+def render(template: str, values: dict[str, str]) -> str:
+    """Fills `{field}` placeholders; a `[...]` part is kept only when each field in it is non-empty.
+
+    `"{movie_title}[ ({release_year})]; {class}"` -> `Toy Story (1995); Animation Comedy`."""
+    def optional(match: re.Match) -> str:
+        inner = match.group(1)
+        names = re.findall(r"\{([^{}]+)\}", inner)
+        return inner if all(values.get(n) for n in names) else ""
+
+    text = re.sub(r"\[([^\[\]]*)\]", optional, template)
+    return re.sub(r"\{([^{}]+)\}", lambda m: values.get(m.group(1), ""), text).strip()
 
 
-def _split_year(title: str, release_date: str) -> tuple[str, str]:
-    """GroupLens keeps the year in the title, `Toy Story (1995)`; RecBole splits it off."""
-    match = re.fullmatch(r"(.*\S)\s+\((\d{4})\)(?:\s+\(V\))?", title.strip())  # (V): video release
-    if match:
-        return match.group(1), match.group(2)
-    date_year = re.search(r"(\d{4})$", release_date)
-    return title.strip(), date_year.group(1) if date_year else UNKNOWN_YEAR
+def template_fields(template: str) -> list[str]:
+    return re.findall(r"\{([^{}]+)\}", template)
 
 
-def _int(text: str, where: str, field: str) -> int:
-    try:
-        return int(float(text)) if "." in text else int(text)
-    except ValueError:
-        raise DataError(f"{where}: field {field!r} must be an integer, got {text!r}") from None
+def _resolved_features(declared, table: Table | None, key: str, card: Card) -> tuple[Feature, ...]:
+    if table is None:
+        return ()
+    if declared is not None:
+        return declared
+    return tuple(Feature(f.name, DEFAULT_KIND[f.type]) for f in table.fields)
 
 
-def _float(text: str, where: str, field: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise DataError(f"{where}: field {field!r} must be a number, got {text!r}") from None
+def id_key(identifier: str) -> tuple[int, str]:
+    """Numeric IDs in numeric order, anything else after them in string order."""
+    return (int(identifier), "") if identifier.isdigit() else (1 << 62, identifier)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def dataset_name(path: pathlib.Path) -> str:
+    """The `<name>` of the folder's `<name>.inter` (or `<name>.train.inter`)."""
+    if not path.is_dir():
+        raise DataError(f"{path}: not a folder; --data takes a folder of RecBole atomic files")
+    names = {p.name[:-len(".inter")] for p in path.glob("*.inter")}
+    plain = {n for n in names if not n.endswith(tuple(f".{s}" for s in SPLIT_SUFFIXES))}
+    split = {n.rsplit(".", 1)[0] for n in names if n.endswith(".train")}
+    found = sorted(plain | split)
+    if len(found) != 1:
+        what = "no `<name>.inter` or `<name>.train.inter`" if not found else \
+            f"several datasets ({', '.join(found)})"
+        raise DataError(f"{path}: expected one RecBole dataset, found {what}; see docs/data.md "
+                        "(`cascade data fetch movielens-100k` makes one)")
+    return found[0]
+
+
+def load(path: str | os.PathLike, card: str | os.PathLike | Card | None = None) -> Dataset:
+    """Loads a dataset folder; `card` overrides the folder's own `<name>.yaml`/`.json`."""
+    path = pathlib.Path(path)
+    name = dataset_name(path)
+    if isinstance(card, Card):
+        pass
+    elif card is not None:
+        card = load_card(card, name)
+    else:
+        found = [path / f"{name}{s}" for s in (".yaml", ".yml", ".json") if (path / f"{name}{s}").exists()]
+        card = load_card(found[0], name) if found else Card(name=name)
+
+    items = _side_table(path / f"{name}.item", card.item_id, card, "item")
+    users = _side_table(path / f"{name}.user", card.user_id, card, "user")
+    _check_card(card, items, users, path, name)
+
+    split_files = {s: path / f"{name}.{s}.inter" for s in SPLIT_SUFFIXES}
+    if split_files["train"].exists():
+        if not split_files["test"].exists():
+            raise DataError(f"{split_files['test']}: file not found; a pre-split dataset needs "
+                            f"{name}.train.inter and {name}.test.inter")
+        parts = {s: _interactions(f, card)[:3] for s, f in split_files.items() if f.exists()}
+        implicit, has_time = parts["train"][1], parts["train"][2]
+        for s, (_, other_implicit, other_time) in parts.items():
+            if (other_implicit, other_time) != (implicit, has_time):
+                raise DataError(f"{split_files[s]}: its header differs from "
+                                f"{split_files['train'].name}'s; the split files must share fields")
+        train = parts["train"][0]
+        valid = parts["valid"][0] if "valid" in parts else None
+        if valid is not None:  # validation rows come last in train: --holdout takes them
+            train = Interactions.concat([train, valid])
+        test = parts["test"][0]
+        presplit = Split(train, test, "pre-split", len(valid) if valid is not None else 0)
+        interactions, lines = Interactions.concat([train, test]), None
+    else:
+        interactions, implicit, has_time, lines = _interactions(path / f"{name}.inter", card)
+        presplit = None
+    if not len(interactions):
+        raise DataError(f"{path}: no interactions")
+    return Dataset(name, path, card, interactions, items, users, presplit, implicit, has_time, lines)
+
+
+def _interactions(file: pathlib.Path, card: Card) -> tuple[Interactions, bool, bool, np.ndarray]:
+    atomic = read_atomic(file, card.seq_separator)
+    names = [f.name for f in atomic.fields]
+    for role in ("user_id", "item_id"):
+        field = getattr(card, role)
+        if field not in atomic.columns:
+            raise DataError(f"{file}:1: no {role} field {field!r}; the file has {', '.join(names)}"
+                            + ("" if card.source else f" (a card, {card.name}.yaml, can rename it)"))
+        if atomic.field(field).type != "token":
+            raise DataError(f"{file}:1: field {field!r} ({role}) must be token, is "
+                            f"{atomic.field(field).type}")
+    for role in ("rating", "timestamp"):
+        if role in card.declared and getattr(card, role) not in atomic.columns:
+            raise DataError(f"{file}:1: the card names {role} field {getattr(card, role)!r}, "
+                            f"which the file does not have; its fields are {', '.join(names)}")
+    implicit = card.rating is None or card.rating not in atomic.columns
+    has_time = card.timestamp is not None and card.timestamp in atomic.columns
+    n = len(atomic)
+    rating = np.ones(n, np.float32)
+    if not implicit:
+        rating = _required_floats(atomic, card.rating)
+    timestamp = np.arange(n, dtype=np.int64)
+    if has_time:
+        timestamp = _required_floats(atomic, card.timestamp).astype(np.int64)
+    keep = slice(None)
+    if card.positive_threshold is not None and not implicit:
+        keep = rating >= card.positive_threshold
+    users = atomic.columns[card.user_id]
+    items = atomic.columns[card.item_id]
+    for column, role in ((users, card.user_id), (items, card.item_id)):
+        empty = np.flatnonzero(column == "")
+        if len(empty):
+            raise DataError(f"{file}:{atomic.lines[empty[0]]}: field {role!r} is empty")
+    return (Interactions(users[keep].astype(str), items[keep].astype(str), rating[keep],
+                         timestamp[keep]), implicit, has_time, atomic.lines[keep])
+
+
+def _required_floats(atomic: AtomicFile, name: str) -> np.ndarray:
+    field = atomic.field(name)
+    column = atomic.columns[name]
+    if field.type == "token":
+        out = np.empty(len(column), np.float64)
+        for row, value in enumerate(column):
+            out[row] = _number(value, atomic.path, atomic.lines[row], Field(name, "float"))
+        column = out
+    elif field.type != "float":
+        raise DataError(f"{atomic.path}:1: field {name!r} must be float, is {field.type}")
+    missing = np.flatnonzero(np.isnan(column))
+    if len(missing):
+        raise DataError(f"{atomic.path}:{atomic.lines[missing[0]]}: field {name!r} is empty; "
+                        "expected a number")
+    return column.astype(np.float32 if name != "timestamp" else np.float64)
+
+
+def _side_table(file: pathlib.Path, key: str, card: Card, side: str) -> Table | None:
+    if not file.exists():
+        return None
+    atomic = read_atomic(file, card.seq_separator)
+    if key not in atomic.columns:
+        raise DataError(f"{file}:1: no {side} ID field {key!r}; the file has "
+                        f"{', '.join(f.name for f in atomic.fields)}")
+    ids = atomic.columns[key].astype(str)
+    unique, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        repeated = unique[counts > 1][0]
+        lines = atomic.lines[ids == repeated]
+        raise DataError(f"{file}:{lines[1]}: {side} {repeated!r} repeats line {lines[0]}")
+    fields = tuple(f for f in atomic.fields if f.name != key)
+    return Table(ids, fields, {f.name: atomic.columns[f.name] for f in fields}, file)
+
+
+def _check_card(card: Card, items: Table | None, users: Table | None, path: pathlib.Path,
+                name: str) -> None:
+    where = card.source or path
+    for side, table, declared in (("item", items, card.item_features), ("user", users, card.user_features)):
+        if not declared:
+            continue
+        if table is None:
+            raise DataError(f"{where}: {side}_features are declared but {path / f'{name}.{side}'} "
+                            "does not exist")
+        for feature in declared:
+            field = table.field(feature.name)
+            if field is None:
+                raise DataError(f"{where}: {side}_features names field {feature.name!r}, which "
+                                f"{table.path.name} does not have; its fields are "
+                                f"{', '.join(f.name for f in table.fields)}")
+            if field.type not in FEATURE_KINDS[feature.kind]:
+                raise DataError(f"{where}: {side}_features.{feature.name}: kind {feature.kind!r} "
+                                f"needs a field of type {' or '.join(FEATURE_KINDS[feature.kind])}, "
+                                f"{feature.name} is {field.type}")
+    for key in ("title", "categories", "year"):
+        value = getattr(card, key)
+        if value and (items is None or items.field(value) is None):
+            raise DataError(f"{where}: text.{key} names item field {value!r}, which does not "
+                            f"exist; item fields: {_names(items)}")
+    for key, table, template in (("item", items, card.item_text), ("label", items, card.label),
+                                 ("user", users, card.user_text)):
+        if not template:
+            continue
+        missing = [f for f in template_fields(template) if table is None or table.field(f) is None]
+        if missing:
+            raise DataError(f"{where}: text.{key} template names {', '.join(map(repr, missing))}, "
+                            f"not a field of the {('user' if key == 'user' else 'item')} file; "
+                            f"fields: {_names(table)}")
+
+
+def _names(table: Table | None) -> str:
+    return "(no file)" if table is None else ", ".join(f.name for f in table.fields)

@@ -1,138 +1,272 @@
-"""Feature tables for the two towers: vocabularies, side features and training histories.
+"""Feature tables for the two towers, built from the dataset's schema with Keras preprocessing
+layers, and the users' training histories.
 
-The towers take raw string IDs and look every feature up in these tables inside the graph, so
-an exported tower needs nothing but `user_id` or `item_id`. Tables are built from the catalog and
-the training split only (never from test data) and saved in the run directory.
+Each item/user feature the card declares (or every field of the item/user file, by its type) is
+turned into integers or floats once, here, by the Keras layer of its kind: `StringLookup` for
+tokens (`category`) and token sequences (`categories`), `TextVectorization` for free text (`text`),
+`Discretization` for numbers (`number`), `Normalization` for float sequences (`numbers`). The
+towers gather these tables by row inside the graph, so an exported tower needs nothing but
+`user_id` or `item_id`, and every user and item in the files, with or without a training
+interaction, has its row. Tables come from the files' features and the training split only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
-import re
 
 import numpy as np
 
-from towers import data
+from towers import data, fetch
 
-AGE_BOUNDARIES = (18, 25, 35, 45, 50, 56)  # the MovieLens-1M age groups
-YEAR_BUCKET = 5  # years per release-year bucket
-FIRST_YEAR = 1920
-TITLE_TOKENS = 8  # title words kept per item (99% of titles have fewer)
 PAD = ""  # item ID that pads exclusion lists; never a real ID
+MAX_TOKENS = 16  # default tokens kept per `categories` / `text` value
+NUMBER_BINS = 10  # default quantile bins of a `number` without `boundaries`
+MAX_NUMBERS = 32  # default values kept per `numbers` value
+STRIP_REGEX = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'  # TextVectorization's punctuation
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """One tower input: `values` [N] int32 (category, number), [N, width] int32 (categories,
+    text: 0 pads, 1 out of vocabulary) or [N, width] float32 (numbers); `size` is the number of
+    distinct integers (embedding rows) or the float width."""
+
+    side: str  # "user" or "item"
+    name: str
+    kind: str
+    size: int
+    width: int = 0  # tokens or floats per row; 0 for one integer
+
+    @property
+    def key(self) -> str:
+        return f"{self.side}:{self.name}"
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureTables:
-    """Every array is indexed by the row of an ID in `user_ids` / `item_ids`."""
+    """Arrays indexed by the row of an ID in `user_ids` / `item_ids` (every ID in the files)."""
 
     user_ids: np.ndarray  # str [U]
     item_ids: np.ndarray  # str [I]
-    user_age: np.ndarray  # int32 [U], age bucket
-    user_gender: np.ndarray  # int32 [U]
-    user_occupation: np.ndarray  # int32 [U]
-    occupations: np.ndarray  # str [O]
+    user_id_row: np.ndarray  # int32 [U], row in the user ID embedding, 0: no training interaction
+    item_id_row: np.ndarray  # int32 [I], same for items
     history: np.ndarray  # int32 [U, H], item row + 1, newest first, 0 pads
     seen: np.ndarray  # str [U, S], item IDs the user has in train, PAD pads
-    item_genres: np.ndarray  # float32 [I, G] multi-hot
-    item_year: np.ndarray  # int32 [I], 0 unknown, else 1 + year bucket
-    item_title: np.ndarray  # int32 [I, T], title word IDs (0 pads, 1 out of vocabulary)
-    title_vocabulary: np.ndarray  # str [W]
     item_count: np.ndarray  # int64 [I], training interactions per item
+    specs: tuple[FeatureSpec, ...]
+    values: dict[str, np.ndarray]  # spec.key -> its table
+    vocabularies: dict[str, np.ndarray]  # spec.key -> str [V] (tokens and words; empty otherwise)
 
     @property
-    def num_year_buckets(self) -> int:
-        return int(self.item_year.max()) + 1
+    def num_user_ids(self) -> int:
+        return int(self.user_id_row.max(initial=0)) + 1
+
+    @property
+    def num_item_ids(self) -> int:
+        return int(self.item_id_row.max(initial=0)) + 1
+
+    def side(self, side: str) -> tuple[FeatureSpec, ...]:
+        return tuple(s for s in self.specs if s.side == side)
 
     def item_probability(self) -> np.ndarray:
         """Each item's share of training interactions: the in-batch sampling probability."""
-        return (self.item_count / self.item_count.sum()).astype(np.float32)
+        return (self.item_count / max(self.item_count.sum(), 1)).astype(np.float32)
 
     def save(self, path: str | os.PathLike) -> None:
-        from towers import fetch  # atomic write helper
-
         path = pathlib.Path(path)
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        arrays["specs"] = np.array(json.dumps([dataclasses.asdict(s) for s in self.specs]))
+        arrays.update({f"values/{k}": v for k, v in self.values.items()})
+        arrays.update({f"vocabulary/{k}": v for k, v in self.vocabularies.items()})
         staging = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(staging, **{f.name: getattr(self, f.name)
-                                        for f in dataclasses.fields(self)})
+        np.savez_compressed(staging, **arrays)
         fetch.write_atomic(path, staging.read_bytes())
         staging.unlink()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureTables:
         with np.load(path, allow_pickle=False) as arrays:
-            return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls)})
+            specs = tuple(FeatureSpec(**s) for s in json.loads(str(arrays["specs"])))
+            return cls(**{name: arrays[name] for name in _ARRAYS}, specs=specs,
+                       values={s.key: arrays[f"values/{s.key}"] for s in specs},
+                       vocabularies={s.key: arrays[f"vocabulary/{s.key}"] for s in specs})
 
 
-def build_tables(movielens: data.MovieLens, train: data.Ratings, history_length: int = 256,
-                 title_min_count: int = 2) -> FeatureTables:
-    """Builds the tables from the catalog and the training interactions."""
-    user_ids = np.array(sorted(movielens.users, key=_id_key), dtype=str)
-    item_ids = np.array(sorted(movielens.items, key=_id_key), dtype=str)
+_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen", "item_count")
+
+
+def build_tables(dataset: data.Dataset, train: data.Interactions,
+                 history_length: int = 256) -> FeatureTables:
+    """Builds the tables from the dataset's files and the training interactions."""
+    user_ids, item_ids = dataset.user_ids(), dataset.item_ids()
     item_row = {item: row for row, item in enumerate(item_ids)}
-    users = [movielens.users[u] for u in user_ids]
-    items = [movielens.items[i] for i in item_ids]
+    user_row = {user: row for row, user in enumerate(user_ids)}
 
-    occupations = np.array(sorted({u.occupation for u in users}), dtype=str)
-    occupation_row = {o: row for row, o in enumerate(occupations)}
+    specs, values, vocabularies = [], {}, {}
+    for side, table, ids, declared in (("user", dataset.users, user_ids, dataset.user_features()),
+                                       ("item", dataset.items, item_ids, dataset.item_features())):
+        rows = _rows_in(table, ids)
+        for feature in declared:
+            spec, array, vocabulary = build_feature(side, feature, table, rows, dataset.card)
+            specs.append(spec)
+            values[spec.key] = array
+            vocabularies[spec.key] = vocabulary
 
-    words = [_title_words(item.title) for item in items]
-    counts: dict[str, int] = {}
-    for title in words:
-        for word in set(title):
-            counts[word] = counts.get(word, 0) + 1
-    vocabulary = sorted(w for w, c in counts.items() if c >= title_min_count)
-    word_id = {w: index + 2 for index, w in enumerate(vocabulary)}
-    item_title = np.zeros((len(items), TITLE_TOKENS), np.int32)
-    for row, title in enumerate(words):
-        ids = [word_id.get(w, 1) for w in title[:TITLE_TOKENS]]
-        item_title[row, :len(ids)] = ids
+    train_users = np.array([user_row[u] for u in train.user_id], np.int64)
+    train_items = np.array([item_row[i] for i in train.item_id], np.int64)
+    # Newest first, ties by item ID (item_ids is in ID order), without a Python object per row.
+    item_order = np.arange(len(item_ids))
+    order = np.lexsort((item_order[train_items], -train.timestamp, train_users))
+    counts = np.bincount(train_users, minlength=len(user_ids))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    sorted_users, sorted_items = train_users[order], train_items[order]
+    history = np.zeros((len(user_ids), history_length), np.int32)
+    kept = rank < history_length
+    history[sorted_users[kept], rank[kept]] = sorted_items[kept] + 1
+    # Seen items in ID order (the exports compare IDs); duplicates of a pair appear once.
+    pairs = np.unique(train_users * len(item_ids) + item_order[train_items])
+    seen_users, seen_order = pairs // len(item_ids), pairs % len(item_ids)
+    by_order = np.argsort(item_order)
+    seen_counts = np.bincount(seen_users, minlength=len(user_ids))
+    seen_rank = np.arange(len(pairs)) - np.repeat(np.concatenate([[0], np.cumsum(seen_counts)[:-1]]),
+                                                  seen_counts)
+    seen = np.full((len(user_ids), max(1, int(seen_counts.max(initial=0)))), PAD, dtype=object)
+    seen[seen_users, seen_rank] = item_ids[by_order[seen_order]]
 
-    per_user: dict[str, list[tuple[int, str]]] = {u: [] for u in user_ids}
-    for user, item, timestamp in zip(train.user_id, train.item_id, train.timestamp):
-        per_user[user].append((int(timestamp), item))
-    newest_first = {u: [item for _, item in sorted(events, reverse=True)]
-                    for u, events in per_user.items()}
-    history = np.zeros((len(users), history_length), np.int32)
-    widest = max(1, max(len(v) for v in newest_first.values()))
-    seen = np.full((len(users), widest), PAD, dtype=object)
-    for row, user in enumerate(user_ids):
-        events = newest_first[user]
-        kept = [item_row[i] + 1 for i in events[:history_length]]
-        history[row, :len(kept)] = kept
-        seen[row, :len(events)] = sorted(events, key=_id_key)
-
-    item_count = np.zeros(len(items), np.int64)
-    np.add.at(item_count, [item_row[i] for i in train.item_id], 1)
-
+    item_count = np.bincount(train_items, minlength=len(item_ids)).astype(np.int64)
+    user_count = counts
     return FeatureTables(
-        user_ids=user_ids,
-        item_ids=item_ids,
-        user_age=np.searchsorted(AGE_BOUNDARIES, [u.age for u in users], side="right").astype(np.int32),
-        user_gender=np.array([1 if u.gender == "F" else 0 for u in users], np.int32),
-        user_occupation=np.array([occupation_row[u.occupation] for u in users], np.int32),
-        occupations=occupations,
-        history=history,
-        seen=seen.astype(str),
-        item_genres=np.array([[g in item.genres for g in data.GENRES] for item in items], np.float32),
-        item_year=np.array([_year_bucket(item.year) for item in items], np.int32),
-        item_title=item_title,
-        title_vocabulary=np.array(vocabulary, dtype=str),
-        item_count=item_count,
-    )
+        user_ids=user_ids, item_ids=item_ids,
+        user_id_row=_id_rows(user_count), item_id_row=_id_rows(item_count),
+        history=history, seen=seen.astype(str), item_count=item_count,
+        specs=tuple(specs), values=values, vocabularies=vocabularies)
 
 
-def _year_bucket(year: str) -> int:
-    if year == data.UNKNOWN_YEAR:
-        return 0
-    return 1 + max(0, int(year) - FIRST_YEAR) // YEAR_BUCKET
+def _id_rows(count: np.ndarray) -> np.ndarray:
+    """Row + 1 in the ID embedding for IDs with training interactions, 0 (the cold row) otherwise."""
+    trained = count > 0
+    rows = np.zeros(len(count), np.int32)
+    rows[trained] = np.arange(1, trained.sum() + 1)
+    return rows
 
 
-def _title_words(title: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", title.lower())
+def _rows_in(table: data.Table | None, ids: np.ndarray) -> np.ndarray:
+    """The row of each ID in the item/user file, -1 where the file has none."""
+    if table is None:
+        return np.full(len(ids), -1)
+    row_of = table.row_of()
+    return np.array([row_of.get(i, -1) for i in ids], np.int64)
 
 
-def _id_key(identifier: str) -> tuple[int, str]:
-    """Numeric IDs in numeric order, anything else after them in string order."""
-    return (int(identifier), "") if identifier.isdigit() else (1 << 62, identifier)
+def build_feature(side: str, feature: data.Feature, table: data.Table, rows: np.ndarray,
+                  card: data.Card) -> tuple[FeatureSpec, np.ndarray, np.ndarray]:
+    """(spec, table [N] or [N, width] for the IDs at `rows`, vocabulary) of one feature."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf  # the Keras preprocessing layers; imported here so that reading
+    import tf_keras as keras  # tables (serving, batch) does not pay for building them
+
+    column = table.columns[feature.name]
+    kind, options = feature.kind, feature.options
+    unknown_options = set(options) - _OPTIONS[kind]
+    if unknown_options:
+        raise data.DataError(f"{card.source or 'card'}: {side}_features.{feature.name}: unknown "
+                             f"option(s) {', '.join(sorted(unknown_options))} for kind {kind}; "
+                             f"it takes {', '.join(sorted(_OPTIONS[kind])) or 'none'}")
+    present = rows >= 0
+    if kind == "category":
+        tokens = np.where(present, column[np.maximum(rows, 0)], "").astype(str)
+        vocabulary = _vocabulary([t for t in column if t != ""], options.get("min_count", 1))
+        layer = keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=1,
+                                          mask_token=None) if vocabulary else None
+        ids = (layer(tokens).numpy().astype(np.int32) if layer is not None
+               else np.zeros(len(rows), np.int32))
+        ids[tokens == ""] = 0
+        return FeatureSpec(side, feature.name, kind, len(vocabulary) + 1), ids, np.array(vocabulary, str)
+    if kind in ("categories", "text"):
+        sequences = [_tokens(value) for value in column]
+        longest = max((len(s) for s in sequences), default=1)
+        width = max(1, min(int(options.get("max_tokens", MAX_TOKENS)), longest))
+        if kind == "text":
+            texts = tf.constant([" ".join(s) for s in sequences] + [""])  # last: the empty value
+            words = tf.strings.split(tf.strings.regex_replace(tf.strings.lower(texts), STRIP_REGEX, ""))
+            vocabulary = _vocabulary([w.decode() for row in words.to_list()[:-1] for w in set(row)],
+                                     options.get("min_count", 2))
+            layer = keras.layers.TextVectorization(
+                vocabulary=vocabulary or ["[none]"], output_sequence_length=width,
+                standardize="lower_and_strip_punctuation", split="whitespace")
+            encoded = layer(texts).numpy().astype(np.int32)
+        else:
+            vocabulary = _vocabulary([t for s in sequences for t in set(s)], options.get("min_count", 1))
+            layer = keras.layers.StringLookup(vocabulary=vocabulary or ["[none]"], mask_token="",
+                                                 num_oov_indices=1)
+            padded = np.full((len(sequences) + 1, width), "", dtype=object)
+            for row, sequence in enumerate(sequences):
+                padded[row, :min(width, len(sequence))] = sequence[:width]
+            encoded = layer(tf.constant(padded.astype(str))).numpy().astype(np.int32)
+        table_rows = np.where(present, rows, len(sequences))  # the last row is the empty value
+        return (FeatureSpec(side, feature.name, kind, len(vocabulary) + 2, width),
+                encoded[table_rows], np.array(vocabulary, str))
+    if kind == "number":
+        numbers = _as_numbers(column)
+        finite = numbers[np.isfinite(numbers)]
+        if "boundaries" in options:
+            boundaries = [float(b) for b in options["boundaries"]]
+        else:
+            bins = int(options.get("bins", NUMBER_BINS))
+            boundaries = sorted(set(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]).tolist())) \
+                if len(finite) else []
+        layer = keras.layers.Discretization(bin_boundaries=boundaries)
+        values = np.where(present, numbers[np.maximum(rows, 0)], np.nan)
+        buckets = layer(tf.constant(np.nan_to_num(values, nan=0.0), tf.float32)).numpy().astype(np.int32) + 1
+        buckets[~np.isfinite(values)] = 0  # missing or not a number
+        return FeatureSpec(side, feature.name, kind, len(boundaries) + 2), buckets, np.array([], str)
+    # numbers: a fixed-width float vector, standardized per position
+    width = int(options.get("max_values", MAX_NUMBERS))
+    width = min(width, max(1, max((len(v) for v in column), default=1)))
+    dense = np.zeros((len(column) + 1, width), np.float32)
+    for row, value in enumerate(column):
+        value = np.nan_to_num(np.asarray(value, np.float32)[:width])
+        dense[row, :len(value)] = value
+    layer = keras.layers.Normalization(axis=-1)
+    layer.adapt(dense[:-1] if len(column) else dense)
+    normalized = layer(dense).numpy().astype(np.float32)
+    normalized[-1] = 0.0
+    table_rows = np.where(present, rows, len(column))
+    return FeatureSpec(side, feature.name, kind, width, width), normalized[table_rows], np.array([], str)
+
+
+_OPTIONS = {"category": {"min_count"}, "categories": {"min_count", "max_tokens"},
+            "text": {"min_count", "max_tokens"}, "number": {"boundaries", "bins"},
+            "numbers": {"max_values"}}
+
+
+def _tokens(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
+
+
+def _as_numbers(column: np.ndarray) -> np.ndarray:
+    """A float column as is; a token column parsed, NaN where a value is not a number."""
+    if column.dtype.kind == "f":
+        return column.astype(np.float64)
+    out = np.full(len(column), np.nan)
+    for row, value in enumerate(column):
+        try:
+            out[row] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def _vocabulary(tokens, min_count: int) -> list[str]:
+    """Tokens seen at least `min_count` times, most frequent first, ties in string order."""
+    counts: dict[str, int] = {}
+    for token in tokens:
+        counts[token] = counts.get(token, 0) + 1
+    return sorted((t for t, c in counts.items() if c >= min_count and t != ""),
+                  key=lambda t: (-counts[t], t))

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,13 @@ RECBOLE_FILES = {
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 GROUPLENS_FILES = ("u.data", "u.item", "u.user")
+CARD = pathlib.Path(__file__).parent / "cards" / "ml-100k.yaml"  # written beside the data
+# Genre columns of GroupLens `u.item`, in file order (RecBole's `class` tokens).
+GROUPLENS_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+    "Sci-Fi", "Thriller", "War", "Western",
+)
 # Shape of the real data set, checked on GroupLens copies (whose hashes STACK.md does not list).
 EXPECTED_COUNTS = {"ratings": 100_000, "users": 943, "items": 1_682}
 
@@ -57,6 +65,8 @@ def fetch_movielens_100k(out: str | os.PathLike, source: str | os.PathLike | Non
     out = pathlib.Path(out)
     if source is None:
         if _verified(out):
+            if not (out / CARD.name).exists() or (out / CARD.name).read_bytes() != CARD.read_bytes():
+                write_atomic(out / CARD.name, CARD.read_bytes())
             log.info("%s already holds verified MovieLens-100K", out)
             return out
         wheel = download_wheel(*RECBOLE_WHEEL)
@@ -65,7 +75,8 @@ def fetch_movielens_100k(out: str | os.PathLike, source: str | os.PathLike | Non
         for name, payload in files.items():
             verify(payload, RECBOLE_FILES[name], f"{wheel}!{RECBOLE_DIR}{name}")
     else:
-        files = _grouplens_files(str(source))
+        files = grouplens_to_recbole(_grouplens_files(str(source)), str(source))
+    files[CARD.name] = CARD.read_bytes()
     # Stage and check the whole set before renaming any file into place.
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=out) as staging:
@@ -159,9 +170,46 @@ def _from_zip(archive: zipfile.ZipFile, where) -> dict[str, bytes]:
             for name in GROUPLENS_FILES}
 
 
+def grouplens_to_recbole(files: dict[str, bytes], where: str) -> dict[str, bytes]:
+    """GroupLens `u.data`, `u.item`, `u.user` as RecBole's atomic files (the year split off the
+    title, genre flags as `class` tokens), so one loader reads both."""
+    inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for number, line in enumerate(files["u.data"].decode().splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) != 4:
+            raise data.DataError(f"{where}!u.data:{number}: expected 4 tab-separated fields, "
+                                 f"got {len(fields)}: {line[:80]!r}")
+        inter.append("\t".join(fields))
+    item = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    for number, line in enumerate(files["u.item"].decode("latin-1").splitlines(), start=1):
+        fields = line.split("|")
+        if len(fields) != 5 + len(GROUPLENS_GENRES):
+            raise data.DataError(f"{where}!u.item:{number}: expected {5 + len(GROUPLENS_GENRES)} "
+                                 f"|-separated fields, got {len(fields)}")
+        flags = fields[5:]
+        if any(flag not in ("0", "1") for flag in flags):
+            raise data.DataError(f"{where}!u.item:{number}: genre flags must be 0 or 1, got "
+                                 f"{'|'.join(flags)}")
+        match = re.fullmatch(r"(.*\S)\s+\((\d{4})\)", fields[1].strip())
+        title, year = (match.group(1), match.group(2)) if match else (fields[1].strip(), "")
+        if not year:
+            year = (re.search(r"(\d{4})$", fields[2]) or [None, ""])[1] if fields[2] else ""
+        genres = " ".join(g for g, flag in zip(GROUPLENS_GENRES, flags) if flag == "1")
+        item.append(f"{fields[0]}\t{title}\t{year}\t{genres}")
+    user = ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"]
+    for number, line in enumerate(files["u.user"].decode().splitlines(), start=1):
+        fields = line.split("|")
+        if len(fields) != 5:
+            raise data.DataError(f"{where}!u.user:{number}: expected 5 |-separated fields, got "
+                                 f"{len(fields)}")
+        user.append("\t".join(fields))
+    return {name: ("\n".join(lines) + "\n").encode() for name, lines in
+            (("ml-100k.inter", inter), ("ml-100k.item", item), ("ml-100k.user", user))}
+
+
 def _check_counts(folder: pathlib.Path, where: str) -> None:
-    movielens = data.load_movielens(folder)
-    counts = {"ratings": len(movielens.ratings), "users": len(movielens.users),
-              "items": len(movielens.items)}
+    dataset = data.load(folder)
+    counts = {"ratings": len(dataset.interactions), "users": len(dataset.user_ids()),
+              "items": len(dataset.item_ids())}
     if counts != EXPECTED_COUNTS:
         raise data.DataError(f"{where}: expected MovieLens-100K with {EXPECTED_COUNTS}, got {counts}")

@@ -1,8 +1,11 @@
 """The two-tower retrieval model: a query tower, a candidate tower and a TFRS retrieval task.
 
 score(user, item) = <q(user), c(item)> / temperature with both embeddings L2-normalized. The
-query tower sees the user's ID, demographics and a mean-pooled embedding of the items in their
-training history; the candidate tower sees the item's ID, genres, release year and title words.
+query tower sees the user's ID, the user features of the dataset's schema and a mean-pooled
+embedding of the items in their training history; the candidate tower sees the item's ID and the
+item features of the schema (`towers.features`). Users and items without a training interaction
+share one cold ID row, trained by treating a share of examples as new (`cold_*_dropout`), so their
+embeddings come from their features.
 Training is in-batch softmax (`tfrs.tasks.Retrieval`) with the logQ correction for popular items
 being over-sampled as negatives, and with accidental hits (the positive appearing again as a
 negative in the same batch) removed.
@@ -37,32 +40,65 @@ class RetrievalConfig:
     logq_correction: bool = True  # subtract log sampling probability from in-batch logits
     remove_accidental_hits: bool = True
     mixed_negatives: int = 0  # extra uniform catalog negatives per batch (MNS); measured no gain
+    cold_user_dropout: float = 0.0  # share of examples trained as a new user (features only)
+    cold_item_dropout: float = 0.0  # share of examples trained as a new item (features only)
     epochs: int = 5  # validation hit rate peaks at epochs 3-5, then the model overfits
     batch_size: int = 1024
     learning_rate: float = 3e-3
     seed: int = 42
 
 
+class SideFeatures(keras.layers.Layer):
+    """Embeds one side's schema features (`FeatureTables.side(side)`) by table row: an embedding
+    per category or number bucket, a sum-pooled embedding of categories, a mean-pooled embedding of
+    text words, standardized floats as they are. Row 0 is the ID that is not in the files."""
+
+    def __init__(self, tables: features.FeatureTables, side: str, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.specs = tables.side(side)
+        self.tables, self.embeddings = [], []
+        for spec in self.specs:
+            table = tables.values[spec.key]
+            self.tables.append(tf.constant(np.concatenate([np.zeros((1,) + table.shape[1:], table.dtype), table])))
+            self.embeddings.append(None if spec.kind == "numbers" else keras.layers.Embedding(
+                spec.size, dim, name=f"{spec.name}_embedding"))
+
+    def call(self, row: tf.Tensor) -> list[tf.Tensor]:
+        out = []
+        for spec, table, embedding in zip(self.specs, self.tables, self.embeddings):
+            value = tf.gather(table, row)
+            if spec.kind == "numbers":
+                out.append(value)
+            elif spec.kind in ("category", "number"):
+                out.append(embedding(value))
+            else:  # categories: sum (a multi-hot projection); text: mean over the words
+                mask = tf.cast(value > 0, tf.float32)
+                pooled = tf.einsum("bt,btd->bd", mask, embedding(value))
+                if spec.kind == "text":
+                    pooled /= tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+                out.append(pooled)
+        return out
+
+
 class QueryTower(keras.Model):
-    """user_id string [B] -> embedding [B, D]; unknown users map to the out-of-vocabulary row."""
+    """user_id string [B] -> embedding [B, D].
+
+    Inputs: the user's ID embedding (the shared cold row for users without training interactions),
+    their side features from the schema, and a mean-pooled embedding of their training history. A
+    user not in the files maps to row 0: no features, no history."""
 
     def __init__(self, tables: features.FeatureTables, config: RetrievalConfig,
                  history_embedding: keras.layers.Embedding | None = None, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.lookup = keras.layers.StringLookup(vocabulary=list(tables.user_ids), mask_token=None)
-        # Row 0 of every table is the out-of-vocabulary user: no history, unknown demographics.
-        self.age = tf.constant(np.concatenate([[0], tables.user_age + 1]), tf.int32)
-        self.gender = tf.constant(np.concatenate([[0], tables.user_gender + 1]), tf.int32)
-        self.occupation = tf.constant(np.concatenate([[0], tables.user_occupation + 1]), tf.int32)
+        self.id_row = tf.constant(np.concatenate([[0], tables.user_id_row]).astype(np.int32))
         self.history = tf.constant(np.concatenate(
             [np.zeros((1, tables.history.shape[1]), np.int32), tables.history[:, :config.history_length]]))
         regularizer = keras.regularizers.l2(config.l2)
         self.user_embedding = keras.layers.Embedding(
-            len(tables.user_ids) + 1, config.id_dim, embeddings_regularizer=regularizer)
-        self.age_embedding = keras.layers.Embedding(len(features.AGE_BOUNDARIES) + 2, config.side_dim)
-        self.gender_embedding = keras.layers.Embedding(3, config.side_dim)
-        self.occupation_embedding = keras.layers.Embedding(len(tables.occupations) + 1, config.side_dim)
+            tables.num_user_ids, config.id_dim, embeddings_regularizer=regularizer)
+        self.side = SideFeatures(tables, "user", config.side_dim)
         self.history_embedding = history_embedding or keras.layers.Embedding(
             len(tables.item_ids) + 1, config.id_dim, embeddings_regularizer=regularizer)
         self.mlp = keras.Sequential([keras.layers.Dense(config.hidden, activation="gelu"),
@@ -72,60 +108,52 @@ class QueryTower(keras.Model):
              training: bool = False) -> tf.Tensor:
         """`exclude_item` (item row + 1, [B]) hides the training target from its own history."""
         row = self.lookup(user_id)
+        id_row = tf.gather(self.id_row, row)
         history = tf.gather(self.history, row)  # [B, H]
         keep = history > 0
         if exclude_item is not None:
             keep &= history != tf.cast(exclude_item, history.dtype)[:, None]
         if training and self.config.history_dropout > 0:
             keep &= tf.random.uniform(tf.shape(history)) >= self.config.history_dropout
+        if training and self.config.cold_user_dropout > 0:
+            # A share of examples is seen as a new user: no ID, no history, features only.
+            cold = tf.random.uniform(tf.shape(row)) < self.config.cold_user_dropout
+            id_row = tf.where(cold, tf.zeros_like(id_row), id_row)
+            keep &= ~cold[:, None]
         weights = tf.cast(keep, tf.float32)
         pooled = tf.einsum("bh,bhd->bd", weights, self.history_embedding(history))
         pooled /= tf.maximum(tf.reduce_sum(weights, axis=1, keepdims=True), 1.0)  # [B, id_dim]
-        x = tf.concat([
-            self.user_embedding(row),
-            self.age_embedding(tf.gather(self.age, row)),
-            self.gender_embedding(tf.gather(self.gender, row)),
-            self.occupation_embedding(tf.gather(self.occupation, row)),
-            pooled,
-        ], axis=1)
+        x = tf.concat([self.user_embedding(id_row), *self.side(row), pooled], axis=1)
         return tf.math.l2_normalize(self.mlp(x), axis=1)
 
 
 class CandidateTower(keras.Model):
-    """item_id string [B] -> embedding [B, D]."""
+    """item_id string [B] -> embedding [B, D]: the item's ID embedding (the shared cold row for
+    items without training interactions) and its side features from the schema."""
 
     def __init__(self, tables: features.FeatureTables, config: RetrievalConfig, **kwargs):
         super().__init__(**kwargs)
+        self.config = config
         self.lookup = keras.layers.StringLookup(vocabulary=list(tables.item_ids), mask_token=None)
-        zero_row = lambda table: np.concatenate([np.zeros((1,) + table.shape[1:], table.dtype), table])
-        self.genres = tf.constant(zero_row(tables.item_genres))
-        self.year = tf.constant(zero_row(tables.item_year))
-        self.title = tf.constant(zero_row(tables.item_title))
+        self.id_row = tf.constant(np.concatenate([[0], tables.item_id_row]).astype(np.int32))
         regularizer = keras.regularizers.l2(config.l2)
         self.item_embedding = keras.layers.Embedding(
-            len(tables.item_ids) + 1, config.id_dim, embeddings_regularizer=regularizer)
-        self.genre_projection = keras.layers.Dense(config.side_dim, use_bias=False)
-        self.year_embedding = keras.layers.Embedding(tables.num_year_buckets, config.side_dim)
-        self.title_embedding = keras.layers.Embedding(
-            len(tables.title_vocabulary) + 2, config.side_dim, mask_zero=True)
+            tables.num_item_ids, config.id_dim, embeddings_regularizer=regularizer)
+        self.side = SideFeatures(tables, "item", config.side_dim)
         self.mlp = keras.Sequential([keras.layers.Dense(config.hidden, activation="gelu"),
                                      keras.layers.Dense(config.embedding_dim)])
 
     def call(self, item_id: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return self.embed_rows(self.lookup(item_id))
+        return self.embed_rows(self.lookup(item_id), training=training)
 
-    def embed_rows(self, row: tf.Tensor) -> tf.Tensor:
+    def embed_rows(self, row: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Embeds items by row + 1 (the lookup's output), skipping the string lookup."""
-        title = tf.gather(self.title, row)  # [B, T]
-        title_mask = tf.cast(title > 0, tf.float32)
-        title_vector = tf.einsum("bt,btd->bd", title_mask, self.title_embedding(title))
-        title_vector /= tf.maximum(tf.reduce_sum(title_mask, axis=1, keepdims=True), 1.0)
-        x = tf.concat([
-            self.item_embedding(row),
-            self.genre_projection(tf.gather(self.genres, row)),
-            self.year_embedding(tf.gather(self.year, row)),
-            title_vector,
-        ], axis=1)
+        id_row = tf.gather(self.id_row, row)
+        if training and self.config.cold_item_dropout > 0:
+            # A share of examples is seen as a new item: its features without its ID.
+            cold = tf.random.uniform(tf.shape(row)) < self.config.cold_item_dropout
+            id_row = tf.where(cold, tf.zeros_like(id_row), id_row)
+        x = tf.concat([self.item_embedding(id_row), *self.side(row)], axis=1)
         return tf.math.l2_normalize(self.mlp(x), axis=1)
 
 

@@ -32,30 +32,49 @@ WEIGHTS = "checkpoints/final"
 METRICS_FILE = "metrics.json"
 
 
-def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where a run's data comes from and how it is split; stored in the run's config."""
+
+    data_dir: str
+    card: str | None = None  # a card file overriding the folder's own
+    split: str | None = None  # protocol; None: the card's default (pre-split folders: the files)
+    test_share: float = 0.2
+    seed: int = 42  # the split's seed (random, cold-items)
+
+    def load(self) -> tuple[data.Dataset, data.Split]:
+        dataset = data.load(self.data_dir, self.card)
+        return dataset, dataset.split(self.split, self.test_share, self.seed)
+
+
+def train(data_dir: str | os.PathLike | DataConfig, run_dir: str | os.PathLike,
           config: model.RetrievalConfig = model.RetrievalConfig(),
           strategy: tf.distribute.Strategy | None = None, holdout: int = 0,
-          train_size: int = 80_000, verbose: int | None = None) -> model.RetrievalModel:
-    """Trains on the benchmark split's training rows and writes the run directory.
+          verbose: int | None = None) -> model.RetrievalModel:
+    """Trains on the split's training rows and writes the run directory.
 
-    `holdout` > 0 keeps the last `holdout` training rows out as a validation set (for tuning; the
-    test split is never used here) and records their metrics as `validation`. `train_size` is the
-    protocol's 80,000; tests pass a smaller one for their tiny data.
+    `data_dir` is a dataset folder (its card's default protocol) or a `DataConfig`. `holdout` > 0
+    keeps the last `holdout` training rows out as a validation set (for tuning; the test split is
+    never used here) and records their metrics as `validation`.
     """
+    source = data_dir if isinstance(data_dir, DataConfig) else DataConfig(str(data_dir))
+    source = dataclasses.replace(source, data_dir=str(pathlib.Path(source.data_dir).resolve()),
+                                 card=str(pathlib.Path(source.card).resolve()) if source.card else None)
     strategy = strategy or tf.distribute.get_strategy()
     chief = strategy.extended.should_checkpoint  # False only on non-chief multi-worker tasks
     run = pathlib.Path(run_dir)
     if not chief:  # other workers write to a scratch folder that is removed at the end
         run = run / f".worker-{strategy.cluster_resolver.task_id}"
     run.mkdir(parents=True, exist_ok=True)
-    movielens = data.load_movielens(data_dir)
-    split = data.benchmark_split(movielens.ratings, train_size=train_size)
+    dataset, split = source.load()
+    if not 0 <= holdout < len(split.train):
+        raise ValueError(f"holdout must be between 0 and {len(split.train) - 1} (training rows), "
+                         f"got {holdout}")
     train_rows = split.train.take(np.arange(len(split.train) - holdout))
-    tables = features.build_tables(movielens, train_rows, config.history_length)
+    tables = features.build_tables(dataset, train_rows, config.history_length)
     tables.save(run / TABLES_FILE)
-    record = {"data_dir": str(pathlib.Path(data_dir).resolve()), "train_size": train_size,
-              "holdout": holdout,
-              **dataclasses.asdict(config)}
+    record = {"data": {**dataclasses.asdict(source), "protocol": split.protocol},
+              "holdout": holdout, **dataclasses.asdict(config)}
     fetch.write_atomic(run / CONFIG_FILE, json.dumps(record, indent=2).encode())
 
     tf.keras.utils.set_random_seed(config.seed)
@@ -84,7 +103,7 @@ def train(data_dir: str | os.PathLike, run_dir: str | os.PathLike,
     if holdout:
         result["validation"] = evaluate_model(retrieval, tables, validation)
         result["validation_per_epoch"] = callbacks[0].history
-    _update_metrics(run, result)
+    update_metrics(run, result)
     if not chief:
         shutil.rmtree(run, ignore_errors=True)
     return retrieval
@@ -130,6 +149,22 @@ def training_dataset(rows: data.Ratings, config: model.RetrievalConfig) -> tf.da
             .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
 
 
+def data_config(run_dir: str | os.PathLike) -> DataConfig:
+    """The data source and split a run was trained on."""
+    run = pathlib.Path(run_dir)
+    path = run / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; train first with `cascade train retrieval "
+                                f"--data DIR --run {run}`")
+    record = json.loads(path.read_text())["data"]
+    return DataConfig(**{k: v for k, v in record.items() if k != "protocol"})
+
+
+def run_data(run_dir: str | os.PathLike) -> tuple[data.Dataset, data.Split]:
+    """The dataset and split of a run, exactly as it was trained (test rows included)."""
+    return data_config(run_dir).load()
+
+
 def load_run(run_dir: str | os.PathLike) -> tuple[model.RetrievalModel, features.FeatureTables]:
     """Rebuilds the trained model of a run directory from its config, tables and final weights."""
     run = pathlib.Path(run_dir)
@@ -159,21 +194,18 @@ def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTabl
                    test: data.Ratings, ks: tuple[int, ...] = (10, 50, 100)) -> dict[str, float]:
     """Hit rate / Recall / NDCG of the model on `test`, training items excluded."""
     queries, candidates = embeddings(retrieval, tables)
-    users, items, seen = _test_rows(tables, test)
+    users, items, seen = test_rows(tables, test)
     return metrics.evaluate(queries @ candidates.T, users, items, seen, ks)
 
 
 def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100),
                  with_peers: bool = True) -> dict:
-    """Evaluates a run on the benchmark test split beside popularity, ALS and EASE; writes
-    metrics.json."""
+    """Evaluates a run on its test split beside popularity, ALS and EASE; writes metrics.json."""
     run = pathlib.Path(run_dir)
     retrieval, tables = load_run(run)
-    record = json.loads((run / CONFIG_FILE).read_text())
-    movielens = data.load_movielens(record["data_dir"])
-    test = data.benchmark_split(movielens.ratings, train_size=record["train_size"]).test
+    test = run_data(run)[1].test
     queries, candidates = embeddings(retrieval, tables)
-    users, items, seen = _test_rows(tables, test)
+    users, items, seen = test_rows(tables, test)
     scores = queries @ candidates.T
     table = {
         "cascade_retrieval": metrics.evaluate(scores, users, items, seen, ks),
@@ -183,7 +215,7 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
         table["popularity"] = metrics.evaluate(peers.popularity_scores(seen), users, items, seen, ks)
         table["als"] = metrics.evaluate(peers.als_scores(seen), users, items, seen, ks)
         table["ease"] = metrics.evaluate(peers.ease_scores(seen), users, items, seen, ks)
-    _update_metrics(run, {"test": table})
+    update_metrics(run, {"test": table})
     return table
 
 
@@ -196,18 +228,18 @@ def format_table(table: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 
     return "\n".join(lines)
 
 
-def _test_rows(tables: features.FeatureTables, test: data.Ratings):
+def test_rows(tables: features.FeatureTables, test: data.Ratings):
     user_row = {u: r for r, u in enumerate(tables.user_ids)}
     item_row = {i: r for r, i in enumerate(tables.item_ids)}
     users = np.array([user_row[u] for u in test.user_id])
     items = np.array([item_row[i] for i in test.item_id])
-    seen = np.zeros((len(tables.user_ids), len(tables.item_ids)), bool)
+    seen = np.zeros((len(tables.user_ids), len(tables.item_ids)), bool)  # [U, I]: issue #16
     for row, ids in enumerate(tables.seen):
         seen[row, [item_row[i] for i in ids if i != features.PAD]] = True
     return users, items, seen
 
 
-def _update_metrics(run: pathlib.Path, update: dict, section: str | None = None) -> None:
+def update_metrics(run: pathlib.Path, update: dict, section: str | None = None) -> None:
     """Merges `update` into `<run>/metrics.json` (into its `section` when given), keeping the rest."""
     path = run / METRICS_FILE
     current = json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,120 @@
+"""Evaluation protocols: how a dataset that is not pre-split becomes train and test rows.
+
+- `random`: the TFRS-tutorial split, a seeded `tf.data` shuffle of the rows, the first
+  (1 - test_share) train. On MovieLens-100K (100,000 rows, share 0.2, seed 42) this is DESIGN.md's
+  benchmark split bit for bit.
+- `temporal`: a global time cut: rows sorted by timestamp (ties in file order), the newest share
+  is test. Most test users may have no training row at all.
+- `user-temporal`: each user's newest round(share x n_u) rows are test, at most n_u - 1 (every
+  user keeps a training row; a user with one row has no test row).
+- `cold-items`: a seeded round(share x items) of the items that occur in interactions is held
+  out with all their interactions: test items never occur in training.
+
+Train rows keep file order except under `random` (shuffled order) and `temporal` (time order), so
+the last training rows, which `--holdout` takes for validation, are a random sample or the newest.
+`write_split` writes any split as RecBole pre-split files, so other tools score the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from towers import data, fetch
+
+PROTOCOLS = ("random", "temporal", "user-temporal", "cold-items")
+
+
+def split(dataset: data.Dataset, protocol: str, test_share: float = 0.2, seed: int = 42) -> data.Split:
+    if protocol not in PROTOCOLS:
+        raise data.DataError(f"unknown split protocol {protocol!r}; expected one of "
+                             f"{', '.join(PROTOCOLS)}")
+    if not 0.0 < test_share < 1.0:
+        raise data.DataError(f"--test-share must be between 0 and 1, got {test_share}")
+    rows = dataset.interactions
+    if protocol in ("temporal", "user-temporal") and not dataset.has_time:
+        raise data.DataError(f"{dataset.path}: --split {protocol} needs a timestamp field; "
+                             f"{dataset.name}.inter has none (a card's fields.timestamp can name it)")
+    order = {"random": random_order, "temporal": temporal_order,
+             "user-temporal": user_temporal_order, "cold-items": cold_items_order}[protocol]
+    train, test = order(rows, test_share, seed)
+    if not len(train) or not len(test):
+        raise data.DataError(f"--split {protocol} --test-share {test_share} leaves "
+                             f"{len(train)} training and {len(test)} test rows; both must be non-empty")
+    return data.Split(rows.take(train), rows.take(test), protocol, train_index=train,
+                      test_index=test)
+
+
+def random_order(rows: data.Interactions, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`Dataset.range(n).shuffle(n, seed, reshuffle_each_iteration=False)`, the first part train.
+
+    `Dataset.shuffle` permutes positions independently of the element values, so shuffling row
+    indices gives exactly the order that shuffling the rows would. It runs in a fresh graph: its
+    seed pair also depends on TensorFlow's global seed, and the protocol is defined with none set,
+    so a `tf.random.set_seed` elsewhere in the process (Keras training does one) must not move it.
+    With a buffer of at least n the shuffle is uniform, and 100,000 (the tutorial's) equals n on
+    MovieLens-100K.
+    """
+    import tensorflow as tf  # only this protocol pays for TensorFlow
+
+    n = len(rows)
+    with tf.Graph().as_default():
+        shuffled = tf.data.Dataset.range(n).shuffle(max(n, 100_000), seed=seed,
+                                                    reshuffle_each_iteration=False)
+        everything = shuffled.batch(n).get_single_element()
+        with tf.compat.v1.Session() as session:
+            order = session.run(everything)
+    cut = n - int(round(n * test_share))
+    return order[:cut], order[cut:]
+
+
+def temporal_order(rows: data.Interactions, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(rows.timestamp, kind="stable")
+    cut = len(rows) - int(round(len(rows) * test_share))
+    return order[:cut], order[cut:]
+
+
+def user_temporal_order(rows: data.Interactions, test_share: float,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # Sort by (user, time, file position); each user's block ends with their newest rows.
+    users, inverse = np.unique(rows.user_id, return_inverse=True)
+    order = np.lexsort((np.arange(len(rows)), rows.timestamp, inverse))
+    counts = np.bincount(inverse, minlength=len(users))
+    held = np.minimum(np.floor(counts * test_share + 0.5).astype(np.int64), counts - 1)
+    ends = np.cumsum(counts)
+    position = np.arange(len(rows)) - np.repeat(ends - counts, counts)  # rank within the user
+    is_test_sorted = position >= np.repeat(counts - held, counts)
+    is_test = np.zeros(len(rows), bool)
+    is_test[order] = is_test_sorted
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def cold_items_order(rows: data.Interactions, test_share: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    items = np.array(sorted(set(rows.item_id), key=data.id_key))
+    held = items[np.random.default_rng(seed).permutation(len(items))[:int(round(len(items) * test_share))]]
+    is_test = np.isin(rows.item_id, held)
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def write_split(dataset: data.Dataset, split: data.Split, out: str | os.PathLike) -> pathlib.Path:
+    """Writes `<name>.train.inter` and `<name>.test.inter` (plus the item/user files and card) to
+    `out`: the source's own lines and header, so any RecBole-format tool reads the same rows.
+    Each file is written to a temporary name and renamed into place."""
+    if split.train_index is None or dataset.lines is None:
+        raise data.DataError(f"{dataset.path}: already pre-split; nothing to write")
+    out = pathlib.Path(out)
+    if out.resolve() == dataset.path.resolve():
+        raise data.DataError(f"{out}: write the split to another folder than the dataset's own")
+    lines = (dataset.path / f"{dataset.name}.inter").read_text(encoding="utf-8").split("\n")
+    for part, index in (("train", split.train_index), ("test", split.test_index)):
+        chosen = [lines[number - 1].rstrip("\r") for number in dataset.lines[index]]
+        payload = "\n".join([lines[0].rstrip("\r"), *chosen]) + "\n"
+        fetch.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
+    for suffix in (".item", ".user", ".yaml", ".yml", ".json"):
+        path = dataset.path / f"{dataset.name}{suffix}"
+        if path.exists():
+            fetch.write_atomic(out / path.name, path.read_bytes())
+    return out
