@@ -1,16 +1,19 @@
 """The grounded copy corpus: what the copywriter reads (a prompt of facts) and learns to write.
 
-How the corpus is made. Every example is one (user, item) rating of the benchmark split's
+How the corpus is made. Every example is one (user, item) interaction of the run's split's
 *training* rows; nothing from the test split is read. The prompt holds only facts: the item's
-title, year and genres from the catalog, and two or three titles the user rated highly (4 or 5
-stars) in training data, drawn from their eight best (by rating, then most recent, then item
-ID), never the item itself; about one prompt in twelve has no liked titles, as an unknown user's
-has at serving time (which uses the user's best three). The target is one line of copy written
-from that prompt by templates: 71 sentence frames (21 without the user's titles, 32 with one, 13
-with two, 5 with three), whose slots are filled from pools of phrasings: the genres (adjective
-and noun forms of one or two of the item's genres, 2-5 of each per genre), the year (15 forms
-such as `from 1995`, `released in 1995`, and the era, `mid-'90s`), verbs and connecting phrases
-(9-22 each).
+title, year and categories (`data.ItemFacts`, from the dataset card's `text` fields), and two or
+three titles the user liked in training data, drawn from their eight best, never the item
+itself; about one prompt in twelve has no liked titles, as an unknown user's has at serving time
+(which uses the user's best three). "Liked" is a rating of 4 or more (MovieLens: 4 or 5 stars),
+best first by rating, then most recent, then item ID; on implicit feedback (every rating 1) it is
+the user's newest interactions. The target is one line of copy written from that prompt by
+templates: 71 sentence frames (21 without the user's titles, 32 with one, 13 with two, 5 with
+three), whose slots are filled from pools of phrasings: the categories (adjective and noun forms
+of one or two of the item's categories: 2-5 of each for a MovieLens genre, `GENRE_WORDS`, the
+lower-cased category word itself for any other), the year (15 forms such as `from 1995`,
+`released in 1995`, and the era, `mid-'90s`; left out when unknown), verbs and connecting
+phrases (9-22 each).
 A seeded `random.Random` makes every choice, so the same seed gives the same corpus. Titles are
 in display form (`The Usual Suspects` for the catalog's `Usual Suspects, The`).
 
@@ -27,15 +30,18 @@ What it means for quality. The copywriter learns to restate facts it is given, i
 the templates: it cannot say anything true that the prompt does not hold (plot, cast, why the
 film is good), and its variety is bounded by the template pools, which the sampler recombines
 but does not extend. Its copy is grounded in the sense checked here: the item's title present,
-and no other catalog title that is not in the prompt. Genres and years are copied from the
-prompt by the model and are not checked, so a wrong genre word is possible, though rare. A
+and no other catalog title that is not in the prompt. Categories and years are copied from the
+prompt by the model and are not checked, so a wrong category word is possible, though rare. A
 pretrained GPT-2 fine-tuned on this corpus keeps more fluent English but learns the same frames.
 
 The grounding check: a copy line passes when it names the item's title and names no catalog
 title outside the prompt. Titles are found case-sensitively, with word boundaries where a title
 begins or ends with a letter or digit, longest titles first, so `Fear` is not found inside
 `Primal Fear` (`TitleMatcher`). The same patterns run in Python (`re`) and in the exported graph
-(RE2), with the same semantics. Every corpus line passes the check, by construction and checked.
+(RE2), with the same semantics. Every corpus line passes the check, checked as it is drawn (a
+line that reads a catalog title into a frame or pool phrase is drawn again). Copy and fallback
+lines use only the categories whose lower-cased word holds no catalog title (`spoken`; MovieLens's
+genre `unknown` is item 267's title), so the fallback line is grounded by construction.
 """
 
 from __future__ import annotations
@@ -49,11 +55,16 @@ import numpy as np
 
 from towers import data
 
-HIGH_RATING = 4.0  # "rated highly": 4 or 5 stars
+HIGH_RATING = 4.0  # "liked" on explicit feedback (MovieLens: 4 or 5 stars); implicit: any row
 LIKED_POOL = 8  # training prompts draw their liked titles from the user's best this many
 MAX_LIKED = 3  # titles in a prompt; serving uses the user's best MAX_LIKED
 NO_LIKED_RATE = 1 / 12  # share of training prompts without liked titles (cold-start users)
 PROMPT_HEAD = "Liked:"
+# The prompt's words before the item's title and its categories, for any catalog: the words the
+# ML-100K models were trained and measured with.
+ITEM_HEAD = "Film:"
+CATEGORIES_HEAD = "Genres:"
+MAX_DRAWS = 20  # draws of one corpus line that may fail the grounding check before it is an error
 # Slot tokens: the copy names titles through these, and serving puts the title (with its leading
 # space) in their place, so a title is never spelled by the model (see the module docstring).
 TITLE_SLOT = "<|title|>"
@@ -61,7 +72,10 @@ LIKED_SLOTS = ("<|liked1|>", "<|liked2|>", "<|liked3|>")
 SLOTS = (TITLE_SLOT, *LIKED_SLOTS)
 _ARTICLES = ("The", "A", "An", "Il", "La", "Le", "Les", "Das", "Der", "Die", "El", "Lo")
 
-# Adjective and noun phrasings of each genre (GroupLens names).
+# Adjective and noun phrasings of an item with no category the copy may say.
+NO_CATEGORY_WORDS = (("offbeat", "curious"), ("film", "movie", "oddity"))
+# Adjective and noun phrasings of each MovieLens genre (GroupLens names); any other category is
+# phrased with its own word (`category_words`).
 GENRE_WORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Action": (("action-packed", "action", "explosive", "high-octane"),
                ("action film", "action movie", "actioner", "action ride")),
@@ -99,12 +113,13 @@ GENRE_WORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             ("war film", "war story", "war epic", "battle saga")),
     "Western": (("western", "frontier", "dusty", "gunslinging"),
                 ("western", "oater", "frontier tale", "horse opera")),
-    "unknown": (("offbeat", "curious"), ("film", "movie", "oddity")),
+    "unknown": NO_CATEGORY_WORDS,
 }
+GENERIC_NOUNS = ("pick", "find", "favorite")  # noun phrasings of another category: `jazz pick`
 _NOUNS = ("film", "movie", "picture", "feature", "flick", "gem", "treat", "pick", "outing",
           "crowd-pleaser", "watch", "ride")
 
-# Sentence frames. {T}: the item's title; {L}, {L2}: liked titles; {ag}/{g}: genre phrase with
+# Sentence frames. {T}: the item's title; {L}, {L2}: liked titles; {ag}/{g}: category phrase with
 # and without article; {y}: " from 1995"-style year phrase (empty when the year is unknown);
 # {py}: " (1995)"; {era}: "mid-'90s "; {L3}: a third liked title; the rest are phrasing pools.
 FRAMES_NONE = (
@@ -257,49 +272,62 @@ def display_title(title: str) -> str:
     return f"{match.group(2)} {match.group(1)}{match.group(3) or ''}"
 
 
-def top_items(ratings: data.Ratings, count: int = LIKED_POOL,
-              min_rating: float = HIGH_RATING) -> dict[str, tuple[str, ...]]:
-    """Each user's best-rated training items (rating >= `min_rating`), best first: by rating,
-    then the most recent, then item ID; users without one are left out."""
-    order = sorted(range(len(ratings)),
-                   key=lambda r: (-ratings.rating[r], -ratings.timestamp[r], ratings.item_id[r]))
+def catalog(dataset: data.Dataset) -> dict[str, data.ItemFacts]:
+    """Every item's facts (title, year, categories) by ID, in ID order: what prompts, titles and
+    fallback lines are made of. Empty category values are dropped."""
+    ids = [str(item) for item in dataset.item_ids()]
+    return {fact.item_id: dataclasses.replace(
+        fact, categories=tuple(category for category in fact.categories if category))
+        for fact in dataset.facts(ids)}
+
+
+def top_items(train: data.Interactions, count: int = LIKED_POOL,
+              implicit: bool = False) -> dict[str, tuple[str, ...]]:
+    """Each user's liked training items, best first, at most `count`, each item once; users
+    without one are left out. Explicit feedback: ratings of at least HIGH_RATING, by rating, then
+    the most recent, then item ID. Implicit feedback (every rating 1): the newest interactions."""
+    ratings, times, items, users = (train.rating.tolist(), train.timestamp.tolist(),
+                                    train.item_id.tolist(), train.user_id.tolist())
+    order = sorted(range(len(train)), key=lambda r: (-ratings[r], -times[r], items[r]))
     best: dict[str, list[str]] = {}
     for row in order:
-        if ratings.rating[row] >= min_rating:
-            items = best.setdefault(ratings.user_id[row], [])
-            if len(items) < count:
-                items.append(ratings.item_id[row])
-    return {user: tuple(items) for user, items in best.items()}
+        if implicit or ratings[row] >= HIGH_RATING:
+            chosen = best.setdefault(str(users[row]), [])
+            if len(chosen) < count and items[row] not in chosen:
+                chosen.append(str(items[row]))
+    return {user: tuple(chosen) for user, chosen in best.items()}
 
 
-def liked_piece(item: data.Item, position: int) -> str:
+def liked_piece(item: data.ItemFacts, position: int) -> str:
     """A liked title as the prompt holds it, after the slot token that names it in the copy."""
     return f"{LIKED_SLOTS[position]} {display_title(item.title)};"
 
 
-def film_piece(item: data.Item) -> str:
-    """The item's facts as the prompt holds them; the model writes its copy after this."""
+def film_piece(item: data.ItemFacts) -> str:
+    """The item's facts as the prompt holds them; the model writes its copy after this. A year or
+    categories the item lacks are left out."""
     year = "" if item.year == data.UNKNOWN_YEAR else f" ({item.year})"
-    return (f" Film:{TITLE_SLOT} {display_title(item.title)}{year}. "
-            f"Genres: {', '.join(item.genres)}. Copy:")
+    categories = f" {CATEGORIES_HEAD} {', '.join(item.categories)}." if item.categories else ""
+    return f" {ITEM_HEAD}{TITLE_SLOT} {display_title(item.title)}{year}.{categories} Copy:"
 
 
-def prompt_pieces(item: data.Item, liked: list[data.Item]) -> list[str]:
+def prompt_pieces(item: data.ItemFacts, liked: list[data.ItemFacts]) -> list[str]:
     """The prompt as pieces that are tokenized one by one and concatenated, in training and in the
     exported graph alike (which holds each piece already tokenized)."""
     return [PROMPT_HEAD, *(liked_piece(other, n) for n, other in enumerate(liked)), film_piece(item)]
 
 
-def lexicalize(template: str, item: data.Item, liked: list[data.Item]) -> str:
+def lexicalize(template: str, item: data.ItemFacts, liked: list[data.ItemFacts]) -> str:
     """The copy line: each slot token replaced by its title, with the space the slot stands for."""
     for slot, title in zip(SLOTS, [item, *liked]):
         template = template.replace(slot, " " + display_title(title.title))
     return template.strip()
 
 
-def write_copy(item: data.Item, liked: list[data.Item], rng: random.Random) -> str:
+def write_copy(item: data.ItemFacts, liked: list[data.ItemFacts], rng: random.Random) -> str:
     """One line of copy for `item` that uses its facts and, when there are any, a liked title;
-    titles are slot tokens that stand for " " + the title (`lexicalize` fills them in)."""
+    titles are slot tokens that stand for " " + the title (`lexicalize` fills them in). The
+    item's categories are the ones the copy may say (`spoken`)."""
     # Titles cost one token each to decode, and add the most variety: use liked titles often.
     draw = rng.random()
     frames = (FRAMES_NONE if not liked else FRAMES_THREE if len(liked) >= 3 and draw < 0.2
@@ -307,14 +335,14 @@ def write_copy(item: data.Item, liked: list[data.Item], rng: random.Random) -> s
     frame = rng.choice(frames)
     first, second, third = [*rng.sample(range(len(liked)), len(liked)), None, None, None][:3]
     slots = {name: rng.choice(pool) for name, pool in POOLS.items()}
-    genre, with_article = genre_phrase(item, rng)
+    phrase, with_article = category_phrase(item, rng)
     known = item.year != data.UNKNOWN_YEAR
     slots.update(
-        T=TITLE_SLOT, g=genre, ag=with_article,
+        T=TITLE_SLOT, g=phrase, ag=with_article,
         ag_cap=with_article[0].upper() + with_article[1:],
         y=rng.choice(YEARS).format(item.year) if known else "",
         py=f" ({item.year})" if known else "", era=f"{era(item.year)} " if known else "",
-        aeg=article(f"{era(item.year)} {genre}" if known else genre),
+        aeg=article(f"{era(item.year)} {phrase}" if known else phrase),
         L=LIKED_SLOTS[first] if first is not None else "",
         L2=LIKED_SLOTS[second] if second is not None else "",
         L3=LIKED_SLOTS[third] if third is not None else "")
@@ -324,16 +352,26 @@ def write_copy(item: data.Item, liked: list[data.Item], rng: random.Random) -> s
     return (" " + line).replace(" <|", "<|")
 
 
-def genre_phrase(item: data.Item, rng: random.Random) -> tuple[str, str]:
-    """(`sci-fi thriller`, `a sci-fi thriller`) from one or two of the item's genres."""
-    genres = list(item.genres) or ["unknown"]
-    if len(genres) >= 2 and rng.random() < 0.6:
-        first, second = rng.sample(genres, 2)
-        phrase = f"{rng.choice(GENRE_WORDS[first][0])} {rng.choice(GENRE_WORDS[second][1])}"
+def category_words(category: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(adjectives, nouns) for one category: `GENRE_WORDS`' for a MovieLens genre, else the
+    lower-cased category word itself (`Jazz` -> `jazz`, `jazz pick`), so any catalog has copy."""
+    if category in GENRE_WORDS:
+        return GENRE_WORDS[category]
+    word = category.lower()
+    return (word,), tuple(f"{word} {noun}" for noun in GENERIC_NOUNS)
+
+
+def category_phrase(item: data.ItemFacts, rng: random.Random) -> tuple[str, str]:
+    """(`sci-fi thriller`, `a sci-fi thriller`) from one or two of the item's categories;
+    `NO_CATEGORY_WORDS` when it has none."""
+    words = [category_words(category) for category in item.categories] or [NO_CATEGORY_WORDS]
+    if len(words) >= 2 and rng.random() < 0.6:
+        first, second = rng.sample(words, 2)
+        phrase = f"{rng.choice(first[0])} {rng.choice(second[1])}"
     elif rng.random() < 0.5:
-        phrase = rng.choice(GENRE_WORDS[rng.choice(genres)][1])
+        phrase = rng.choice(rng.choice(words)[1])
     else:
-        phrase = f"{rng.choice(GENRE_WORDS[rng.choice(genres)][0])} {rng.choice(_NOUNS)}"
+        phrase = f"{rng.choice(rng.choice(words)[0])} {rng.choice(_NOUNS)}"
     return phrase, article(phrase)
 
 
@@ -350,45 +388,60 @@ def era(year: str) -> str:
     return f"{part}-'{decade % 100:02d}s" if decade < 2000 else f"{part} {decade}s"
 
 
-def fallback_line(item: data.Item, liked: list[data.Item]) -> str:
+def spoken(item: data.ItemFacts, matcher: TitleMatcher) -> data.ItemFacts:
+    """`item` with only the categories whose lower-cased word holds no catalog title, the ones
+    copy may say: MovieLens's genre `unknown` is also a title (item 267), so it is left out."""
+    return dataclasses.replace(item, categories=tuple(
+        category for category in item.categories if matcher.speakable(category.lower())))
+
+
+def fallback_line(item: data.ItemFacts, liked: list[data.ItemFacts], matcher: TitleMatcher) -> str:
     """The deterministic line served when a generation fails the check; grounded by construction."""
-    return item_fallback(item) + (user_fallback(liked[0]) if liked else "")
+    return item_fallback(item, matcher) + (user_fallback(liked[0]) if liked else "")
 
 
-def item_fallback(item: data.Item) -> str:
-    """The item's part of the fallback line: `Toy Story (1995): animation, children's, comedy.`"""
+def item_fallback(item: data.ItemFacts, matcher: TitleMatcher) -> str:
+    """The item's part of the fallback line: `Toy Story (1995): animation, children's, comedy.`;
+    without a year or categories, `Night Ferry.`"""
     year = "" if item.year == data.UNKNOWN_YEAR else f" ({item.year})"
-    # "unknown" is a genre and also a catalog title (item 267), so it is left out.
-    genres = ", ".join(genre for genre in item.genres if genre != "unknown").lower()
-    return f"{display_title(item.title)}{year}" + (f": {genres}." if genres else ".")
+    categories = ", ".join(spoken(item, matcher).categories).lower()
+    return f"{display_title(item.title)}{year}" + (f": {categories}." if categories else ".")
 
 
-def user_fallback(liked: data.Item) -> str:
+def user_fallback(liked: data.ItemFacts) -> str:
     """The user's part of the fallback line, after the item's."""
     return f" Picked for fans of {display_title(liked.title)}."
 
 
-def build_corpus(movielens: data.MovieLens, train: data.Ratings, size: int,
+def build_corpus(dataset: data.Dataset, train: data.Interactions, size: int,
                  seed: int = 42) -> list[CopyExample]:
-    """`size` examples from training ratings, in a seeded random order (see the module docstring)."""
+    """`size` examples from the training rows `train` of `dataset`, in a seeded random order (see
+    the module docstring)."""
     rng = random.Random(seed)
-    best = top_items(train)
+    items = catalog(dataset)
+    best = top_items(train, implicit=dataset.implicit)
     rows = list(range(len(train)))
     rng.shuffle(rows)
-    matcher = TitleMatcher(movielens.items)
+    matcher = TitleMatcher(items)
     corpus = []
     for row in rows[:size]:
-        user, item_id = train.user_id[row], train.item_id[row]
+        user, item_id = str(train.user_id[row]), str(train.item_id[row])
         pool = [other for other in best.get(user, ()) if other != item_id]
         count = 0 if rng.random() < NO_LIKED_RATE else rng.choice((2, 3))
         liked = rng.sample(pool, min(count, len(pool)))
-        item = movielens.items[item_id]
-        liked_items = [movielens.items[i] for i in liked]
-        template = write_copy(item, liked_items, rng)
-        target = lexicalize(template, item, liked_items)
-        present, foreign = matcher.check(target, item_id, liked)
-        if not present or foreign:  # a frame or pool phrase that reads as a title: fix the pools
-            raise ValueError(f"corpus line fails the grounding check (title present: {present}, "
+        item = items[item_id]
+        liked_items = [items[i] for i in liked]
+        said = spoken(item, matcher)
+        # A frame or pool phrase can read as a title of another catalog ("Discover"): draw again.
+        for _ in range(MAX_DRAWS):
+            template = write_copy(said, liked_items, rng)
+            target = lexicalize(template, item, liked_items)
+            present, foreign = matcher.check(target, item_id, liked)
+            if present and not foreign:
+                break
+        else:
+            raise ValueError(f"{dataset.path}: no corpus line for item {item_id!r} passes the "
+                             f"grounding check in {MAX_DRAWS} draws (title present: {present}, "
                              f"other titles: {foreign}): {target!r}")
         corpus.append(CopyExample(user, item_id, tuple(liked), template, target))
     return corpus
@@ -406,7 +459,7 @@ class TitleMatcher:
 
     CHUNKS = 4
 
-    def __init__(self, items: dict[str, data.Item]):
+    def __init__(self, items: dict[str, data.ItemFacts]):
         self.item_ids = list(items)
         self.titles = sorted({display_title(item.title) for item in items.values()})
         self.title_index = {title: index for index, title in enumerate(self.titles)}
@@ -416,6 +469,7 @@ class TitleMatcher:
         size = -(-len(ordered) // self.CHUNKS)
         self.chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
         self.passes = [pass_pattern(chunk) for chunk in self.chunks]
+        self._speakable: dict[str, bool] = {}
 
     def titles_in(self, text: str) -> list[str]:
         """The titles found, in text order, none overlapping."""
@@ -427,6 +481,12 @@ class TitleMatcher:
                 text = _compiled(pass_pattern(present)).sub(
                     lambda m: m.group(1) or f"\x01{m.group(2)}\x02", text)
         return re.findall("\x01([^\x02]*)\x02", text)
+
+    def speakable(self, text: str) -> bool:
+        """`text` holds no catalog title (cached: every item asks about the same categories)."""
+        if text not in self._speakable:
+            self._speakable[text] = not self.titles_in(text)
+        return self._speakable[text]
 
     def check(self, text: str, item_id: str, liked) -> tuple[bool, list[str]]:
         """(the item's title is present, the titles found that are not in the prompt)."""
@@ -460,12 +520,12 @@ def distinct_n(lines: list[str], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def benchmark_pairs(test: data.Ratings, count: int, seed: int = 0) -> list[tuple[str, str]]:
+def benchmark_pairs(test: data.Interactions, count: int, seed: int = 0) -> list[tuple[str, str]]:
     """`count` distinct (user, item) pairs of the test split, chosen with a seeded permutation."""
     order = np.random.default_rng(seed).permutation(len(test))
     pairs, seen = [], set()
     for row in order:
-        pair = (test.user_id[row], test.item_id[row])
+        pair = (str(test.user_id[row]), str(test.item_id[row]))
         if pair not in seen:
             seen.add(pair)
             pairs.append(pair)

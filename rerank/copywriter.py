@@ -28,7 +28,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from rerank import copy_corpus
-from towers import data, fetch
+from towers import data
 from towers import train as towers_train
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class CopywriterConfig:
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus; copy lines average ~20 tokens
     dropout: float = 0.0  # a few minutes of training on templated text does not overfit
     # Corpus and training.
-    corpus_size: int = 40_000  # examples drawn from the 80,000 training ratings
+    corpus_size: int = 40_000  # examples drawn from the training rows (ML-100K: 80,000)
     heldout_fraction: float = 0.05  # kept out of training, for perplexity
     epochs: int = 2
     batch_size: int = 64
@@ -138,7 +138,8 @@ class PromptTables:
     row: dict[str, int]  # item ID -> index into the lists above
 
     @classmethod
-    def build(cls, tokenizer, items: dict[str, data.Item]) -> PromptTables:
+    def build(cls, tokenizer, items: dict[str, data.ItemFacts]) -> PromptTables:
+        """From the catalog's facts by ID (`copy_corpus.catalog`)."""
         def encode(texts):
             return tokenizer(texts, add_special_tokens=False)["input_ids"]
         values = list(items.values())
@@ -151,8 +152,8 @@ class PromptTables:
 
     def longest_prompt(self, liked: dict[str, tuple[str, ...]]) -> int:
         """An upper bound on the length of any prompt served with the users' `liked` items."""
-        pieces = max(sum(sorted(len(self.liked[0][self.row[item]]) for item in items)
-                         [-copy_corpus.MAX_LIKED:]) for items in liked.values())
+        pieces = max((sum(sorted(len(self.liked[0][self.row[item]]) for item in items)
+                          [-copy_corpus.MAX_LIKED:]) for items in liked.values()), default=0)
         return len(self.head) + pieces + max(map(len, self.film))
 
     def prompt(self, item_id: str, liked) -> list[int]:
@@ -262,30 +263,26 @@ def perplexity(model, encoded: list[tuple[list[int], int]], eos_id: int,
 # --- Training ------------------------------------------------------------------------------
 
 
-def train_copywriter(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                     config: CopywriterConfig = CopywriterConfig(),
-                     checkpoint: str | os.PathLike | None = None, train_size: int | None = None,
+def train_copywriter(run_dir: str | os.PathLike, config: CopywriterConfig = CopywriterConfig(),
+                     checkpoint: str | os.PathLike | None = None,
                      verbose: int | None = None) -> dict:
-    """Builds the corpus from the training split, trains (or fine-tunes `checkpoint`) and writes
-    `<run_dir>/copywriter/`; returns the training metrics, also recorded in `metrics.json`.
-
-    `data_dir` and `train_size` default to the run's `retrieval_config.json` (else 80,000)."""
+    """Builds the corpus from the training rows of the run's split, trains (or fine-tunes
+    `checkpoint`) and writes `<run_dir>/copywriter/`; returns the training metrics, also recorded
+    in `metrics.json`. The dataset and split are the retrieval run's (`towers.train.run_data`)."""
     run = pathlib.Path(run_dir)
-    data_dir, train_size = _data_source(run, data_dir, train_size)
-    movielens = data.load_movielens(data_dir)
-    split = data.benchmark_split(movielens.ratings, train_size=train_size)
+    dataset, split = towers_train.run_data(run)
     started = time.perf_counter()
-    corpus = copy_corpus.build_corpus(movielens, split.train, config.corpus_size, config.seed)
+    corpus = copy_corpus.build_corpus(dataset, split.train, config.corpus_size, config.seed)
     held = max(1, int(len(corpus) * config.heldout_fraction))
     heldout, corpus = corpus[:held], corpus[held:]
+    items = copy_corpus.catalog(dataset)
     if checkpoint is None:
-        texts = ["".join(copy_corpus.prompt_pieces(
-            movielens.items[e.item_id], [movielens.items[i] for i in e.liked])) + e.template
-            for e in corpus]
+        texts = ["".join(copy_corpus.prompt_pieces(items[e.item_id], [items[i] for i in e.liked]))
+                 + e.template for e in corpus]
         tokenizer = train_tokenizer(texts, config.vocab_size)
     else:
         tokenizer = load_tokenizer(checkpoint)
-    tables = PromptTables.build(tokenizer, movielens.items)
+    tables = PromptTables.build(tokenizer, items)
     encoded = encode_corpus(tokenizer, tables, corpus)
     corpus_seconds = time.perf_counter() - started
 
@@ -294,7 +291,8 @@ def train_copywriter(run_dir: str | os.PathLike, data_dir: str | os.PathLike | N
              else build_model(config, len(tokenizer), tokenizer.eos_token_id))
     if len(tokenizer) > model.config.vocab_size:  # slot tokens added to a checkpoint's tokenizer
         model.resize_token_embeddings(len(tokenizer))
-    served = tables.longest_prompt(copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1))
+    served = tables.longest_prompt(
+        copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit))
     longest = max(max(len(ids) for ids, _ in encoded), served + config.max_new_tokens)
     if longest > model.config.n_positions:
         raise CopywriterError(f"corpus lines and served prompts plus max_new_tokens take up to "
@@ -319,11 +317,11 @@ def train_copywriter(run_dir: str | os.PathLike, data_dir: str | os.PathLike | N
               "epochs": config.epochs, "steps": steps, "examples": len(corpus),
               "parameters": int(model.count_params()), "loss": [float(v) for v in history.history["loss"]],
               "heldout_perplexity": round(heldout_ppl, 3), "checkpoint": str(checkpoint) if checkpoint else None}
-    record = {"data_dir": str(pathlib.Path(data_dir).resolve()), "train_size": train_size,
-              "checkpoint": str(pathlib.Path(checkpoint).resolve()) if checkpoint else None,
+    # The data and split are the run's (retrieval_config.json), so the record holds neither.
+    record = {"checkpoint": str(pathlib.Path(checkpoint).resolve()) if checkpoint else None,
               **dataclasses.asdict(config)}
     _write_run(run, model, tokenizer, heldout, record)
-    towers_train._update_metrics(run, {"training": result}, SUBDIR)
+    towers_train.update_metrics(run, {"training": result}, SUBDIR)
     log.info("copywriter: %d parameters, %.0f s, held-out perplexity %.3f",
              result["parameters"], seconds, heldout_ppl)
     return result
@@ -476,7 +474,7 @@ class Decoder(tf.Module):
 
 def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 10,
                         timing_calls: int = 20) -> dict:
-    """Copy for `pairs` (user, item) pairs of the benchmark test split, written by the served
+    """Copy for `pairs` (user, item) pairs of the run's test split, written by the served
     graph, checked again in Python: grounding before and after the check, hallucinated titles,
     distinct-1/2, held-out perplexity, and latency of the exported SavedModel for one line and
     for one user's 10 items. Records the result in `metrics.json` and returns it."""
@@ -486,7 +484,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
 
     run = pathlib.Path(run_dir)
     loaded = load_run(run)
-    record, model, tokenizer, movielens, split = loaded
+    record, model, tokenizer, dataset, split = loaded
     module = copywriter_export.CopywriterModule.from_run(run, loaded)
     chosen = copy_corpus.benchmark_pairs(split.test, pairs)
     rows = []
@@ -495,8 +493,9 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         out = module.details(tf.constant([u for u, _ in batch]), tf.constant([[i] for _, i in batch]))
         out = {key: value.numpy()[:, 0] for key, value in out.items()}
         rows += [{key: value[n] for key, value in out.items()} for n in range(len(batch))]
-    matcher = copy_corpus.TitleMatcher(movielens.items)
-    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
+    items = copy_corpus.catalog(dataset)
+    matcher = copy_corpus.TitleMatcher(items)
+    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
     lines = []
     for (user, item), row in zip(chosen, rows):
         liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
@@ -513,7 +512,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         return round(float(np.mean([bool(line[key]) for line in lines])), 4)
     heldout = [copy_corpus.CopyExample(**{**e, "liked": tuple(e["liked"])}) for e in map(
         json.loads, (run / SUBDIR / HELDOUT_FILE).read_text().splitlines())]
-    tables = PromptTables.build(tokenizer, movielens.items)
+    tables = PromptTables.build(tokenizer, items)
     # A liked-title slot the prompt lacks names a title the prompt does not hold (it would be
     # served as a hole): counted as a hallucinated title, as a catalog title outside the prompt is.
     for line in lines:
@@ -542,17 +541,19 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         result["latency_ms"] = _latency(str(path), split.test, timing_calls)
     result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "generated", "copy")}
                           for line in lines[:examples]]
-    towers_train._update_metrics(run, {"evaluation": result}, SUBDIR)
+    towers_train.update_metrics(run, {"evaluation": result}, SUBDIR)
     return result
 
 
-def _latency(saved_model: str, test: data.Ratings, calls: int) -> dict:
-    """Median ms of the exported signature: one line per call, and one user's 10 items per call."""
+def _latency(saved_model: str, test: data.Interactions, calls: int) -> dict:
+    """Median ms of the exported signature: one line per call, and one user's 10 items per call
+    (fewer when no test user has 10: `lines_per_user`)."""
     serve = tf.saved_model.load(saved_model).signatures["serving_default"]
     by_user: dict[str, list[str]] = {}
-    for user, item in zip(test.user_id, test.item_id):
+    for user, item in zip(test.user_id.tolist(), test.item_id.tolist()):
         by_user.setdefault(user, []).append(item)
-    users = [user for user, items in sorted(by_user.items()) if len(items) >= 10][:calls]
+    width = min(10, max(map(len, by_user.values())))
+    users = [user for user, items in sorted(by_user.items()) if len(items) >= width][:calls]
 
     def median_ms(requests) -> float:
         serve(**requests[0])  # warm up
@@ -564,10 +565,11 @@ def _latency(saved_model: str, test: data.Ratings, calls: int) -> dict:
         return round(float(np.median(times)), 1)
     single = median_ms([{"user_id": tf.constant([u]), "item_ids": tf.constant([by_user[u][:1]])}
                         for u in users])
-    batched = median_ms([{"user_id": tf.constant([u]), "item_ids": tf.constant([by_user[u][:10]])}
-                         for u in users])
-    return {"single_line": single, "ten_lines_one_user": batched,
-            "per_line_batched": round(batched / 10, 1), "calls": len(users)}
+    batched = median_ms([{"user_id": tf.constant([u]),
+                          "item_ids": tf.constant([by_user[u][:width]])} for u in users])
+    result = {"single_line": single, "ten_lines_one_user": batched,
+              "per_line_batched": round(batched / width, 1), "calls": len(users)}
+    return result if width == 10 else {**result, "lines_per_user": width}
 
 
 def format_report(result: dict) -> str:
@@ -586,17 +588,6 @@ def format_report(result: dict) -> str:
                      + ("" if example["copy"] == example["generated"]
                         else f"  (fallback; generated: {example['generated']})"))
     return "\n".join(lines)
-
-
-def _data_source(run: pathlib.Path, data_dir, train_size) -> tuple[pathlib.Path, int]:
-    retrieval = run / "retrieval_config.json"
-    record = json.loads(retrieval.read_text()) if retrieval.is_file() else {}
-    if data_dir is None:
-        if "data_dir" not in record:
-            raise CopywriterError(f"{retrieval}: not found; pass data_dir (a folder made by "
-                                  "`cascade data fetch movielens-100k`)")
-        data_dir = record["data_dir"]
-    return pathlib.Path(data_dir), int(train_size or record.get("train_size", 80_000))
 
 
 def _write_run(run: pathlib.Path, model, tokenizer, heldout, record: dict) -> None:
@@ -618,16 +609,16 @@ def _write_run(run: pathlib.Path, model, tokenizer, heldout, record: dict) -> No
 
 
 def load_run(run_dir: str | os.PathLike):
-    """(config record, model, tokenizer, MovieLens, split) of a trained copywriter run."""
+    """(config record, model, tokenizer, dataset, split) of a trained copywriter run; the dataset
+    and split are the retrieval run's (`towers.train.run_data`)."""
     folder = pathlib.Path(run_dir) / SUBDIR
     if not (folder / CONFIG_FILE).is_file():
         raise CopywriterError(f"{folder / CONFIG_FILE}: not found; train first with "
                               f"`cascade train copywriter --run {run_dir}`")
     record = json.loads((folder / CONFIG_FILE).read_text())
-    movielens = data.load_movielens(record["data_dir"])
-    split = data.benchmark_split(movielens.ratings, train_size=record["train_size"])
+    dataset, split = towers_train.run_data(run_dir)
     return (record, load_gpt2(folder / MODEL_DIR), load_tokenizer(folder / MODEL_DIR),
-            movielens, split)
+            dataset, split)
 
 
 def config_of(record: dict) -> CopywriterConfig:

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from rerank import copy_corpus, copywriter
+from towers import data
 
 MODEL_NAME = "copywriter"
 USER_ID = tf.TensorSpec([None], tf.string, name="user_id")
@@ -82,7 +83,9 @@ class CopywriterModule(tf.Module):
     """(user_id [B], item_ids [B, N]) -> copy [B, N]; `details` also returns what the check saw."""
 
     def __init__(self, decoder: copywriter.Decoder, tokenizer, tables: copywriter.PromptTables,
-                 items: dict, liked: dict[str, tuple[str, ...]]):
+                 items: dict[str, data.ItemFacts], liked: dict[str, tuple[str, ...]]):
+        """`items`: the catalog's facts by ID (`copy_corpus.catalog`); `liked`: each user's liked
+        training items, best first (`copy_corpus.top_items`)."""
         super().__init__()
         matcher = copy_corpus.TitleMatcher(items)
         self.decoder, self.eos_id = decoder, tables.eos_id
@@ -103,12 +106,14 @@ class CopywriterModule(tf.Module):
         self.liked_tokens = tf.ragged.constant(
             [piece for position in tables.liked for piece in position], tf.int32)
         self.items = len(tables.item_ids)
+        self.item_ids = tuple(tables.item_ids)
         self.film_tokens = tf.ragged.constant(tables.film, tf.int32)
         values = [items[item] for item in tables.item_ids]
         self.item_title = tf.constant([matcher.item_title[item] for item in tables.item_ids], tf.int32)
         self.slot_titles = tf.constant(
             [" " + copy_corpus.display_title(item.title) for item in values] + [""])  # last: none
-        self.item_fallback = tf.constant([copy_corpus.item_fallback(item) for item in values])
+        self.item_fallback = tf.constant(
+            [copy_corpus.item_fallback(item, matcher) for item in values])
         self.user_fallback = tf.constant([copy_corpus.user_fallback(item) for item in values])
 
     @classmethod
@@ -119,11 +124,12 @@ class CopywriterModule(tf.Module):
 
         `serve(user_id [B], item_ids [B, N]) -> {"copy": [B, N]}` can be called inside another
         `tf.function` (the one-call cascade does, on its top-N item IDs) and saved with it."""
-        record, model, tokenizer, movielens, split = loaded or copywriter.load_run(run_dir)
+        record, model, tokenizer, dataset, split = loaded or copywriter.load_run(run_dir)
         decoder = copywriter.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
-        tables = copywriter.PromptTables.build(tokenizer, movielens.items)
-        liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
-        return cls(decoder, tokenizer, tables, movielens.items, liked)
+        items = copy_corpus.catalog(dataset)
+        tables = copywriter.PromptTables.build(tokenizer, items)
+        liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
+        return cls(decoder, tokenizer, tables, items, liked)
 
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
     def serve(self, user_id, item_ids):
@@ -215,7 +221,7 @@ def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.Path
     module = module or CopywriterModule.from_run(run_dir)
     version = version or export.next_version(base, [MODEL_NAME])
     users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
-    items = [item for item in ("1", "50", "100")]
+    items = list(module.item_ids[:3])  # the catalog's first three, in ID order
     warmup = export.warmup_request(MODEL_NAME, "user_id", [*users, "unknown-user"])
     warmup.predict_log.request.inputs["item_ids"].CopyFrom(
         tf.make_tensor_proto(np.array([items] * (len(users) + 1), dtype=object)))

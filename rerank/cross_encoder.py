@@ -9,20 +9,25 @@ user's training items) is the collaborative signal of the strongest peer on this
 two-tower retrieval ranks well overall but EASE alone beats it at the top of the list, and the
 re-ranker is where the two are combined (README: the ablation).
 
-Pair text. The user context is the user's demographics and their newest training ratings, title,
-year, genres and stars (`24-year-old man, technician. 5 stars: Toy Story (1995); Animation, ...`);
-the candidate is `Item.text()`. Only training rows are read, and the pair is truncated
-longest-first to `max_length` tokens, so the newest titles survive.
+Pair text, from the dataset's card. The user context is the user's text (`Dataset.user_texts`)
+and their newest training interactions as item texts (`Dataset.item_texts`), each with its stars
+when the dataset has explicit ratings (ML-100K: `24-year-old man, technician. 5 stars: Toy Story
+(1995); Animation Children's Comedy. ...`; an implicit dataset without a user file: `Toy Story
+(1995); Animation Children's Comedy. ...`); the candidate is its item text. Every user and item
+of the run's feature tables has a text, those without a training interaction too (the user's
+text alone, the item's text), so new users and new items are scored. Only training rows are read,
+and the pair is truncated longest-first to `max_length` tokens, so the newest titles survive.
 
 Training data, and why it is honest. Positives must be items the retrieval model has *not* seen
 for that user, as at test time: the run's own model was trained on every training row, so its
 scores on any of them are memorised and over-confident, and negatives ranked against a memorised
 positive would teach the re-ranker to over-trust retrieval. So a *shadow* retrieval model with the
-run's config is trained on the training split minus its last `holdout` rows
-(`towers.train.train(..., holdout=...)`; the split is a seeded shuffle, so these rows are a random
-sample of training interactions, distributed like the test split). Each held-out row whose item is
-in the shadow's top-K (training items of the shadow excluded) becomes one softmax group: the
-positive and `group_size - 1` hard negatives drawn afresh each epoch from the same top-K, never
+run's config and data is trained on the run's training split minus its last `holdout` rows
+(`towers.train.train(..., holdout=...)`; under the random protocol the training rows are a seeded
+shuffle, so these rows are a random sample of training interactions, distributed like the test
+split; under the temporal one they are the newest, `towers.protocols`). Each held-out row whose
+item is in the shadow's top-K (training items of the shadow excluded) becomes one softmax group:
+the positive and `group_size - 1` hard negatives drawn afresh each epoch from the same top-K, never
 another of that user's held-out items. User contexts, popularity and retrieval scores for these
 groups come from the shadow's rows only, so no positive appears in its own user's context. The
 last `validation_share` of the held-out rows are validation (re-ranked top-K hit rate against the
@@ -73,7 +78,7 @@ class RerankerConfig:
     # no signal beyond the retrieval + popularity terms at 32 or 48 tokens, lr 1e-4 to 1e-3, with
     # or without trainable embeddings, so the default is the cheapest of those runs.
     max_length: int = 32  # tokens per pair: 2 layers x 100 pairs within the 250 ms budget
-    history_titles: int = 4  # newest training ratings in the user context (truncation cuts the rest)
+    history_titles: int = 4  # newest training interactions in the context (truncation cuts more)
     layers: int = 2  # first MiniLM layers kept (a layer-dropped student)
     candidates: int = 100  # retrieval top-K re-ranked, and where hard negatives come from
     group_size: int = 8  # one positive and 7 hard negatives per softmax
@@ -95,26 +100,35 @@ class RerankerConfig:
 # Pair text
 
 
-def user_contexts(movielens: data.MovieLens, rows: data.Ratings,
+def user_contexts(dataset: data.Dataset, rows: data.Interactions, user_ids: np.ndarray,
                   history_titles: int = RerankerConfig.history_titles) -> dict[str, str]:
-    """Every catalog user's context text from `rows` (training rows only): demographics, then the
-    newest `history_titles` ratings, newest first (ties by item ID)."""
-    newest: dict[str, list[tuple[int, str, float]]] = {u: [] for u in movielens.users}
+    """The context text of each of `user_ids` from `rows` (training rows only): the user's text,
+    then the item texts of their newest `history_titles` interactions, newest first (ties by item
+    ID), each after its stars when the dataset has ratings. A user without rows gets their text
+    alone; a user without text or rows, ""."""
+    newest: dict[str, list[tuple[int, str, float]]] = {str(u): [] for u in user_ids}
     for user, item, rating, timestamp in zip(rows.user_id, rows.item_id, rows.rating,
                                              rows.timestamp):
+        if user not in newest:
+            raise ValueError(f"user {str(user)!r} of the training rows is not among the "
+                             f"{len(newest)} user IDs the contexts are built for (the run's "
+                             "feature tables)")
         newest[user].append((-int(timestamp), item, float(rating)))
+    items = np.unique(rows.item_id.astype(str))
+    item_text = dict(zip(items, dataset.item_texts(items)))
+    stars = (lambda rating: "") if dataset.implicit else (lambda rating: f"{rating:g} stars: ")
     contexts = {}
-    for user, events in newest.items():
-        rated = [f"{rating:g} stars: {movielens.items[item].text()}."
-                 for _, item, rating in sorted(events, key=lambda e: (e[0], features._id_key(e[1])))
+    for (user, events), user_text in zip(newest.items(), dataset.user_texts(list(newest))):
+        rated = [f"{stars(rating)}{item_text[item]}."
+                 for _, item, rating in sorted(events, key=lambda e: (e[0], data.id_key(e[1])))
                  [:history_titles]]
-        contexts[user] = " ".join([movielens.users[user].text() + "."] + rated)
+        contexts[user] = " ".join(([user_text + "."] if user_text else []) + rated)
     return contexts
 
 
-def candidate_texts(movielens: data.MovieLens, item_ids: np.ndarray) -> np.ndarray:
-    """str [I]: `Item.text()` of each item ID."""
-    return np.array([movielens.items[i].text() for i in item_ids], dtype=object)
+def candidate_texts(dataset: data.Dataset, item_ids: np.ndarray) -> np.ndarray:
+    """str [I]: the item text (`Dataset.item_texts`) of each item ID."""
+    return np.array(dataset.item_texts(np.asarray(item_ids).astype(str)), dtype=object)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,12 +149,14 @@ class Groups:
         return len(self.user_row)
 
 
-def split_rows(train: data.Ratings, holdout: int) -> tuple[data.Ratings, data.Ratings]:
+def split_rows(train: data.Interactions, holdout: int
+               ) -> tuple[data.Interactions, data.Interactions]:
     """(rows the shadow retrieval model trains on, held-out rows), exactly as
     `towers.train.train(holdout=...)` splits them: the last `holdout` rows are held out."""
     if not 0 < holdout < len(train):
-        raise ValueError(f"holdout must be between 1 and {len(train) - 1} (training rows), "
-                         f"got {holdout}")
+        raise ValueError(f"holdout must be between 1 and {len(train) - 1} (the split has "
+                         f"{len(train)} training rows), got {holdout}; set a smaller "
+                         "RerankerConfig.holdout (--holdout)")
     cut = len(train) - holdout
     return train.take(np.arange(cut)), train.take(np.arange(cut, len(train)))
 
@@ -209,7 +225,7 @@ class PairTexts(tf.Module):
         self.popularity = table(item_ids, self.arrays["popularity"], 0.0)
         self.user_row = table(user_ids, np.arange(len(user_ids), dtype=np.int32), -1)
         self.item_row = table(item_ids, np.arange(len(item_ids), dtype=np.int32), -1)
-        self.ease = tf.constant(ease)  # [U, I]; 6 MB for MovieLens-100K
+        self.ease = tf.constant(ease)  # [U, I]; 6 MB for 943 users x 1,682 items
 
     def ease_score(self, user_ids: tf.Tensor, item_ids: tf.Tensor) -> tf.Tensor:
         """string [N], string [N] -> float32 [N]; 0 for an unknown user or item (no history)."""
@@ -226,12 +242,14 @@ class PairTexts(tf.Module):
         return ease[[row.get(str(u), -1) for u in user_ids]]
 
     @classmethod
-    def build(cls, movielens: data.MovieLens, rows: data.Ratings, item_ids: np.ndarray,
-              history_titles: int, ease_l2: float | None = RerankerConfig.ease_l2) -> PairTexts:
+    def build(cls, dataset: data.Dataset, rows: data.Interactions, user_ids: np.ndarray,
+              item_ids: np.ndarray, history_titles: int,
+              ease_l2: float | None = RerankerConfig.ease_l2) -> PairTexts:
         """Contexts, popularity and EASE scores from `rows` (training rows only), texts from the
-        catalog; `ease_l2=None` leaves the EASE table at zero."""
-        contexts = user_contexts(movielens, rows, history_titles)
-        user_ids = np.array(sorted(contexts, key=features._id_key))
+        dataset's files, for every one of `user_ids` and `item_ids` (the run's feature tables',
+        with or without training rows); `ease_l2=None` leaves the EASE table at zero."""
+        user_ids = np.asarray(user_ids).astype(str)
+        contexts = user_contexts(dataset, rows, user_ids, history_titles)
         item_ids = np.asarray(item_ids).astype(str)
         count = dict(zip(*np.unique(rows.item_id.astype(str), return_counts=True)))
         ease = None
@@ -242,7 +260,7 @@ class PairTexts(tf.Module):
             seen[[user_row[u] for u in rows.user_id], [item_row[i] for i in rows.item_id]] = True
             ease = peers.ease_scores(seen, ease_l2)
         return cls(user_ids, np.array([contexts[u] for u in user_ids]), item_ids,
-                   candidate_texts(movielens, item_ids),
+                   candidate_texts(dataset, item_ids),
                    np.log1p([count.get(i, 0) for i in item_ids]).astype(np.float32), ease)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -521,17 +539,17 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     `checkpoint` is a local HF BERT directory, all-MiniLM-L6-v2 by default."""
     started = time.perf_counter()
     run = pathlib.Path(run_dir)
+    dataset, split = towers_train.run_data(run)  # the run's data and split, test rows unread
+    train_rows = split.train
+    fit_rows, held_out = split_rows(train_rows, config.holdout)  # fails before any training
+    record = json.loads((run / towers_train.CONFIG_FILE).read_text())
     out = run / RERANKER_DIR
     out.mkdir(parents=True, exist_ok=True)
-    record = json.loads((run / towers_train.CONFIG_FILE).read_text())
-    movielens = data.load_movielens(record["data_dir"])
-    train_rows = data.benchmark_split(movielens.ratings, train_size=record["train_size"]).train
-    fit_rows, held_out = split_rows(train_rows, config.holdout)
 
     shadow, tables = _shadow_retrieval(run, out / "shadow", record, config, verbose)
     queries, candidates = towers_train.embeddings(shadow, tables)
     scores = queries @ candidates.T / shadow.config.temperature  # the retrieval logits [U, I]
-    users, items, seen = towers_train._test_rows(tables, held_out)
+    users, items, seen = towers_train.test_rows(tables, held_out)
     validation = len(held_out) - int(len(held_out) * config.validation_share)
     groups = build_groups(scores, seen, users[:validation], items[:validation], config.candidates)
     log.info("%d of %d held-out training rows are in the shadow's top %d: one group each",
@@ -541,7 +559,8 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     tf.keras.utils.set_random_seed(config.seed)
     encoder = new_encoder(base, config)
     ease_l2 = config.ease_l2 if config.ease_feature else None
-    texts = PairTexts.build(movielens, fit_rows, tables.item_ids, config.history_titles, ease_l2)
+    texts = PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
+                            config.history_titles, ease_l2)
     reranker = Reranker(encoder, texts, tokenizers.PairTokenizer.from_directory(base),
                         config.max_length)
     ease = texts.ease_rows(tables.user_ids)  # [U, I] in the rows of the tables (and the groups)
@@ -564,7 +583,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                      scores, check.user_rows, reordered(scores[check.user_rows], top, head_only)))}
     log.info("validation before BERT: %s", baselines)
 
-    dataset = group_dataset(groups, tables.user_ids, tables.item_ids, config.group_size,
+    batches = group_dataset(groups, tables.user_ids, tables.item_ids, config.group_size,
                             config.batch_groups, config.seed)
     steps = config.epochs * int(np.ceil(len(groups) / config.batch_groups))
     optimizer = keras.optimizers.AdamW(
@@ -579,12 +598,14 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     if verbose is None:  # a progress bar on a terminal, one line per epoch in logs
         verbose = 1 if sys.stdout.isatty() else 2
     fit_started = time.perf_counter()
-    history = reranker.fit(dataset, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    history = reranker.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     fit_seconds = time.perf_counter() - fit_started
     encoder.save_weights(str(out / WEIGHTS))
 
-    PairTexts.build(movielens, train_rows, tables.item_ids, config.history_titles, ease_l2).save(
-        out / TEXTS_FILE)
+    # Test-time texts for every ID of the run's own tables (the shadow's have the same IDs).
+    run_tables = features.FeatureTables.load(run / towers_train.TABLES_FILE)
+    PairTexts.build(dataset, train_rows, run_tables.user_ids, run_tables.item_ids,
+                    config.history_titles, ease_l2).save(out / TEXTS_FILE)
     fetch.write_atomic(out / CONFIG_FILE, json.dumps(
         {"checkpoint": str(checkpoint or checkpoints.MINILM_NAME), **dataclasses.asdict(config)},
         indent=2).encode())
@@ -595,7 +616,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                            "head": head},
               "validation": {**baselines, "reranked_per_epoch": check.history,
                              "rows": int(keep.sum()), "users": len(val_users)}}
-    towers_train._update_metrics(run, {"reranker": result})
+    towers_train.update_metrics(run, {"reranker": result})
     return result
 
 
@@ -617,17 +638,19 @@ def load_reranker(run_dir: str | os.PathLike) -> Reranker:
 
 def _shadow_retrieval(run: pathlib.Path, shadow: pathlib.Path, record: dict,
                       config: RerankerConfig, verbose: int | None):
-    """The run's retrieval config trained without the held-out rows; reused when present."""
+    """The run's retrieval config trained on the run's data and split without the held-out rows;
+    reused when present with the same holdout and data."""
     names = {f.name for f in dataclasses.fields(towers_model.RetrievalConfig)}
     retrieval_config = towers_model.RetrievalConfig(
         **{k: v for k, v in record.items() if k in names})
     existing = shadow / towers_train.CONFIG_FILE
-    if not (existing.exists() and json.loads(existing.read_text()).get("holdout") == config.holdout
+    previous = json.loads(existing.read_text()) if existing.exists() else {}
+    if not (previous.get("holdout") == config.holdout and previous.get("data") == record.get("data")
             and (shadow / (towers_train.WEIGHTS + ".index")).exists()):
         log.info("training the shadow retrieval model without the last %d training rows",
                  config.holdout)
-        towers_train.train(record["data_dir"], shadow, retrieval_config, holdout=config.holdout,
-                           train_size=record["train_size"], verbose=verbose)
+        towers_train.train(towers_train.data_config(run), shadow, retrieval_config,
+                           holdout=config.holdout, verbose=verbose)
     return towers_train.load_run(shadow)
 
 

@@ -5,7 +5,7 @@ One run measures, for the run's trained re-ranker, each variant's
   the module's `serve` graph: retrieval logits, text lookup, in-graph tokenization, BERT, with
   one user's real retrieval top-M, users cycled), and pairs/second with 8 users x 100 candidates
   a call;
-- quality: HR@10 / NDCG@10 / Recall@10 of the re-ranked retrieval top 100 on the benchmark test
+- quality: HR@10 / NDCG@10 / Recall@10 of the re-ranked retrieval top 100 on the run's test
   split for a fixed seeded sample of test users (`quality_users`, 0 for all), beside retrieval
   alone on the same users.
 Variants: the trained model read at several sequence lengths (its own length is the default; the

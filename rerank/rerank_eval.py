@@ -1,12 +1,13 @@
-"""Evaluation of a run's re-ranker on the benchmark test split (`cascade evaluate reranker`).
+"""Evaluation of a run's re-ranker on the run's test split (`cascade evaluate reranker`).
 
-The protocol is `cascade evaluate retrieval`'s (`towers.train.evaluate_run`): the same seeded
-split, the same test rows, each user's training items excluded, the same metrics code. For every
-test user the run's own retrieval model ranks the catalog (training items left out), its top K
-are re-scored by the re-ranker from the retrieval logits (dot products over the temperature, as in
-training), user contexts and popularity from all training rows; the top K in the re-ranker's
-order, then every other item in retrieval order, is the ranking measured. The re-ranker scores
-each (user, candidate) pair on its own, so the top 50 are scored once, as part of the top 100.
+The protocol is `cascade evaluate retrieval`'s (`towers.train.evaluate_run`): the run's own data
+and split (`towers.train.run_data`), the same test rows, each user's training items excluded, the
+same metrics code. For every test user the run's own retrieval model ranks the catalog (training
+items left out), its top K are re-scored by the re-ranker from the retrieval logits (dot products
+over the temperature, as in training), user contexts and popularity from all training rows; the
+top K in the re-ranker's order, then every other item in retrieval order, is the ranking
+measured. The re-ranker scores each (user, candidate) pair on its own, so the top 50 are scored
+once, as part of the top 100.
 
 The table has retrieval alone, ALS and EASE (`towers.peers`), the learned scalar head without
 BERT (an ablation: what the retrieval, popularity and EASE terms alone give), and the re-ranked
@@ -26,7 +27,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 
 from rerank import cross_encoder as ce
-from towers import data, metrics, peers
+from towers import metrics, peers
 from towers import train as towers_train
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,9 @@ def test_inputs(run_dir: str | os.PathLike):
     """(retrieval logits [U, I], test user rows, test item rows, seen [U, I], tables) of a run."""
     run = pathlib.Path(run_dir)
     retrieval, tables = towers_train.load_run(run)
-    record = json.loads((run / towers_train.CONFIG_FILE).read_text())
-    movielens = data.load_movielens(record["data_dir"])
-    test = data.benchmark_split(movielens.ratings, train_size=record["train_size"]).test
+    test = towers_train.run_data(run)[1].test
     queries, candidates = towers_train.embeddings(retrieval, tables)
-    users, items, seen = towers_train._test_rows(tables, test)
+    users, items, seen = towers_train.test_rows(tables, test)
     return queries @ candidates.T / retrieval.config.temperature, users, items, seen, tables
 
 
@@ -90,7 +89,7 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
         table[f"reranked@{depth}"] = evaluate(ce._rows_replaced(
             logits, user_rows, ce.reordered(logits[user_rows], top[:, part], final[:, part])))
     if record:
-        towers_train._update_metrics(
+        towers_train.update_metrics(
             run, {"test": {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}}, "reranker")
     return table
 

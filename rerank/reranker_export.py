@@ -7,8 +7,10 @@ logits the re-ranker was trained with itself: the run's query tower (an unknown 
 popularity cold-start query, `towers.cold_start.popularity_query`, as the exported query tower
 does) against a table of the run's candidate embeddings keyed by item ID, divided by the
 temperature. The user-context and item-text tables, the vocabulary and the in-graph tokenizer
-live in the graph (`cross_encoder.Reranker`). An unknown user is read with an empty context; an
-unknown item ID gets an empty text, zero popularity and a zero retrieval logit.
+live in the graph (`cross_encoder.Reranker`). Every user and item in the dataset's files has its
+text, those without a training interaction too; a user ID not in the files is read with an empty
+context, an item ID not in the files gets an empty text, zero popularity and a zero retrieval
+logit.
 
 `RerankerModule.score(user_id, item_ids, retrieval_logits)` is the same computation with the
 logits given, for a caller that already has them (the one-call `cascade` model, from its index),

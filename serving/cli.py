@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
     copy = train.add_parser("copywriter", help="train the GPT-2 copywriter of a run")
     copy.add_argument("--run", required=True,
-                      help="retrieval run directory; the copywriter goes to RUN/copywriter/")
-    copy.add_argument("--data", help="MovieLens folder (default: the run's retrieval_config.json)")
+                      help="retrieval run directory (its data and split are the copywriter's); "
+                      "the copywriter goes to RUN/copywriter/")
     copy.add_argument("--checkpoint", help="local Hugging Face GPT-2 directory to fine-tune "
                       "(default: a compact GPT-2 from scratch with a tokenizer trained on the corpus)")
     _add_config_flags(copy, copywriter.CopywriterConfig)
@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--server", help="TF Serving gRPC address, e.g. localhost:8500")
     recommend.add_argument("--rest", help="TF Serving REST base URL, e.g. http://localhost:8501")
     recommend.add_argument("--model", default="retrieval", help="served model name")
-    recommend.add_argument("--data", default="data/ml-100k", help="catalog for titles (remote)")
+    recommend.add_argument("--data", default="data/ml-100k", help="dataset folder for titles (remote calls)")
     recommend.add_argument("--wait", type=float, default=0,
                            help="seconds to wait for the model to become AVAILABLE (gRPC)")
     recommend.add_argument("--user", action="append", required=True, help="user ID (repeatable)")
@@ -279,6 +279,7 @@ def _evaluate_retrieval(args) -> None:
     from towers import train
 
     table = train.evaluate_run(args.run, with_peers=not args.no_peers)
+    print(train.protocol_line(args.run))
     print(train.format_table(table))
 
 
@@ -294,7 +295,9 @@ def _train_reranker(args) -> None:
 
 def _evaluate_reranker(args) -> None:
     from rerank import rerank_eval
+    from towers import train
 
+    print(train.protocol_line(args.run))
     print(rerank_eval.format_table(rerank_eval.evaluate_reranker(args.run,
                                                                  with_als=not args.no_peers)))
 
@@ -312,7 +315,7 @@ def _train_copywriter(args) -> None:
     from rerank import copywriter
 
     config = _config_from(args, copywriter.CopywriterConfig)
-    result = copywriter.train_copywriter(args.run, args.data, config, checkpoint=args.checkpoint)
+    result = copywriter.train_copywriter(args.run, config, checkpoint=args.checkpoint)
     log.info("trained in %.0f s; wrote %s", result["seconds"],
              pathlib.Path(args.run) / copywriter.SUBDIR)
     print(json.dumps({key: result[key] for key in ("parameters", "examples", "epochs", "loss",
@@ -389,7 +392,9 @@ def _recommend(args) -> int | None:
                 return 1
         else:
             outputs = client.predict_rest(args.rest, args.model, inputs)
-        titles = local.catalog_titles(args.data) if pathlib.Path(args.data).exists() else None
+        from towers import data
+
+        titles = local.catalog_titles(data.load(args.data)) if pathlib.Path(args.data).exists() else None
         answers = local.answers(args.user, outputs, titles, args.top)
     else:
         answers = local.recommend(args.model_base_path, args.user, args.top, args.model)

@@ -61,7 +61,9 @@ class ExportError(ValueError):
 
 
 class QueryTowerModule(tf.Module):
-    """user_id -> embedding; unknown users get the popularity-based cold-start query."""
+    """user_id -> embedding. Every user in the dataset's files goes through the tower (one without
+    a training interaction on their features, through the cold ID row); a user the files do not
+    hold gets the popularity-based cold-start query."""
 
     def __init__(self, tower, cold_start_query: np.ndarray):
         super().__init__()
@@ -70,7 +72,7 @@ class QueryTowerModule(tf.Module):
 
     @tf.function(input_signature=[USER_ID])
     def serve(self, user_id):
-        known = self.tower.lookup(user_id) > 0  # row 0 is out of vocabulary
+        known = self.tower.lookup(user_id) > 0  # row 0: not in the files
         embedding = tf.where(known[:, None], self.tower(user_id), self.cold_start)
         return {"embedding": embedding}
 
@@ -194,8 +196,9 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
         copywriter = copywriter_export.CopywriterModule.from_run(run)
         modules["copywriter"] = (copywriter, {"user_id": users, "item_ids": candidates_in})
     if "cascade" in wanted:
-        movielens = data.load_movielens(json.loads((run / train.CONFIG_FILE).read_text())["data_dir"])
-        titles = {item_id: item.label() for item_id, item in movielens.items.items()}
+        source = train.data_config(run)
+        dataset = data.load(source.data_dir, source.card)
+        titles = dict(zip(tables.item_ids, dataset.labels(tables.item_ids)))
         modules["cascade"] = (CascadeModule(retrieval_module, reranker, copywriter, titles,
                                             retrieval.config.temperature, n), {"user_id": users})
     modules = {name: modules[name] for name in STAGES if name in wanted}

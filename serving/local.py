@@ -12,7 +12,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import tensorflow as tf
 
 from serving import export
-from towers import data
+from towers import data, train
 
 
 def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
@@ -33,13 +33,14 @@ def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int 
         import scann  # noqa: F401  registers the ScaNN ops the SavedModel uses
     serve = tf.saved_model.load(str(version)).signatures[export.SIGNATURE]
     outputs = {k: v.numpy() for k, v in serve(user_id=tf.constant(user_ids)).items()}
-    run_config = json.loads((pathlib.Path(record["run_dir"]) / "retrieval_config.json").read_text())
-    return answers(user_ids, outputs, catalog_titles(run_config["data_dir"]), top)
+    source = train.data_config(record["run_dir"])
+    return answers(user_ids, outputs, catalog_titles(data.load(source.data_dir, source.card)), top)
 
 
-def catalog_titles(data_dir: str | os.PathLike) -> dict[str, str]:
-    """item_id -> "Title (year)" from a MovieLens folder."""
-    return {i: item.label() for i, item in data.load_movielens(data_dir).items.items()}
+def catalog_titles(dataset: data.Dataset) -> dict[str, str]:
+    """item_id -> display label (`Title (year)`) of every item in the dataset."""
+    item_ids = dataset.item_ids()
+    return dict(zip(item_ids, dataset.labels(item_ids)))
 
 
 def answers(user_ids: list[str], outputs: dict, titles: dict[str, str] | None, top: int) -> dict:

@@ -244,15 +244,11 @@ def hit_rate_curves(run: pathlib.Path, cache: pathlib.Path | None = None,
                     max_k: int = MAX_K) -> dict[str, list[float]]:
     """Hit rate@K for K = 1..max_k on the test split: retrieval, the re-ranked retrieval top
     `max_k` (when the run has a re-ranker), popularity, ALS and EASE."""
-    import json as json_module
-
-    from towers import data, metrics, peers, train
+    from towers import metrics, peers, train
 
     retrieval, tables = train.load_run(run)
-    record = json_module.loads((run / train.CONFIG_FILE).read_text())
-    movielens = data.load_movielens(record["data_dir"])
-    test = data.benchmark_split(movielens.ratings, train_size=record["train_size"]).test
-    users, items, seen = train._test_rows(tables, test)
+    test = train.run_data(run)[1].test
+    users, items, seen = train.test_rows(tables, test)
     queries, candidates = train.embeddings(retrieval, tables)
     logits = queries @ candidates.T
     top = metrics.rankings(logits, seen, max_k)

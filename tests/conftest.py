@@ -14,7 +14,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("CASCADE_DATA", REPO / "data" / "ml-100k"))
 TINY_ROWS = 3_000
-TINY_TRAIN = 2_400
+TINY_TRAIN = 2_400  # the tiny data's random split: 80% of 3,000 rows
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +27,10 @@ def movielens_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def movielens(movielens_dir):
+    """MovieLens-100K through the data layer (`towers.data.Dataset`, its card from the folder)."""
     from towers import data
 
-    return data.load_movielens(movielens_dir)
+    return data.load(movielens_dir)
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +39,9 @@ def benchmark_rows(movielens):
     and items in ID order: what a peer is scored and evaluated on."""
     import numpy as np
 
-    from towers import data
-
-    split = data.benchmark_split(movielens.ratings)
-    user_row = {u: r for r, u in enumerate(sorted(movielens.users, key=int))}
-    item_row = {i: r for r, i in enumerate(sorted(movielens.items, key=int))}
+    split = movielens.split("random")
+    user_row = {u: r for r, u in enumerate(sorted(movielens.user_ids(), key=int))}
+    item_row = {i: r for r, i in enumerate(sorted(movielens.item_ids(), key=int))}
     rows = lambda ratings: (np.array([user_row[u] for u in ratings.user_id]),
                             np.array([item_row[i] for i in ratings.item_id]))
     seen = np.zeros((len(user_row), len(item_row)), bool)
@@ -52,11 +51,12 @@ def benchmark_rows(movielens):
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(movielens_dir, tmp_path_factory) -> pathlib.Path:
-    """The first 3,000 ratings of MovieLens-100K in RecBole format, with the full catalog."""
+    """The first 3,000 ratings of MovieLens-100K in RecBole format, with the full catalog and the
+    card; its default random split has 2,400 training rows."""
     out = tmp_path_factory.mktemp("tiny-ml")
     lines = (movielens_dir / "ml-100k.inter").read_text().splitlines(keepends=True)
     (out / "ml-100k.inter").write_text("".join(lines[:TINY_ROWS + 1]))
-    for suffix in ("item", "user"):
+    for suffix in ("item", "user", "yaml"):
         (out / f"ml-100k.{suffix}").write_bytes((movielens_dir / f"ml-100k.{suffix}").read_bytes())
     return out
 
@@ -74,7 +74,7 @@ def tiny_run(tiny_data_dir, tiny_config, tmp_path_factory) -> pathlib.Path:
     from towers import train
 
     run = tmp_path_factory.mktemp("tiny-run")
-    train.train(tiny_data_dir, run, tiny_config, train_size=TINY_TRAIN, verbose=0)
+    train.train(tiny_data_dir, run, tiny_config, verbose=0)
     return run
 
 
@@ -116,6 +116,18 @@ def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
     return directory
 
 
+TINY_RERANKER = dict(max_length=32, history_titles=2, layers=1, candidates=12, group_size=4,
+                     holdout=400, validation_users=8, epochs=1, batch_groups=4, learning_rate=1e-3)
+
+
+def tiny_copywriter_config():
+    from rerank import copywriter
+
+    return copywriter.CopywriterConfig(
+        n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400, epochs=3,
+        batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12, jit_compile=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_cascade_run(tiny_run, tiny_data_dir, tiny_bert_dir, tmp_path_factory) -> pathlib.Path:
     """A copy of the tiny retrieval run with a tiny re-ranker and a tiny copywriter trained."""
@@ -125,13 +137,9 @@ def tiny_cascade_run(tiny_run, tiny_data_dir, tiny_bert_dir, tmp_path_factory) -
 
     run = tmp_path_factory.mktemp("tiny-cascade") / "run"
     shutil.copytree(tiny_run, run)
-    cross_encoder.train_reranker(run, checkpoint=tiny_bert_dir, verbose=0, config=cross_encoder.RerankerConfig(
-        max_length=32, history_titles=2, layers=1, candidates=12, group_size=4, holdout=400,
-        validation_users=8, epochs=1, batch_groups=4, learning_rate=1e-3))
-    copywriter.train_copywriter(run, tiny_data_dir, copywriter.CopywriterConfig(
-        n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400, epochs=3,
-        batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12, jit_compile=False),
-        train_size=TINY_TRAIN, verbose=0)
+    cross_encoder.train_reranker(run, checkpoint=tiny_bert_dir, verbose=0,
+                                 config=cross_encoder.RerankerConfig(**TINY_RERANKER))
+    copywriter.train_copywriter(run, tiny_copywriter_config(), verbose=0)
     return run
 
 

@@ -408,9 +408,10 @@ class Dataset:
             date = values.get(year, "") if year else ""
             match = re.search(r"(1[89]\d\d|20\d\d)", date)
             cats = self.items.columns[categories][row] if categories and row >= 0 else ()
+            if isinstance(cats, str):  # a token field: one category, none when empty
+                cats = (cats,) if cats else ()
             out.append(ItemFacts(str(item_id), name or str(item_id),
-                                 match.group(1) if match else UNKNOWN_YEAR,
-                                 tuple(cats) if not isinstance(cats, str) else (cats,)))
+                                 match.group(1) if match else UNKNOWN_YEAR, tuple(cats)))
         return out
 
     def labels(self, item_ids) -> list[str]:
@@ -556,6 +557,14 @@ def load(path: str | os.PathLike, card: str | os.PathLike | Card | None = None) 
             if (other_implicit, other_time) != (implicit, has_time):
                 raise DataError(f"{split_files[s]}: its header differs from "
                                 f"{split_files['train'].name}'s; the split files must share fields")
+        if not has_time:  # file order is time: positions run on through train, valid, test
+            offset = 0
+            for s in ("train", "valid", "test"):
+                if s in parts:
+                    rows = parts[s][0]
+                    parts[s] = (dataclasses.replace(rows, timestamp=rows.timestamp + offset),
+                                *parts[s][1:])
+                    offset += len(rows)
         train = parts["train"][0]
         valid = parts["valid"][0] if "valid" in parts else None
         if valid is not None:  # validation rows come last in train: --holdout takes them
@@ -591,10 +600,10 @@ def _interactions(file: pathlib.Path, card: Card) -> tuple[Interactions, bool, b
     n = len(atomic)
     rating = np.ones(n, np.float32)
     if not implicit:
-        rating = _required_floats(atomic, card.rating)
+        rating = _required_floats(atomic, card.rating, np.float32)
     timestamp = np.arange(n, dtype=np.int64)
     if has_time:
-        timestamp = _required_floats(atomic, card.timestamp).astype(np.int64)
+        timestamp = _required_floats(atomic, card.timestamp, np.float64).astype(np.int64)
     keep = slice(None)
     if card.positive_threshold is not None and not implicit:
         keep = rating >= card.positive_threshold
@@ -608,7 +617,7 @@ def _interactions(file: pathlib.Path, card: Card) -> tuple[Interactions, bool, b
                          timestamp[keep]), implicit, has_time, atomic.lines[keep])
 
 
-def _required_floats(atomic: AtomicFile, name: str) -> np.ndarray:
+def _required_floats(atomic: AtomicFile, name: str, dtype: type) -> np.ndarray:
     field = atomic.field(name)
     column = atomic.columns[name]
     if field.type == "token":
@@ -622,7 +631,7 @@ def _required_floats(atomic: AtomicFile, name: str) -> np.ndarray:
     if len(missing):
         raise DataError(f"{atomic.path}:{atomic.lines[missing[0]]}: field {name!r} is empty; "
                         "expected a number")
-    return column.astype(np.float32 if name != "timestamp" else np.float64)
+    return column.astype(dtype)  # timestamps stay float64: float32 rounds Unix seconds
 
 
 def _side_table(file: pathlib.Path, key: str, card: Card, side: str) -> Table | None:
@@ -637,7 +646,7 @@ def _side_table(file: pathlib.Path, key: str, card: Card, side: str) -> Table | 
     if (counts > 1).any():
         repeated = unique[counts > 1][0]
         lines = atomic.lines[ids == repeated]
-        raise DataError(f"{file}:{lines[1]}: {side} {repeated!r} repeats line {lines[0]}")
+        raise DataError(f"{file}:{lines[1]}: {side} {str(repeated)!r} repeats line {lines[0]}")
     fields = tuple(f for f in atomic.fields if f.name != key)
     return Table(ids, fields, {f.name: atomic.columns[f.name] for f in fields}, file)
 

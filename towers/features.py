@@ -56,6 +56,9 @@ class FeatureTables:
     history: np.ndarray  # int32 [U, H], item row + 1, newest first, 0 pads
     seen: np.ndarray  # str [U, S], item IDs the user has in train, PAD pads
     item_count: np.ndarray  # int64 [I], training interactions per item
+    recency_boundaries: np.ndarray  # float64 [B], quantiles of training-row age (empty: no time)
+    user_recency: np.ndarray  # int32 [U], bucket of the age of the user's newest training row
+    train_end: np.ndarray  # int64 [], the newest training timestamp (ages count back from it)
     specs: tuple[FeatureSpec, ...]
     values: dict[str, np.ndarray]  # spec.key -> its table
     vocabularies: dict[str, np.ndarray]  # spec.key -> str [V] (tokens and words; empty otherwise)
@@ -95,7 +98,9 @@ class FeatureTables:
                        vocabularies={s.key: arrays[f"vocabulary/{s.key}"] for s in specs})
 
 
-_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen", "item_count")
+_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen", "item_count",
+           "recency_boundaries", "user_recency", "train_end")
+RECENCY_BINS = 10
 
 
 def build_tables(dataset: data.Dataset, train: data.Interactions,
@@ -139,11 +144,27 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
 
     item_count = np.bincount(train_items, minlength=len(item_ids)).astype(np.int64)
     user_count = counts
+    # Recency ("example age", Covington et al. 2016): how long before the end of training a row
+    # happened. Training feeds each row's age; serving feeds the user's newest row's, and 0 ("now")
+    # for a user without one, so a new user's query reflects the newest training period.
+    train_end = int(train.timestamp.max()) if dataset.has_time and len(train) else 0
+    boundaries = np.array([], np.float64)
+    last = np.full(len(user_ids), train_end, np.int64)
+    if dataset.has_time and len(train):
+        ages = (train_end - train.timestamp).astype(np.float64)
+        boundaries = np.unique(np.quantile(ages, np.linspace(0, 1, RECENCY_BINS + 1)[1:-1]))
+        has_rows = counts > 0
+        newest = np.full(len(user_ids), np.iinfo(np.int64).min)
+        np.maximum.at(newest, train_users, train.timestamp)
+        last = np.where(has_rows, newest, train_end)
+    user_recency = np.searchsorted(boundaries, (train_end - last).astype(np.float64),
+                                   side="right").astype(np.int32)
     return FeatureTables(
         user_ids=user_ids, item_ids=item_ids,
         user_id_row=_id_rows(user_count), item_id_row=_id_rows(item_count),
         history=history, seen=seen.astype(str), item_count=item_count,
-        specs=tuple(specs), values=values, vocabularies=vocabularies)
+        recency_boundaries=boundaries, user_recency=user_recency,
+        train_end=np.array(train_end, np.int64), specs=tuple(specs), values=values, vocabularies=vocabularies)
 
 
 def _id_rows(count: np.ndarray) -> np.ndarray:

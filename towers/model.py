@@ -42,6 +42,7 @@ class RetrievalConfig:
     mixed_negatives: int = 0  # extra uniform catalog negatives per batch (MNS); measured no gain
     cold_user_dropout: float = 0.0  # share of examples trained as a new user (features only)
     cold_item_dropout: float = 0.0  # share of examples trained as a new item (features only)
+    recency: bool = True  # the query sees the example's age (serving: the user's newest row's)
     epochs: int = 5  # validation hit rate peaks at epochs 3-5, then the model overfits
     batch_size: int = 1024
     learning_rate: float = 3e-3
@@ -99,14 +100,22 @@ class QueryTower(keras.Model):
         self.user_embedding = keras.layers.Embedding(
             tables.num_user_ids, config.id_dim, embeddings_regularizer=regularizer)
         self.side = SideFeatures(tables, "user", config.side_dim)
+        self.use_recency = config.recency and len(tables.recency_boundaries) > 0
+        if self.use_recency:
+            self.recency_boundaries = [float(b) for b in tables.recency_boundaries]
+            self.user_recency = tf.constant(np.concatenate([[0], tables.user_recency]).astype(np.int32))
+            self.train_end = tf.constant(int(tables.train_end), tf.int64)
+            self.recency_embedding = keras.layers.Embedding(len(tables.recency_boundaries) + 1,
+                                                            config.side_dim)
         self.history_embedding = history_embedding or keras.layers.Embedding(
             len(tables.item_ids) + 1, config.id_dim, embeddings_regularizer=regularizer)
         self.mlp = keras.Sequential([keras.layers.Dense(config.hidden, activation="gelu"),
                                      keras.layers.Dense(config.embedding_dim)])
 
     def call(self, user_id: tf.Tensor, exclude_item: tf.Tensor | None = None,
-             training: bool = False) -> tf.Tensor:
-        """`exclude_item` (item row + 1, [B]) hides the training target from its own history."""
+             training: bool = False, timestamp: tf.Tensor | None = None) -> tf.Tensor:
+        """`exclude_item` (item row + 1, [B]) hides the training target from its own history;
+        `timestamp` ([B], training) is each example's time, else the user's newest row is used."""
         row = self.lookup(user_id)
         id_row = tf.gather(self.id_row, row)
         history = tf.gather(self.history, row)  # [B, H]
@@ -123,8 +132,15 @@ class QueryTower(keras.Model):
         weights = tf.cast(keep, tf.float32)
         pooled = tf.einsum("bh,bhd->bd", weights, self.history_embedding(history))
         pooled /= tf.maximum(tf.reduce_sum(weights, axis=1, keepdims=True), 1.0)  # [B, id_dim]
-        x = tf.concat([self.user_embedding(id_row), *self.side(row), pooled], axis=1)
-        return tf.math.l2_normalize(self.mlp(x), axis=1)
+        inputs = [self.user_embedding(id_row), *self.side(row), pooled]
+        if self.use_recency:
+            if timestamp is not None:
+                age = tf.cast(self.train_end - tf.cast(timestamp, tf.int64), tf.float32)
+                recency = tf.raw_ops.Bucketize(input=age, boundaries=self.recency_boundaries)
+            else:
+                recency = tf.gather(self.user_recency, row)
+            inputs.append(self.recency_embedding(recency))
+        return tf.math.l2_normalize(self.mlp(tf.concat(inputs, axis=1)), axis=1)
 
 
 class CandidateTower(keras.Model):
@@ -175,7 +191,8 @@ class RetrievalModel(tfrs.Model):
 
     def compute_loss(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         item_row = self.item_lookup(inputs["item_id"])  # item row + 1, as in the history table
-        queries = self.query_tower(inputs["user_id"], exclude_item=item_row, training=training)
+        queries = self.query_tower(inputs["user_id"], exclude_item=item_row, training=training,
+                                   timestamp=inputs.get("timestamp"))
         candidates = self.candidate_tower(inputs["item_id"], training=training)
         # logQ correction with each column's chance of being any one in-batch draw. (TFRS clips the
         # probability to at most 1, so per-draw probabilities, not expected counts.)

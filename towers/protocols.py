@@ -47,6 +47,11 @@ def split(dataset: data.Dataset, protocol: str, test_share: float = 0.2, seed: i
                       test_index=test)
 
 
+def half_up(value: float) -> int:
+    """Rounds halves up (0.5 -> 1, 2.5 -> 3), the rule of every protocol's counts."""
+    return int(np.floor(value + 0.5))
+
+
 def random_order(rows: data.Interactions, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`Dataset.range(n).shuffle(n, seed, reshuffle_each_iteration=False)`, the first part train.
 
@@ -66,13 +71,13 @@ def random_order(rows: data.Interactions, test_share: float, seed: int) -> tuple
         everything = shuffled.batch(n).get_single_element()
         with tf.compat.v1.Session() as session:
             order = session.run(everything)
-    cut = n - int(round(n * test_share))
+    cut = n - half_up(n * test_share)
     return order[:cut], order[cut:]
 
 
 def temporal_order(rows: data.Interactions, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(rows.timestamp, kind="stable")
-    cut = len(rows) - int(round(len(rows) * test_share))
+    cut = len(rows) - half_up(len(rows) * test_share)
     return order[:cut], order[cut:]
 
 
@@ -94,7 +99,7 @@ def user_temporal_order(rows: data.Interactions, test_share: float,
 def cold_items_order(rows: data.Interactions, test_share: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
     items = np.array(sorted(set(rows.item_id), key=data.id_key))
-    held = items[np.random.default_rng(seed).permutation(len(items))[:int(round(len(items) * test_share))]]
+    held = items[np.random.default_rng(seed).permutation(len(items))[:half_up(len(items) * test_share)]]
     is_test = np.isin(rows.item_id, held)
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
@@ -113,8 +118,10 @@ def write_split(dataset: data.Dataset, split: data.Split, out: str | os.PathLike
         chosen = [lines[number - 1].rstrip("\r") for number in dataset.lines[index]]
         payload = "\n".join([lines[0].rstrip("\r"), *chosen]) + "\n"
         fetch.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
-    for suffix in (".item", ".user", ".yaml", ".yml", ".json"):
-        path = dataset.path / f"{dataset.name}{suffix}"
+    # The side files and the card the dataset was loaded with (a `--card` from elsewhere too).
+    copies = [dataset.path / f"{dataset.name}{suffix}" for suffix in (".item", ".user")]
+    copies += [dataset.card.source] if dataset.card.source is not None else []
+    for path in copies:
         if path.exists():
-            fetch.write_atomic(out / path.name, path.read_bytes())
+            fetch.write_atomic(out / f"{dataset.name}{path.suffix}", path.read_bytes())
     return out

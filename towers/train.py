@@ -130,7 +130,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy | None:
 class ValidationMetrics(keras.callbacks.Callback):
     """Adds hit rate@10/100 on the validation rows to each epoch's logs (and so to TensorBoard)."""
 
-    def __init__(self, tables: features.FeatureTables, validation: data.Ratings):
+    def __init__(self, tables: features.FeatureTables, validation: data.Interactions):
         super().__init__()
         self.tables, self.validation, self.history = tables, validation, []
 
@@ -141,10 +141,11 @@ class ValidationMetrics(keras.callbacks.Callback):
             logs.update({f"val_{k}": v for k, v in self.history[-1].items()})
 
 
-def training_dataset(rows: data.Ratings, config: model.RetrievalConfig) -> tf.data.Dataset:
-    """(user_id, item_id) pairs, reshuffled each epoch, in batches."""
+def training_dataset(rows: data.Interactions, config: model.RetrievalConfig) -> tf.data.Dataset:
+    """(user_id, item_id, timestamp) rows, reshuffled each epoch, in batches."""
     dataset = tf.data.Dataset.from_tensor_slices(
-        {"user_id": rows.user_id.astype(str), "item_id": rows.item_id.astype(str)})
+        {"user_id": rows.user_id.astype(str), "item_id": rows.item_id.astype(str),
+         "timestamp": rows.timestamp.astype(np.int64)})
     return (dataset.shuffle(len(rows), seed=config.seed, reshuffle_each_iteration=True)
             .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
 
@@ -191,7 +192,7 @@ def embeddings(retrieval: model.RetrievalModel, tables: features.FeatureTables,
 
 
 def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTables,
-                   test: data.Ratings, ks: tuple[int, ...] = (10, 50, 100)) -> dict[str, float]:
+                   test: data.Interactions, ks: tuple[int, ...] = (10, 50, 100)) -> dict[str, float]:
     """Hit rate / Recall / NDCG of the model on `test`, training items excluded."""
     queries, candidates = embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
@@ -219,6 +220,19 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
     return table
 
 
+def protocol_line(run_dir: str | os.PathLike) -> str:
+    """One line naming the run's dataset, protocol and split sizes, printed above every table."""
+    source = data_config(run_dir)
+    dataset, split = source.load()
+    how = ("the folder's own files" if split.protocol == "pre-split" else
+           f"test share {source.test_share}, seed {source.seed}")
+    return (f"dataset: {dataset.name} ({source.data_dir}); protocol: {split.protocol} ({how}); "
+            f"{len(split.train):,} training / {len(split.test):,} test rows, "
+            f"{len(set(split.test.user_id) - set(split.train.user_id)):,} test users and "
+            f"{len(set(split.test.item_id) - set(split.train.item_id)):,} test items without "
+            "a training row")
+
+
 def format_table(table: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 50, 100)) -> str:
     """A Markdown table with one row per model."""
     columns = [f"{m}@{k}" for m in ("hit_rate", "recall", "ndcg") for k in ks]
@@ -228,7 +242,7 @@ def format_table(table: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 
     return "\n".join(lines)
 
 
-def test_rows(tables: features.FeatureTables, test: data.Ratings):
+def test_rows(tables: features.FeatureTables, test: data.Interactions):
     user_row = {u: r for r, u in enumerate(tables.user_ids)}
     item_row = {i: r for r, i in enumerate(tables.item_ids)}
     users = np.array([user_row[u] for u in test.user_id])

@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 
 from serving import cli
-from tests.conftest import TINY_TRAIN
 
 
 def test_train_evaluate_export_recommend(tiny_data_dir, tmp_path, capsys):
     run, models = tmp_path / "run", tmp_path / "models"
     assert cli.main(["train", "retrieval", "--data", str(tiny_data_dir), "--run", str(run),
-                     "--train-size", str(TINY_TRAIN), "--epochs", "2", "--embedding-dim", "8",
+                     "--epochs", "2", "--embedding-dim", "8",
                      "--hidden", "16", "--history-length", "16", "--holdout", "200"]) == 0
     assert "| validation |" in capsys.readouterr().out
     assert json.loads((run / "retrieval_config.json").read_text())["embedding_dim"] == 8
 
     assert cli.main(["evaluate", "retrieval", "--run", str(run)]) == 0
     table = capsys.readouterr().out
+    # 3,000 rows, test share 0.2: the protocol and its sizes head the table.
+    assert "protocol: random (test share 0.2, seed 42); 2,400 training / 600 test rows" in table
     for row in ("cascade_retrieval", "cascade_retrieval_no_exclusion", "popularity", "als",
                 "ease"):
         assert f"| {row} |" in table
@@ -36,3 +37,22 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert cli.main(["evaluate", "retrieval", "--run", str(tmp_path / "missing")]) == 1
     assert cli.main(["data", "fetch", "movielens-100k", "--out", str(tmp_path / "o"),
                      "--from", str(tmp_path / "nothing.zip")]) == 1
+
+
+def test_data_split_writes_presplit_files_that_train_reads_back(tiny_data_dir, tmp_path, capsys):
+    """`cascade data split` writes the protocol's rows; a run on the written folder trains on
+    exactly those rows (pre-split), and asking for another protocol there is an error."""
+    from towers import data
+
+    out = tmp_path / "split"
+    assert cli.main(["data", "split", "--data", str(tiny_data_dir), "--split", "user-temporal",
+                     "--out", str(out)]) == 0
+    original = data.load(tiny_data_dir).split("user-temporal")
+    written = data.load(out)
+    assert written.presplit is not None and written.split().protocol == "pre-split"
+    for part in ("train", "test"):
+        a, b = getattr(original, part), getattr(written.split(), part)
+        assert sorted(zip(a.user_id, a.item_id, a.timestamp)) == sorted(zip(b.user_id, b.item_id, b.timestamp))
+    assert cli.main(["train", "retrieval", "--data", str(out), "--run", str(tmp_path / "r"),
+                     "--split", "random", "--epochs", "1"]) == 1
+    assert not (tmp_path / "r" / "features.npz").exists()  # refused before any training

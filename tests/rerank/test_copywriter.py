@@ -1,12 +1,15 @@
 """The GPT-2 copywriter: corpus, tokenizer, training, decoding, grounding check, export.
 
-Tiny real models on the tiny MovieLens slice; each test takes seconds."""
+Tiny real models on the tiny MovieLens slice, and a hand-written implicit catalog whose
+categories are not MovieLens genres; each test takes seconds."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -15,12 +18,9 @@ import pytest
 import tensorflow as tf
 
 from rerank import copy_corpus, copywriter, copywriter_export
+from tests.conftest import tiny_copywriter_config
 from towers import data
-
-TINY_TRAIN = 2_400
-TINY = copywriter.CopywriterConfig(
-    n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400, epochs=3, batch_size=32,
-    learning_rate=1e-2, warmup_steps=2, max_new_tokens=12, jit_compile=False)
+from towers import train as towers_train
 
 # Runs in a fresh interpreter that imports only TensorFlow and tensorflow-text: loads the
 # exported copywriter and reports its signature and its answers.
@@ -39,22 +39,64 @@ print(json.dumps({
 }))
 """
 
+# A tiny implicit catalog (no rating field), its topics no MovieLens genre: i3 has no topic, i5
+# no item-file row (its title is its ID), i6 no interaction, and i6's title `noir` is also a
+# topic word of i1 (as MovieLens's genre `unknown` is item 267's title). u2 saw i4 twice.
+IMPLICIT_INTER = """user_id:token\titem_id:token\ttimestamp:float
+u1\ti1\t10
+u1\ti2\t20
+u1\ti3\t30
+u1\ti4\t40
+u2\ti2\t15
+u2\ti4\t25
+u2\ti5\t35
+u2\ti4\t45
+u2\ti1\t50
+"""
+IMPLICIT_ITEM = """item_id:token\tname:token_seq\ttopic:token_seq
+i1\tQuiet Harbor, The\tjazz Noir gardening
+i2\tCopper Lanterns\tAstronomy
+i3\tNight Ferry\t
+i4\tSalt and Ash\tjazz
+i6\tnoir\tpoetry
+"""
+IMPLICIT_CARD = "text: {title: name, categories: topic}\n"
+# By hand: display titles; the user-temporal split (share 0.25) holds out each user's newest
+# row (u1-i4 at 40, u2-i1 at 50); liked = the newest training items, each once.
+IMPLICIT_TITLES = {"i1": "The Quiet Harbor", "i2": "Copper Lanterns", "i3": "Night Ferry",
+                   "i4": "Salt and Ash", "i5": "i5", "i6": "noir"}
+IMPLICIT_TRAIN = collections.Counter({("u1", "i1"): 1, ("u1", "i2"): 1, ("u1", "i3"): 1,
+                                      ("u2", "i2"): 1, ("u2", "i4"): 2, ("u2", "i5"): 1})
+IMPLICIT_LIKED = {"u1": ("i3", "i2", "i1"), "u2": ("i4", "i5", "i2")}
+
 
 @pytest.fixture(scope="module")
 def tiny_split(tiny_data_dir):
-    movielens = data.load_movielens(tiny_data_dir)
-    return movielens, data.benchmark_split(movielens.ratings, train_size=TINY_TRAIN)
+    """The tiny slice and its default split, the one `tiny_run` was trained on."""
+    dataset = data.load(tiny_data_dir)
+    return dataset, dataset.split()
 
 
 @pytest.fixture(scope="module")
-def tiny_copy_run(tiny_data_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("copy-run")
-    result = copywriter.train_copywriter(run, tiny_data_dir, TINY, train_size=TINY_TRAIN, verbose=0)
+def tiny_copy_run(tiny_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("copy-run") / "run"
+    shutil.copytree(tiny_run, run)
+    result = copywriter.train_copywriter(run, tiny_copywriter_config(), verbose=0)
     return run, result
 
 
-def _item(movielens, title: str) -> str:
-    return next(i for i, item in movielens.items.items() if item.title == title)
+@pytest.fixture(scope="module")
+def implicit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("implicit")
+    (folder / "x.inter").write_text(IMPLICIT_INTER)
+    (folder / "x.item").write_text(IMPLICIT_ITEM)
+    (folder / "x.yaml").write_text(IMPLICIT_CARD)
+    dataset = data.load(folder)
+    return dataset, dataset.split("user-temporal", test_share=0.25)
+
+
+def _item(items: dict[str, data.ItemFacts], title: str) -> str:
+    return next(i for i, item in items.items() if item.title == title)
 
 
 def test_display_titles_and_era():
@@ -67,24 +109,51 @@ def test_display_titles_and_era():
 
 
 def test_title_matcher_respects_words_and_longest_titles(movielens):
-    matcher = copy_corpus.TitleMatcher(movielens.items)
+    items = copy_corpus.catalog(movielens)
+    matcher = copy_corpus.TitleMatcher(items)
     assert matcher.titles_in("Primal Fear beats Fear.") == ["Primal Fear", "Fear"]
     assert matcher.titles_in("No fear; Heather and Jaws 2 wait.") == ["Jaws 2"]
     assert matcher.titles_in("It's a Wonderful Life") == ["It's a Wonderful Life"]
-    fear = _item(movielens, "Fear")
-    primal = _item(movielens, "Primal Fear")
+    fear = _item(items, "Fear")
+    primal = _item(items, "Primal Fear")
     assert matcher.check("Try Primal Fear.", fear, ()) == (False, ["Primal Fear"])
     assert matcher.check("After Primal Fear, Fear.", fear, (primal,)) == (True, [])
 
 
+def test_movielens_prompts_and_fallbacks_keep_their_words(movielens):
+    """ML-100K's prompt and fallback text as before the data layer (written by hand): a port that
+    drops the year, the categories' order or MovieLens's `unknown` rule fails here."""
+    items = copy_corpus.catalog(movielens)
+    matcher = copy_corpus.TitleMatcher(items)
+    assert (copy_corpus.film_piece(items["1"])
+            == " Film:<|title|> Toy Story (1995). Genres: Animation, Children's, Comedy. Copy:")
+    assert copy_corpus.liked_piece(items["12"], 1) == "<|liked2|> The Usual Suspects;"
+    assert (copy_corpus.fallback_line(items["1"], [items["12"]], matcher)
+            == "Toy Story (1995): animation, children's, comedy. "
+               "Picked for fans of The Usual Suspects.")
+    # Genre `unknown` is item 267's title: the fallback leaves it out, as the copy does.
+    assert copy_corpus.item_fallback(items["267"], matcher) == "unknown."
+    assert copy_corpus.item_fallback(items["1373"], matcher) == "Good Morning (1971)."
+
+
+def test_explicit_liked_items_are_the_best_rated():
+    """Ratings of 4 or more, by rating, then the most recent, then item ID; below 4, nothing."""
+    rows = data.Interactions(np.array(["a", "a", "a", "a", "b", "b", "c"]),
+                             np.array(["x", "y", "z", "w", "q", "p", "v"]),
+                             np.array([5, 5, 4, 3, 4, 4, 2], np.float32),
+                             np.array([1, 2, 3, 4, 5, 5, 6], np.int64))
+    assert copy_corpus.top_items(rows) == {"a": ("y", "x", "z"), "b": ("p", "q")}
+    assert copy_corpus.top_items(rows, 2) == {"a": ("y", "x"), "b": ("p", "q")}
+
+
 def test_corpus_is_deterministic_grounded_and_from_training_rows(tiny_split):
-    movielens, split = tiny_split
-    corpus = copy_corpus.build_corpus(movielens, split.train, 300, seed=7)
-    assert corpus == copy_corpus.build_corpus(movielens, split.train, 300, seed=7)
-    assert corpus != copy_corpus.build_corpus(movielens, split.train, 300, seed=8)
+    dataset, split = tiny_split
+    corpus = copy_corpus.build_corpus(dataset, split.train, 300, seed=7)
+    assert corpus == copy_corpus.build_corpus(dataset, split.train, 300, seed=7)
+    assert corpus != copy_corpus.build_corpus(dataset, split.train, 300, seed=8)
     pairs = set(zip(split.train.user_id, split.train.item_id))
     best = copy_corpus.top_items(split.train)
-    matcher = copy_corpus.TitleMatcher(movielens.items)
+    matcher = copy_corpus.TitleMatcher(copy_corpus.catalog(dataset))
     for example in corpus:
         assert (example.user_id, example.item_id) in pairs
         assert set(example.liked) <= set(best.get(example.user_id, ())) - {example.item_id}
@@ -94,11 +163,80 @@ def test_corpus_is_deterministic_grounded_and_from_training_rows(tiny_split):
 
 
 def test_every_fallback_line_is_grounded(movielens):
-    matcher = copy_corpus.TitleMatcher(movielens.items)
-    ids = list(movielens.items)
+    items = copy_corpus.catalog(movielens)
+    matcher = copy_corpus.TitleMatcher(items)
+    ids = list(items)
     for item_id, liked in zip(ids, ids[1:] + ids[:1]):
-        line = copy_corpus.fallback_line(movielens.items[item_id], [movielens.items[liked]])
+        line = copy_corpus.fallback_line(items[item_id], [items[liked]], matcher)
         assert matcher.check(line, item_id, (liked,)) == (True, []), line
+
+
+def test_implicit_catalog_likes_the_newest_training_items(implicit):
+    """Implicit feedback has rating 1 everywhere: with the explicit 4-star rule nobody likes
+    anything; here the newest training items are liked, a repeated item once."""
+    dataset, split = implicit
+    assert dataset.implicit
+    assert collections.Counter(zip(split.train.user_id, split.train.item_id)) == IMPLICIT_TRAIN
+    assert copy_corpus.top_items(split.train, implicit=True) == IMPLICIT_LIKED
+    assert copy_corpus.top_items(split.train, 2, implicit=True) == {
+        "u1": ("i3", "i2"), "u2": ("i4", "i5")}
+
+
+def test_implicit_catalog_prompts_and_fallback_lines(implicit):
+    """Facts of any catalog: no year, topics that are no MovieLens genre, no topic, no item row;
+    a topic word that is a title (`noir`) is never said."""
+    dataset, _ = implicit
+    items = copy_corpus.catalog(dataset)
+    matcher = copy_corpus.TitleMatcher(items)
+    assert (copy_corpus.film_piece(items["i1"])
+            == " Film:<|title|> The Quiet Harbor. Genres: jazz, Noir, gardening. Copy:")
+    assert copy_corpus.film_piece(items["i3"]) == " Film:<|title|> Night Ferry. Copy:"
+    assert copy_corpus.film_piece(items["i5"]) == " Film:<|title|> i5. Copy:"
+    pairs = (("i1", "i4"), ("i2", None), ("i3", "i1"), ("i5", None), ("i6", "i2"))
+    fallback = {item: copy_corpus.fallback_line(items[item], [items[liked]] if liked else [],
+                                                matcher) for item, liked in pairs}
+    assert fallback == {
+        "i1": "The Quiet Harbor: jazz, gardening. Picked for fans of Salt and Ash.",
+        "i2": "Copper Lanterns: astronomy.",
+        "i3": "Night Ferry. Picked for fans of The Quiet Harbor.",
+        "i5": "i5.",
+        "i6": "noir: poetry. Picked for fans of Copper Lanterns.",
+    }
+
+
+def test_implicit_catalog_phrases_its_own_categories():
+    """A category GENRE_WORDS does not know is phrased with its own word, not a KeyError; an item
+    without categories still gets a phrase."""
+    jazz = data.ItemFacts("i4", "Salt and Ash", data.UNKNOWN_YEAR, ("jazz",))
+    astronomy = data.ItemFacts("i2", "Copper Lanterns", data.UNKNOWN_YEAR, ("Astronomy",))
+    bare = data.ItemFacts("i3", "Night Ferry", data.UNKNOWN_YEAR, ())
+    nouns = {"film", "movie", "oddity"}
+    for seed in range(30):
+        phrase, with_article = copy_corpus.category_phrase(jazz, random.Random(seed))
+        assert phrase.startswith("jazz ") and with_article == "a " + phrase, phrase
+        phrase, with_article = copy_corpus.category_phrase(astronomy, random.Random(seed))
+        assert phrase.startswith("astronomy ") and with_article == "an " + phrase, phrase
+        phrase, _ = copy_corpus.category_phrase(bare, random.Random(seed))
+        assert phrase in nouns or phrase.split()[0] in {"offbeat", "curious"}, phrase
+
+
+def test_implicit_catalog_corpus_names_the_real_titles(implicit):
+    """Every training row once; each line names its item's title and no title outside the prompt
+    (plain substrings of the titles written above), and the liked titles are the user's."""
+    dataset, split = implicit
+    corpus = copy_corpus.build_corpus(dataset, split.train, len(split.train), seed=3)
+    assert collections.Counter((e.user_id, e.item_id) for e in corpus) == IMPLICIT_TRAIN
+    for example in corpus:
+        assert set(example.liked) <= set(IMPLICIT_LIKED[example.user_id]) - {example.item_id}
+        assert IMPLICIT_TITLES[example.item_id] in example.target, example.target
+        for other, title in IMPLICIT_TITLES.items():
+            if other != example.item_id and other not in example.liked:
+                assert title not in example.target, example.target
+        for liked in example.liked:  # a liked title is in the copy exactly when its slot is
+            slot = copy_corpus.LIKED_SLOTS[example.liked.index(liked)]
+            assert (IMPLICIT_TITLES[liked] in example.target) == (slot in example.template)
+        assert "<|" not in example.target
+    assert any(example.liked for example in corpus)  # the bug: nobody likes anything
 
 
 def test_tokenizer_round_trips_in_the_graph():
@@ -120,20 +258,29 @@ def test_tokenizer_round_trips_in_the_graph():
     assert ids[0][0] == slot_ids[0] and slot_ids[2] in ids[0]
     titles = tf.constant([[" Toy Story", " Heat", " Fargo", ""]])
     assert detokenize(tf.constant(ids), titles).numpy()[0].decode() == "Toy Story is for fans of Fargo."
-    item = data.Item("1", "Toy Story", "1995", ("Comedy",))
-    liked = [data.Item("2", "Heat", "1995", ("Crime",)), data.Item("3", "Fargo", "1996", ("Crime",))]
+    item = data.ItemFacts("1", "Toy Story", "1995", ("Comedy",))
+    liked = [data.ItemFacts("2", "Heat", "1995", ("Crime",)),
+             data.ItemFacts("3", "Fargo", "1996", ("Crime",))]
     assert copy_corpus.lexicalize(template, item, liked) == "Toy Story is for fans of Fargo."
 
 
-def test_training_lowers_the_loss_and_writes_the_run(tiny_copy_run):
+def test_training_lowers_the_loss_and_writes_the_run(tiny_copy_run, tiny_run):
     run, result = tiny_copy_run
     assert result["loss"][-1] < result["loss"][0] - 0.5
     assert result["heldout_perplexity"] > 1 and result["parameters"] > 0
     folder = run / copywriter.SUBDIR
     assert (folder / "model" / "config.json").is_file() and (folder / "model" / "tokenizer.json").is_file()
-    assert json.loads((folder / "config.json").read_text())["n_embd"] == TINY.n_embd
+    record = json.loads((folder / "config.json").read_text())
+    assert record["n_embd"] == tiny_copywriter_config().n_embd
+    assert not {"data_dir", "train_size"} & set(record)  # the run's retrieval_config.json has them
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["copywriter"]["training"]["loss"] == result["loss"]
+    # The corpus came from the run's training rows: every held-out example is one.
+    heldout = [json.loads(line)
+               for line in (folder / copywriter.HELDOUT_FILE).read_text().splitlines()]
+    split = towers_train.run_data(tiny_run)[1]
+    train_pairs = set(zip(split.train.user_id, split.train.item_id))
+    assert heldout and all((e["user_id"], e["item_id"]) in train_pairs for e in heldout)
 
 
 def test_decoder_matches_transformers_greedy():
@@ -159,10 +306,11 @@ def test_decoder_matches_transformers_greedy():
 
 def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
     run, _ = tiny_copy_run
-    movielens, split = tiny_split
+    dataset, split = tiny_split
+    items = copy_corpus.catalog(dataset)
     module = copywriter_export.CopywriterModule.from_run(run)
-    matcher = copy_corpus.TitleMatcher(movielens.items)
-    fear, fargo = _item(movielens, "Fear"), _item(movielens, "Fargo")
+    matcher = copy_corpus.TitleMatcher(items)
+    fear, fargo = _item(items, "Fear"), _item(items, "Fargo")
     rows = tf.constant([module.item_rows.lookup(tf.constant(fear)).numpy()] * 4)
     liked = tf.ragged.constant([[module.item_rows.lookup(tf.constant(fargo)).numpy()], [], [], []])
     texts = tf.constant(["Fans of Fargo: Fear.", "Fear and Fargo.", "Primal Fear!", "no fear"])
@@ -171,34 +319,36 @@ def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
     assert foreign.numpy().tolist() == [False, True, True, False]
     # Served copy: generated when it passes, else the fallback; every line grounded.
     users = list(copy_corpus.top_items(split.train))[:3]
-    items = [list(split.test.item_id[:4])] * 3
-    out = module.details(tf.constant(users), tf.constant(items))
+    chosen = [list(split.test.item_id[:4])] * 3
+    out = module.details(tf.constant(users), tf.constant(chosen))
     best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
     for b, user in enumerate(users):
-        for n, item in enumerate(items[b]):
+        for n, item in enumerate(chosen[b]):
             served = out["copy"][b, n].numpy().decode()
             liked_ids = tuple(i for i in best[user] if i != item)[:copy_corpus.MAX_LIKED]
             ok = bool(out["title_present"][b, n] and not out["other_title"][b, n]
                       and out["finished"][b, n] and out["slots_ok"][b, n])
             expected = out["generated"][b, n].numpy().decode() if ok else copy_corpus.fallback_line(
-                movielens.items[item], [movielens.items[liked_ids[0]]] if liked_ids else [])
+                items[item], [items[liked_ids[0]]] if liked_ids else [], matcher)
             assert served == expected
             assert matcher.check(served, item, liked_ids) == (True, [])
 
 
 def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_path):
     run, _ = tiny_copy_run
-    movielens, split = tiny_split
+    dataset, split = tiny_split
+    items = copy_corpus.catalog(dataset)
     path = copywriter_export.export_copywriter(run, tmp_path / "models")
     assert path == tmp_path / "models" / "copywriter" / "1"
     assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
     assert "copywriter" in (tmp_path / "models" / "models.config").read_text()
-    users = [split.train.user_id[0], "not-a-user"]
-    items = [[split.test.item_id[0], split.test.item_id[1], "no-such-item"],
-             [split.test.item_id[2], "", split.test.item_id[3]]]
+    users = [str(split.train.user_id[0]), "not-a-user"]
+    chosen = [[split.test.item_id[0], split.test.item_id[1], "no-such-item"],
+              [split.test.item_id[2], "", split.test.item_id[3]]]
+    chosen = [[str(item) for item in row] for row in chosen]
     environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     result = subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(users),
-                             json.dumps(items)], capture_output=True, text=True, timeout=300,
+                             json.dumps(chosen)], capture_output=True, text=True, timeout=300,
                             cwd=tmp_path, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -206,16 +356,16 @@ def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_pat
     assert out["inputs"] == {"user_id": ["string", [None]], "item_ids": ["string", [None, None]]}
     assert out["outputs"] == {"copy": ["string", [None, None]]}
     assert out["copy"][0][2] == "" and out["copy"][1][1] == ""
-    matcher = copy_corpus.TitleMatcher(movielens.items)
+    matcher = copy_corpus.TitleMatcher(items)
     best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
     for b, user in enumerate(users):
-        for n, item in enumerate(items[b]):
-            if item in movielens.items:
+        for n, item in enumerate(chosen[b]):
+            if item in items:
                 liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
                 assert matcher.check(out["copy"][b][n], item, liked) == (True, [])
 
 
-def test_local_gpt2_directory_loads_and_fine_tunes(tiny_data_dir, tmp_path):
+def test_local_gpt2_directory_loads_and_fine_tunes(tiny_run, tmp_path):
     import safetensors.numpy
     import transformers
     from transformers import modeling_tf_pytorch_utils as convert
@@ -256,8 +406,14 @@ def test_local_gpt2_directory_loads_and_fine_tunes(tiny_data_dir, tmp_path):
         copywriter.load_tokenizer(torch_dir)
     config = copywriter.CopywriterConfig(corpus_size=100, epochs=1, batch_size=32,
                                          max_new_tokens=8, jit_compile=False)
-    result = copywriter.train_copywriter(tmp_path / "run", tiny_data_dir, config, checkpoint=keras_dir,
-                                         train_size=TINY_TRAIN, verbose=0)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = copywriter.train_copywriter(run, config, checkpoint=keras_dir, verbose=0)
     # Fine-tuned with the four slot tokens added to its vocabulary.
     assert result["parameters"] == model.count_params() + 4 * 32
     assert result["checkpoint"] == str(keras_dir)
+
+
+def test_train_copywriter_without_a_retrieval_run_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cascade train retrieval"):
+        copywriter.train_copywriter(tmp_path / "empty", tiny_copywriter_config(), verbose=0)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from rerank import copy_corpus, copywriter, copywriter_export
 from serving import cli
+from towers import train
 
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-positions", "320",
               "--vocab-size", "400", "--corpus-size", "400", "--epochs", "2", "--batch-size", "32",
@@ -30,10 +31,14 @@ def cli_run(tiny_run, tmp_path_factory):
 
 def test_train_copywriter_cli_writes_into_the_retrieval_run(cli_run, tiny_run):
     record = json.loads((cli_run / "copywriter" / "config.json").read_text())
-    retrieval = json.loads((tiny_run / "retrieval_config.json").read_text())
-    # Data and split come from the retrieval run; the flags reach the config.
-    assert record["data_dir"] == retrieval["data_dir"]
-    assert record["train_size"] == retrieval["train_size"]
+    # Data and split come from the retrieval run (its retrieval_config.json), not the record;
+    # the flags reach the config.
+    assert not {"data_dir", "train_size"} & set(record)
+    split = train.run_data(tiny_run)[1]
+    train_pairs = set(zip(split.train.user_id, split.train.item_id))
+    heldout = [json.loads(line) for line in
+               (cli_run / "copywriter" / copywriter.HELDOUT_FILE).read_text().splitlines()]
+    assert heldout and all((e["user_id"], e["item_id"]) in train_pairs for e in heldout)
     assert (record["n_embd"], record["corpus_size"], record["jit_compile"]) == (32, 400, False)
     metrics = json.loads((cli_run / "metrics.json").read_text())
     assert "training" in metrics["copywriter"]
@@ -53,6 +58,12 @@ def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
     assert len(evaluation["examples"]) == 10
     table = (cli_run / "copywriter" / "evaluation.md").read_text()
     assert "| grounded_after_check | 1.0 |" in table and table.strip() in printed
+
+
+def test_train_copywriter_has_no_data_flag(tiny_run):
+    """The data is the run's: a `--data` that could disagree with the retrieval run is refused."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "copywriter", "--run", str(tiny_run), "--data", str(tiny_run)])
 
 
 def test_evaluate_copywriter_without_a_copywriter_says_how_to_train(tiny_run, caplog):
@@ -76,7 +87,7 @@ def test_serve_inside_another_tf_function(cli_run, tmp_path):
     module = copywriter_export.CopywriterModule.from_run(cli_run)
     _, _, _, _, split = copywriter.load_run(cli_run)
     users = tf.constant(list(copy_corpus.top_items(split.train))[:2])
-    items = tf.constant([list(split.test.item_id[:3]), list(split.test.item_id[3:6])])
+    items = tf.constant([split.test.item_id[:3].tolist(), split.test.item_id[3:6].tolist()])
 
     class Outer(tf.Module):
         def __init__(self, copy):

@@ -1,44 +1,32 @@
 """The cross-encoder re-ranker on a tiny random BERT (vocab 99, hidden 32, 2 layers): pair text
-from training rows only, groups without test items, the listwise loss against a hand-computed
-value, the retrieval term of the final score, a training step that lowers the loss, and a tiny
-end-to-end `train_reranker` whose saved re-ranker reloads to the same scores."""
+from the schema and training rows only (stars only for explicit ratings), groups without test
+items, the listwise loss against a hand-computed value, the retrieval term of the final score, a
+training step that lowers the loss, and a tiny end-to-end `train_reranker` whose saved re-ranker
+reloads to the same scores and has a text for every user and item of the run."""
 
 from __future__ import annotations
 
 import json
 import math
-import string
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
-import transformers
 
 from rerank import cross_encoder as ce
 from rerank import tokenizer
+from tests.conftest import TINY_RERANKER, TINY_TRAIN
 from towers import data, metrics, peers
+from towers import train as towers_train
 
-TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=37, max_position_embeddings=64, type_vocab_size=2)
-# Characters and continuation characters: every catalog word tokenizes, letter by letter.
-TINY_VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
-              + ["##" + c for c in string.ascii_lowercase] + list(string.digits)
-              + ["##" + c for c in string.digits] + list(".,:;()'!?-&"))
-TINY_CONFIG = ce.RerankerConfig(max_length=32, history_titles=2, layers=1, candidates=12,
-                                group_size=4, holdout=400, validation_users=8, epochs=1,
-                                batch_groups=4, learning_rate=1e-3)
+TINY_CONFIG = ce.RerankerConfig(**TINY_RERANKER)
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    assert len(TINY_VOCAB) <= TINY["vocab_size"]
-    tf.keras.utils.set_random_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    model = transformers.TFBertModel(transformers.BertConfig(**TINY))
-    model(model.dummy_inputs)
-    model.save_pretrained(str(directory))
-    (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-    return directory
+def tiny_bert(tiny_bert_dir):
+    """The session's tiny random BERT directory (conftest), under this module's older name."""
+    return tiny_bert_dir
 
 
 @pytest.fixture(scope="module")
@@ -48,40 +36,86 @@ def tiny_base(tiny_bert, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_split(movielens):
-    return data.benchmark_split(movielens.ratings)
+    """The full MovieLens-100K random split (the benchmark's)."""
+    return movielens.split("random")
 
 
-def _catalog() -> data.MovieLens:
-    items = {"1": data.Item("1", "Toy Story", "1995", ("Animation", "Comedy")),
-             "2": data.Item("2", "Heat", "1995", ("Action",)),
-             "3": data.Item("3", "Fargo", "1996", ("Crime", "Drama"))}
-    users = {"7": data.User("7", 24, "M", "technician", "85711")}
-    rows = data.Ratings(np.array(["7", "7", "7"], object), np.array(["1", "2", "3"], object),
-                        np.array([5.0, 3.0, 4.0], np.float32), np.array([10, 30, 20]))
-    return data.MovieLens(rows, items, users)
+def _write_dataset(folder, name: str, files: dict[str, list[str]]) -> data.Dataset:
+    """Writes `<name>.<suffix>` for each suffix (header line first) and loads the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, lines in files.items():
+        (folder / f"{name}.{suffix}").write_text("\n".join(lines) + "\n")
+    return data.load(folder)
 
 
-def test_user_context_golden_newest_first():
-    catalog = _catalog()
-    contexts = ce.user_contexts(catalog, catalog.ratings, history_titles=2)
-    assert contexts == {"7": "24-year-old man, technician. 3 stars: Heat (1995); Action. "
-                             "4 stars: Fargo (1996); Crime, Drama."}
-    assert ce.candidate_texts(catalog, np.array(["1"]))[0] == "Toy Story (1995); Animation, Comedy"
+def _catalog(folder, card) -> data.Dataset:
+    """Three rated films of user 7, two of user 9 (no user row) at one timestamp, user 8 with no
+    ratings and item 4 with none, in ML-100K's files and card."""
+    folder.mkdir(parents=True)
+    (folder / "ml-100k.yaml").write_bytes(card.read_bytes())
+    return _write_dataset(folder, "ml-100k", {
+        "inter": ["user_id:token\titem_id:token\trating:float\ttimestamp:float",
+                  "7\t1\t5\t10", "7\t2\t3\t30", "7\t3\t4\t20", "9\t3\t4\t15", "9\t1\t5\t15"],
+        "item": ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq",
+                 "1\tToy Story\t1995\tAnimation Comedy", "2\tHeat\t1995\tAction",
+                 "3\tFargo\t1996\tCrime Drama", "4\tCasino\t1995\tDrama"],
+        "user": ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token",
+                 "7\t24\tM\ttechnician\t85711", "8\t53\tF\tother\t94043"]})
+
+
+def test_user_context_golden_newest_first(movielens_dir, tmp_path):
+    """ML-100K's format: demographics, then stars and item text of the newest ratings (a bug in
+    the order, the tie-break by item ID, or a lone "." for a user without a user row fails)."""
+    catalog = _catalog(tmp_path / "ml", movielens_dir / "ml-100k.yaml")
+    assert not catalog.implicit
+    contexts = ce.user_contexts(catalog, catalog.interactions, catalog.user_ids(), history_titles=2)
+    assert contexts == {
+        "7": "24-year-old man, technician. 3 stars: Heat (1995); Action. "
+             "4 stars: Fargo (1996); Crime Drama.",
+        "8": "53-year-old woman, other.",  # a new user: demographics alone
+        "9": "5 stars: Toy Story (1995); Animation Comedy. 4 stars: Fargo (1996); Crime Drama."}
+    np.testing.assert_array_equal(ce.candidate_texts(catalog, np.array(["1", "4"])),
+                                  ["Toy Story (1995); Animation Comedy", "Casino (1995); Drama"])
+    with pytest.raises(ValueError, match="user '9' of the training rows is not among the 2"):
+        ce.user_contexts(catalog, catalog.interactions, np.array(["7", "8"]))
+
+
+def test_implicit_contexts_have_no_stars(tmp_path):
+    """An implicit dataset without a user file: the newest items' texts alone, no "N stars:" (the
+    rating is 1 everywhere, not a star count) and no lone "." for the missing user text."""
+    dataset = _write_dataset(tmp_path / "x", "x", {
+        "inter": ["user_id:token\titem_id:token\ttimestamp:float",
+                  "u1\ti1\t100", "u1\ti2\t300", "u1\ti3\t200", "u2\ti2\t50"],
+        "item": ["item_id:token\ttitle:token_seq\tgenre:token_seq",
+                 "i1\tToy Story\tAnimation Comedy", "i2\tHeat\tAction",
+                 "i3\tFargo\tCrime Drama", "i4\tCasino\tDrama"]})
+    assert dataset.implicit and dataset.users is None
+    user_ids = np.array(["u1", "u2", "u3"])  # u3: a user the files do not have
+    contexts = ce.user_contexts(dataset, dataset.interactions, user_ids, history_titles=2)
+    assert contexts == {"u1": "Heat; Action. Fargo; Crime Drama.", "u2": "Heat; Action.",
+                        "u3": ""}
+    texts = ce.PairTexts.build(dataset, dataset.interactions, user_ids, dataset.item_ids(), 2)
+    np.testing.assert_array_equal(texts.arrays["contexts"], [contexts[u] for u in user_ids])
+    np.testing.assert_array_equal(texts.arrays["item_texts"], [
+        "Toy Story; Animation Comedy", "Heat; Action", "Fargo; Crime Drama", "Casino; Drama"])
+    np.testing.assert_allclose(texts.arrays["popularity"], np.log1p([1, 2, 1, 0]), rtol=1e-6)
 
 
 def test_pair_text_uses_training_rows_only(movielens, tiny_split):
     fit_rows, held_out = ce.split_rows(tiny_split.train, 2_000)
-    texts = ce.PairTexts.build(movielens, fit_rows, np.array(sorted(movielens.items)), 50)
+    texts = ce.PairTexts.build(movielens, fit_rows, movielens.user_ids(), movielens.item_ids(), 50)
     context = dict(zip(texts.arrays["user_ids"], texts.arrays["contexts"]))
+    item_ids = movielens.item_ids()
+    item_text = dict(zip(item_ids, movielens.item_texts(item_ids)))
     fit_texts: dict[str, set[str]] = {}
     for user, item in zip(fit_rows.user_id, fit_rows.item_id):
-        fit_texts.setdefault(user, set()).add(movielens.items[item].text())
+        fit_texts.setdefault(user, set()).add(item_text[item])
     outside = [(u, i) for u, i in zip(np.concatenate([held_out.user_id, tiny_split.test.user_id]),
                                       np.concatenate([held_out.item_id, tiny_split.test.item_id]))]
     for user, item in outside[::10]:
-        text = f"stars: {movielens.items[item].text()}."
+        text = f"stars: {item_text[item]}."
         # A title the user also rated in the fit rows (a re-release, a same-named film) may appear.
-        if movielens.items[item].text() not in fit_texts.get(user, ()):
+        if item_text[item] not in fit_texts.get(user, ()):
             assert text not in context[user], (user, item)
     count = dict(zip(*np.unique(fit_rows.item_id.astype(str), return_counts=True)))
     np.testing.assert_allclose(texts.arrays["popularity"],
@@ -147,6 +181,17 @@ def test_split_rows_matches_retrieval_holdout(tiny_split):
         ce.split_rows(tiny_split.train, 0)
 
 
+def test_train_reranker_rejects_holdout_of_the_whole_split(tiny_run, tmp_path):
+    """The holdout is checked against the run's own training split (2,400 rows), before any
+    training and before `reranker/` is written."""
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(ce.RERANKER_DIR))
+    config = ce.RerankerConfig(**{**TINY_RERANKER, "holdout": TINY_TRAIN})
+    with pytest.raises(ValueError, match=f"between 1 and {TINY_TRAIN - 1} \\(the split has "
+                                         f"{TINY_TRAIN} training rows\\), got {TINY_TRAIN}"):
+        ce.train_reranker(tmp_path / "run", config=config, verbose=0)
+    assert not (tmp_path / "run" / ce.RERANKER_DIR).exists()
+
+
 def test_listwise_loss_hand_computed():
     scores = tf.constant([[2.0, 1.0, 0.0], [0.0, 0.0, math.log(2.0)]])
     labels = tf.constant([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -159,7 +204,7 @@ def test_listwise_loss_hand_computed():
 def _reranker(tiny_base, movielens, rows, config=TINY_CONFIG):
     tf.keras.utils.set_random_seed(1)
     encoder = ce.new_encoder(tiny_base, config)
-    texts = ce.PairTexts.build(movielens, rows, np.array(sorted(movielens.items)),
+    texts = ce.PairTexts.build(movielens, rows, movielens.user_ids(), movielens.item_ids(),
                                config.history_titles)
     return ce.Reranker(encoder, texts, tokenizer.PairTokenizer.from_directory(tiny_base),
                        config.max_length)
@@ -221,8 +266,6 @@ def test_reordered_puts_reranked_top_k_first():
 
 
 def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
-    import shutil
-
     shutil.copytree(tiny_run, tmp_path / "run")  # the session's tiny run stays retrieval-only
     tiny_run = tmp_path / "run"
     result = ce.train_reranker(tiny_run, checkpoint=tiny_bert, config=TINY_CONFIG, verbose=0)
@@ -232,8 +275,10 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     assert json.loads((tiny_run / "metrics.json").read_text())["reranker"] == result
     assert json.loads((out / ce.CONFIG_FILE).read_text())["layers"] == 1
     assert list((out / "logs").iterdir())
-    # The shadow retrieval model never saw the held-out rows.
-    assert json.loads((out / "shadow" / "retrieval_config.json").read_text())["holdout"] == 400
+    # The shadow retrieval model never saw the held-out rows, and read the run's data and split.
+    shadow_record = json.loads((out / "shadow" / "retrieval_config.json").read_text())
+    run_record = json.loads((tiny_run / "retrieval_config.json").read_text())
+    assert shadow_record["holdout"] == 400 and shadow_record["data"] == run_record["data"]
     reloaded = ce.load_reranker(tiny_run)
     assert reloaded.max_length == TINY_CONFIG.max_length
     # Trained weights, not a fresh model: the zero-initialised classifier has moved, and the
@@ -246,3 +291,21 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     first = reloaded(inputs).numpy()
     np.testing.assert_allclose(ce.load_reranker(tiny_run)(inputs).numpy(), first, rtol=1e-6)
     assert np.ptp(first) > 0
+    # Every user and item of the run has a text, those without a training interaction too: a new
+    # user's context is their demographics alone, a rated user's has stars (ML-100K is explicit).
+    _, tables = towers_train.load_run(tiny_run)
+    arrays = reloaded.texts.arrays
+    np.testing.assert_array_equal(arrays["user_ids"], tables.user_ids)
+    np.testing.assert_array_equal(arrays["item_ids"], tables.item_ids)
+    dataset, split = towers_train.run_data(tiny_run)
+    np.testing.assert_array_equal(arrays["item_texts"], dataset.item_texts(tables.item_ids))
+    trained = np.isin(tables.user_ids, split.train.user_id)
+    assert 0 < trained.sum() < len(trained)  # the tiny run has users with and without rows
+    new_users = tables.user_ids[~trained]
+    np.testing.assert_array_equal(arrays["contexts"][~trained],
+                                  [text + "." for text in dataset.user_texts(new_users)])
+    assert all(" stars: " in context for context in arrays["contexts"][trained])
+    new_user, new_item = new_users[0], tables.item_ids[tables.item_count == 0][0]
+    scores = reloaded(dict(user_id=tf.constant([new_user]), item_ids=tf.constant([[new_item, "1"]]),
+                           retrieval_score=tf.constant([[0.0, 0.0]]))).numpy()
+    assert np.isfinite(scores).all()

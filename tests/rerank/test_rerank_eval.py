@@ -12,7 +12,6 @@ import pytest
 from rerank import cross_encoder as ce
 from rerank import rerank_bench, rerank_eval
 from serving import cli
-from tests.rerank.test_cross_encoder import tiny_bert  # noqa: F401 (fixture)
 from tests.rerank.test_reranker_export import reranker_run  # noqa: F401 (fixture)
 from towers import metrics
 from towers import train as towers_train

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from rerank import cross_encoder as ce
 from rerank import reranker_export
-from tests.rerank.test_cross_encoder import TINY_CONFIG, tiny_bert  # noqa: F401 (fixture)
+from tests.conftest import TINY_RERANKER
 from towers import cold_start
 from towers import train as towers_train
 
@@ -26,10 +26,12 @@ ITEMS = [["1", "50", "181", "7"], ["9", "8", "no-such-item", "6"], ["100", "1", 
 
 
 @pytest.fixture(scope="module")
-def reranker_run(tiny_run, tiny_bert, tmp_path_factory):
+def reranker_run(tiny_run, tiny_bert_dir, tmp_path_factory):
+    """A copy of the tiny run with a tiny re-ranker (no copywriter: `tiny_cascade_run` has one)."""
     run = tmp_path_factory.mktemp("reranker-export") / "run"
     shutil.copytree(tiny_run, run)
-    ce.train_reranker(run, checkpoint=tiny_bert, config=TINY_CONFIG, verbose=0)
+    ce.train_reranker(run, checkpoint=tiny_bert_dir, config=ce.RerankerConfig(**TINY_RERANKER),
+                      verbose=0)
     return run
 
 

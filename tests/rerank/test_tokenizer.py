@@ -48,11 +48,11 @@ def reference(minilm):
 def catalog_pairs(movielens):
     """(user context, item text) for every item of the catalog, contexts cycling over 200 users."""
     rng = random.Random(0)
-    titles = [item.title for item in movielens.items.values()]
-    users = rng.sample(sorted(movielens.users.values(), key=lambda u: int(u.user_id)), 200)
-    contexts = [f"{user.text()}; recently liked: {'; '.join(rng.sample(titles, 3))}"
-                for user in users]
-    items = [item.text() for item in movielens.items.values()]
+    item_ids = movielens.item_ids()
+    titles = [fact.title for fact in movielens.facts(item_ids)]
+    users = movielens.user_texts(rng.sample(list(movielens.user_ids()), 200))
+    contexts = [f"{user}; recently liked: {'; '.join(rng.sample(titles, 3))}" for user in users]
+    items = movielens.item_texts(item_ids)
     return [contexts[i % len(contexts)] for i in range(len(items))], items
 
 
@@ -81,8 +81,8 @@ def test_catalog_pairs_match_hugging_face(pair_tokenizer, reference, catalog_pai
 
 @pytest.mark.parametrize("lower_case", [True, False], ids=["uncased", "cased"])
 def test_single_texts_match_hugging_face(minilm, movielens, lower_case):
-    texts = [item.text() for item in movielens.items.values()]
-    texts += [user.text() for user in movielens.users.values()] + AWKWARD
+    texts = movielens.item_texts(movielens.item_ids())
+    texts += movielens.user_texts(movielens.user_ids()) + AWKWARD
     graph = tokenizer.PairTokenizer(minilm / "vocab.txt", lower_case=lower_case)
     reference = tokenizer.reference_tokenizer(minilm, lower_case=lower_case)
     got = graph.tokenize(tf.constant(texts)).to_list()

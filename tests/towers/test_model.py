@@ -1,4 +1,4 @@
-"""Feature tables, the towers and a tiny training run."""
+"""Feature tables of the tiny MovieLens data, the towers and a tiny training run."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ from towers import cold_start, data, features, model, train
 
 @pytest.fixture(scope="module")
 def tiny(tiny_data_dir):
-    movielens = data.load_movielens(tiny_data_dir)
-    split = data.benchmark_split(movielens.ratings, train_size=TINY_TRAIN)
-    return movielens, split, features.build_tables(movielens, split.train, history_length=8)
+    dataset = data.load(tiny_data_dir)
+    split = dataset.split()  # the card's protocol: random
+    return dataset, split, features.build_tables(dataset, split.train, history_length=8)
 
 
 def test_tables_hold_training_data_only(tiny):
-    movielens, split, tables = tiny
+    dataset, split, tables = tiny
+    assert split.protocol == "random" and len(split.train) == TINY_TRAIN
     assert len(tables.user_ids) == 943 and len(tables.item_ids) == 1682
     item_row = {i: r for r, i in enumerate(tables.item_ids)}
     user = split.train.user_id[0]
     row = list(tables.user_ids).index(user)
     mine = split.train.user_id == user
     expected = [i for _, i in sorted(zip(split.train.timestamp[mine], split.train.item_id[mine]),
-                                     reverse=True)]
+                                     key=lambda pair: (-pair[0], int(pair[1])))]
     kept = tables.history[row][tables.history[row] > 0]
     assert list(kept) == [item_row[i] + 1 for i in expected[:8]]  # newest first, capped
     assert set(tables.seen[row]) - {features.PAD} == set(expected)
@@ -35,14 +36,31 @@ def test_tables_hold_training_data_only(tiny):
     for r, user_id in enumerate(tables.user_ids):
         assert not {(user_id, i) for i in tables.seen[r]} & test_pairs
     assert tables.item_count.sum() == TINY_TRAIN
+    # ID rows 1.. in ID order for the users and items of the training rows, 0 for the rest.
+    trained_users = sorted(set(split.train.user_id), key=int)
+    assert [tables.user_ids[r] for r in np.flatnonzero(tables.user_id_row)] == trained_users
+    assert tables.user_id_row[tables.user_id_row > 0].tolist() == list(range(1, len(trained_users) + 1))
+    assert tables.num_item_ids == len(set(split.train.item_id)) + 1
 
 
-def test_tables_round_trip(tiny, tmp_path):
-    tables = tiny[2]
-    tables.save(tmp_path / "features.npz")
-    loaded = features.FeatureTables.load(tmp_path / "features.npz")
-    for name in ("user_ids", "seen", "history", "item_title", "item_genres"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(tables, name))
+def test_movielens_card_features(tiny):
+    """The card's six features, and values worked out from its boundaries and the files."""
+    _, _, tables = tiny
+    assert [(s.key, s.kind) for s in tables.specs] == [
+        ("user:age", "number"), ("user:gender", "category"), ("user:occupation", "category"),
+        ("item:movie_title", "text"), ("item:release_year", "number"), ("item:class", "categories")]
+    item, user = list(tables.item_ids).index("1"), list(tables.user_ids).index("1")
+    assert tables.values["item:release_year"][item] == 16  # 1995: from the last of 15 boundaries on
+    assert tables.values["user:age"][user] == 2  # 24: in [18, 25)
+    assert list(tables.vocabularies["user:gender"]) == ["M", "F"]  # 670 men, 273 women
+    assert tables.values["user:gender"][user] == 1
+    toy_story = tables.values["item:movie_title"][item]
+    words = list(tables.vocabularies["item:movie_title"])
+    assert "toy" not in words  # in one title only, under min_count 2: out of vocabulary (1)
+    assert toy_story.tolist() == [1, words.index("story") + 2, 0, 0, 0, 0, 0, 0]
+    genres = list(tables.vocabularies["item:class"])
+    assert sorted(tables.values["item:class"][item][:3]) == sorted(
+        genres.index(g) + 2 for g in ("Animation", "Children's", "Comedy"))
 
 
 def test_target_is_hidden_from_its_own_history(tiny, tiny_config):
@@ -64,15 +82,27 @@ def test_unknown_user_maps_to_the_out_of_vocabulary_row(tiny, tiny_config):
     assert tower(tf.constant(["no-such-user"])).shape == (1, tiny_config.embedding_dim)
 
 
-def test_tiny_training_run_lowers_the_loss_and_writes_the_run(tiny_run, tiny_config):
+def test_tiny_training_run_lowers_the_loss_and_writes_the_run(tiny_run, tiny_config, tiny_data_dir):
     result = json.loads((tiny_run / train.METRICS_FILE).read_text())
     losses = result["training"]["loss"]
     assert len(losses) == tiny_config.epochs
     assert losses[-1] < 0.9 * losses[0]
     record = json.loads((tiny_run / train.CONFIG_FILE).read_text())
-    assert record["embedding_dim"] == tiny_config.embedding_dim and record["train_size"] == TINY_TRAIN
+    assert record["embedding_dim"] == tiny_config.embedding_dim and "train_size" not in record
+    assert record["data"] == {"data_dir": str(tiny_data_dir.resolve()), "card": None, "split": None,
+                              "test_share": 0.2, "seed": 42, "protocol": "random"}
     assert (tiny_run / "checkpoints" / "epoch-01.index").exists()
     assert any((tiny_run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_run_data_is_the_split_it_was_trained_on(tiny_run, tiny):
+    _, split, _ = tiny
+    dataset, again = train.run_data(tiny_run)
+    assert dataset.path == tiny[0].path.resolve()
+    for part in ("train", "test"):
+        for field in ("user_id", "item_id", "timestamp"):
+            np.testing.assert_array_equal(getattr(getattr(again, part), field),
+                                          getattr(getattr(split, part), field))
 
 
 def test_run_reloads_with_the_same_embeddings(tiny_run):
