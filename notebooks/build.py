@@ -38,18 +38,18 @@ if not (REPO / "setup.cfg").exists():  # started from notebooks/
 # CASCADE_NOTEBOOK_SMALL=1: a 3,000-rating slice and tiny models, for CI (seconds, not minutes).
 SMALL = os.environ.get("CASCADE_NOTEBOOK_SMALL") == "1"
 DATA = pathlib.Path(os.environ.get("CASCADE_DATA", REPO / "data" / "ml-100k"))
-if not (DATA / "ml-100k.inter").exists():
-    fetch.fetch_movielens_100k(DATA)  # RecBole's copy from its wheel, SHA-256 verified
+if not all((DATA / f"ml-100k.{suffix}").exists() for suffix in ("inter", "yaml")):
+    fetch.fetch_movielens_100k(DATA)  # RecBole's copy from its wheel, SHA-256 verified, + the card
 WORK = pathlib.Path(tempfile.mkdtemp(prefix="cascade-notebook-"))  # scratch, removed at the end
 
 
 def small_data(rows: int = 3_000) -> pathlib.Path:
-    """The first `rows` ratings of MovieLens-100K, with the whole catalog and every user."""
+    """The first `rows` ratings of MovieLens-100K, with the whole catalog, every user, the card."""
     folder = WORK / "ml-100k-small"
     folder.mkdir(exist_ok=True)
     lines = (DATA / "ml-100k.inter").read_text().splitlines(keepends=True)
     (folder / "ml-100k.inter").write_text("".join(lines[:rows + 1]))  # + the header line
-    for suffix in ("item", "user"):
+    for suffix in ("item", "user", "yaml"):
         shutil.copy(DATA / f"ml-100k.{suffix}", folder)
     return folder
 
@@ -57,7 +57,7 @@ def small_data(rows: int = 3_000) -> pathlib.Path:
 TINY_RETRIEVAL = model.RetrievalConfig(embedding_dim=16, id_dim=16, side_dim=4, hidden=32,
                                        history_length=32, epochs=3, batch_size=128,
                                        learning_rate=1e-2)
-DATA_USED, TRAIN_SIZE = (small_data(), 2_400) if SMALL else (DATA, 80_000)
+DATA_USED = small_data() if SMALL else DATA
 print(f"data: {DATA_USED} ({'small' if SMALL else 'full'} configuration)")'''
 
 DEMO_RUN = '''\
@@ -66,7 +66,7 @@ def retrieval_run() -> pathlib.Path:
     if SMALL:
         run = WORK / "run"
         if not (run / train.WEIGHTS).with_suffix(".index").exists():
-            train.train(DATA_USED, run, TINY_RETRIEVAL, train_size=TRAIN_SIZE, verbose=0)
+            train.train(DATA_USED, run, TINY_RETRIEVAL, verbose=0)
         return run
     run = REPO / "runs" / "ml100k"
     if not (run / "checkpoints" / "final.index").exists():
@@ -82,35 +82,49 @@ def retrieval_notebook() -> list:
     md, code = v4.new_markdown_cell, v4.new_code_cell
     return [
         md("# 01 · Retrieval: the two-tower model with Keras `fit`\n\n"
-           "Stage one of Cascade (`towers/`): a query tower (user ID, demographics, recent "
-           "history) and a candidate tower (item ID, genres, year, title words), trained with "
+           "Stage one of Cascade (`towers/`): a query tower (user ID, recent history and the "
+           "user features the dataset's card declares; for MovieLens: age, gender, occupation) "
+           "and a candidate tower (item ID and the card's item features; for MovieLens: title "
+           "words, release year, genres), trained with "
            "in-batch softmax (`tfrs.tasks.Retrieval`). This notebook trains one from scratch with "
            "plain `model.fit`, plots its curves, compares it with popularity, ALS and EASE on the "
            "benchmark split, and looks at which films end up next to each other.\n\n"
            "Set `CASCADE_NOTEBOOK_SMALL=1` for the small configuration CI runs."),
         code(SETUP),
-        md("## Data and the benchmark split\n\nMovieLens-100K in `u.data` order, the TFRS "
-           "tutorial split (seeded shuffle, 80,000 train / 20,000 test). The last training rows "
-           "are held out as a validation set for the curves; the test split is only read at the "
-           "end."),
+        md("## Data and the benchmark split\n\nMovieLens-100K in RecBole's atomic files, split "
+           "by the card's default protocol, `random`: the TFRS tutorial split (seeded shuffle, "
+           "80,000 train / 20,000 test). The last training rows are held out as a validation set "
+           "for the curves; the test split is only read at the end."),
         code('''\
-movielens = data.load_movielens(DATA_USED)
-split = data.benchmark_split(movielens.ratings, train_size=TRAIN_SIZE)
+dataset = data.load(DATA_USED)
+split = dataset.split()  # the card's default protocol
+labels = dict(zip(dataset.item_ids(), dataset.labels(dataset.item_ids())))
 holdout = 200 if SMALL else 8_000
 fit_rows = split.train.take(np.arange(len(split.train) - holdout))
 validation = split.train.take(np.arange(len(split.train) - holdout, len(split.train)))
-print(f"{len(movielens.users)} users, {len(movielens.items)} items; "
-      f"{len(fit_rows)} training, {len(validation)} validation, {len(split.test)} test ratings")
+print(f"{len(dataset.user_ids())} users, {len(dataset.item_ids())} items; "
+      f"{len(fit_rows)} training, {len(validation)} validation, {len(split.test)} test ratings "
+      f"({split.protocol} split)")
 for user, item, rating in list(zip(fit_rows.user_id, fit_rows.item_id, fit_rows.rating))[:5]:
-    print(f"user {user:>4} rated {rating:g} stars: {movielens.items[item].label()}")'''),
-        md("## The model\n\n`features.build_tables` turns the training rows into lookup tables "
-           "(vocabularies, each user's history, item side features); `model.RetrievalModel` is a "
-           "`tfrs.Model` whose `compute_loss` is the retrieval task. Everything else is Keras."),
+    print(f"user {user:>4} rated {rating:g} stars: {labels[item]}")'''),
+        md("## The data layer: a card, and the features it declares\n\n`data.load` reads a "
+           "folder of RecBole atomic files (`.inter`, optional `.item` and `.user`) and its "
+           "card, `<name>.yaml`, which says what the fields mean: the features each tower "
+           "builds, the text the language stages read, the default split. No stage names a "
+           "MovieLens field; any RecBole-format folder works, with or without a card "
+           "(docs/data.md). `features.build_tables` turns the card's features and the training "
+           "rows into lookup tables: (key, kind, size) per tower input."),
         code('''\
 from towers import features
 
+print(dataset.card.source.read_text() if dataset.card.source else "no card (docs/data.md)")
 config = TINY_RETRIEVAL if SMALL else model.RetrievalConfig()
-tables = features.build_tables(movielens, fit_rows, config.history_length)
+tables = features.build_tables(dataset, fit_rows, config.history_length)
+print([(s.key, s.kind, s.size) for s in tables.specs])'''),
+        md("## The model\n\nThe tables (vocabularies, each user's history, the side features "
+           "above) go into `model.RetrievalModel`, a `tfrs.Model` whose `compute_loss` is the "
+           "retrieval task. Everything else is Keras."),
+        code('''\
 keras.utils.set_random_seed(config.seed)
 retrieval = model.RetrievalModel(tables, config)
 retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
@@ -139,7 +153,7 @@ plt.show()'''),
 from towers import metrics, peers
 
 queries, candidates = train.embeddings(retrieval, tables)
-users, items, seen = train._test_rows(tables, split.test)  # test pairs as table rows + seen mask
+users, items, seen = train.test_rows(tables, split.test)  # test pairs as table rows + seen mask
 table = {
     "two-tower (this notebook)": metrics.evaluate(queries @ candidates.T, users, items, seen),
     "popularity": metrics.evaluate(peers.popularity_scores(seen), users, items, seen),
@@ -160,9 +174,9 @@ row_of = {item_id: row for row, item_id in enumerate(tables.item_ids)}
 for item_id in ("1", "50", "100", "181"):  # Toy Story, Star Wars, Fargo, Return of the Jedi
     similarity = normalized @ normalized[row_of[item_id]]
     nearest = [r for r in np.argsort(-similarity) if tables.item_ids[r] != item_id][:5]
-    print(movielens.items[item_id].label())
+    print(labels[item_id])
     for r in nearest:
-        print(f"    {similarity[r]:.3f}  {movielens.items[tables.item_ids[r]].label()}")'''),
+        print(f"    {similarity[r]:.3f}  {labels[tables.item_ids[r]]}")'''),
         code(CLEANUP),
     ]
 
@@ -215,13 +229,10 @@ print(", ".join(f"{name} = {value:.3f}"
            "for the user (their training items left out); its top K are the candidates. "
            "Items the user rated in the test split are marked ✓."),
         code('''\
-import json
-
 from towers import features
 
-record = json.loads((RUN / train.CONFIG_FILE).read_text())
-movielens = data.load_movielens(record["data_dir"])
-split = data.benchmark_split(movielens.ratings, train_size=record["train_size"])
+dataset, split = train.run_data(RUN)  # the dataset and split the run was trained on
+labels = dict(zip(dataset.item_ids(), dataset.labels(dataset.item_ids())))
 K = 20 if SMALL else 100
 test_items = {}
 for user, item in zip(split.test.user_id, split.test.item_id):
@@ -270,7 +281,7 @@ for row in sorted(rows, key=lambda row: after[row["item_id"]])[:15]:
     moved = row["before"] - after[row["item_id"]]
     lines.append(
         f"| {after[row['item_id']]} | {row['before']} | {moved:+d} | "
-        f"{movielens.items[row['item_id']].label()} | "
+        f"{labels[row['item_id']]} | "
         f"{'✓' if row['item_id'] in test_items[user] else ''} | {row['bert']:.3f} | "
         f"{row['retrieval']:.3f} | {row['popularity']:.3f} | {row['ease']:.3f} | {why(row)} |")
 display(Markdown("\\n".join(lines)))'''),
@@ -308,37 +319,38 @@ def copy_notebook() -> list:
            "in the graph replaces any line that lacks the film's title or names a film the "
            "prompt does not hold.\n\n"
            "Full configuration: the demo run's copywriter (trained here if missing). Small: a "
-           "one-layer GPT-2 trained for a few seconds, whose lines are mostly fallbacks."),
+           "one-layer GPT-2 trained for a few seconds on a tiny retrieval run's data, whose "
+           "lines are mostly fallbacks."),
         code(SETUP),
+        code(DEMO_RUN),
         code('''\
 from rerank import copy_corpus, copywriter, copywriter_export
 
+RUN = retrieval_run()  # the copywriter reads the run's dataset and split
 if SMALL:
-    RUN = WORK / "run"
-    copywriter.train_copywriter(RUN, DATA_USED, copywriter.CopywriterConfig(
+    copywriter.train_copywriter(RUN, copywriter.CopywriterConfig(
         n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400,
         epochs=3, batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12,
-        jit_compile=False), train_size=TRAIN_SIZE, verbose=0)
-else:
-    RUN = REPO / "runs" / "ml100k"
-    if not (RUN / copywriter.SUBDIR / copywriter.CONFIG_FILE).exists():
-        print("the demo run has no copywriter: training it (`cascade train copywriter`)")
-        copywriter.train_copywriter(RUN, DATA_USED, verbose=2)
-record, gpt2, tokenizer, movielens, split = copywriter.load_run(RUN)
+        jit_compile=False), verbose=0)
+elif not (RUN / copywriter.SUBDIR / copywriter.CONFIG_FILE).exists():
+    print("the demo run has no copywriter: training it (`cascade train copywriter`)")
+    copywriter.train_copywriter(RUN, verbose=2)
+record, gpt2, tokenizer, dataset, split = copywriter.load_run(RUN)
+facts = copy_corpus.catalog(dataset)  # item ID -> data.ItemFacts (title, year, categories)
 print(f"GPT-2: {gpt2.config.n_layer} layers x {gpt2.config.n_embd}, "
       f"{gpt2.count_params():,} parameters, vocabulary {len(tokenizer)}")'''),
         md("## What it learned from\n\nThe corpus is built from training ratings only: a prompt "
            "of facts and a templated line with slot tokens where titles go."),
         code('''\
-for example in copy_corpus.build_corpus(movielens, split.train, 4, seed=7):
-    print("prompt facts:", movielens.items[example.item_id].label(), "| liked:",
-          [movielens.items[i].label() for i in example.liked])
+for example in copy_corpus.build_corpus(dataset, split.train, 4, seed=7):
+    print("prompt facts:", facts[example.item_id].label(), "| liked:",
+          [facts[i].label() for i in example.liked])
     print("  template:", example.template)
     print("  copy:    ", example.target)'''),
         md("## Generate copy for one user's films\n\n`CopywriterModule` is the exported graph: "
            "`details` returns the served line and what the check found."),
         code('''\
-module = copywriter_export.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, movielens, split))
+module = copywriter_export.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, dataset, split))
 by_user = {}
 for user, item in zip(split.test.user_id, split.test.item_id):
     by_user.setdefault(user, []).append(item)
@@ -349,7 +361,7 @@ lines = ["| film | served copy | generated | title present | other title | fallb
          "|---|---|---|---|---|---|"]
 for n, item in enumerate(items):
     served, generated = (out[key].numpy()[0, n].decode() for key in ("copy", "generated"))
-    lines.append(f"| {movielens.items[item].label()} | {served} | {generated} | "
+    lines.append(f"| {facts[item].label()} | {served} | {generated} | "
                  f"{bool(out['title_present'].numpy()[0, n])} | "
                  f"{bool(out['other_title'].numpy()[0, n])} | {served != generated} |")
 display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
@@ -452,7 +464,8 @@ dtype = tf.dtypes.as_dtype
 print("inputs:", {k: dtype(v.dtype).name for k, v in signature.inputs.items()},
       "outputs:", {k: dtype(v.dtype).name for k, v in signature.outputs.items()})'''),
         code('''\
-movielens = data.load_movielens(DATA_USED)
+dataset = data.load(DATA_USED)
+labels = dict(zip(dataset.item_ids(), dataset.labels(dataset.item_ids())))
 users = ["42", "someone-new"]
 request = predict_pb2.PredictRequest()
 request.model_spec.name = "retrieval"
@@ -465,7 +478,7 @@ print("answered by", response.model_spec.name, "version", response.model_spec.ve
 for user, ids, scores in zip(users, grpc_items, grpc_scores):
     print(f"user {user}:")
     for item_id, score in list(zip(ids, scores))[:5]:
-        print(f"   {score:6.3f}  {movielens.items[item_id.decode()].label()}")'''),
+        print(f"   {score:6.3f}  {labels[item_id.decode()]}")'''),
         md("## REST\n\nThe same call as JSON over HTTP (`/v1/models/<name>:predict`, columnar "
            "`inputs`), and the model status at `/v1/models/<name>`."),
         code('''\

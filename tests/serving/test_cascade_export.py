@@ -17,7 +17,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from rerank import copy_corpus
 from serving import cli, export, server, server_config
-from towers import data, train
+from towers import train
 
 MODELS = ("query_tower", "candidate_tower", "retrieval", "reranker", "copywriter", "cascade")
 USERS = ["1", "2", "nobody"]
@@ -58,14 +58,12 @@ def _signature(version_dir):
 @pytest.fixture(scope="module")
 def truth(tiny_cascade_run):
     """What the answers must respect: training items per user, catalog labels, liked titles."""
-    record = json.loads((tiny_cascade_run / train.CONFIG_FILE).read_text())
-    movielens = data.load_movielens(record["data_dir"])
-    split = data.benchmark_split(movielens.ratings, train_size=record["train_size"])
+    dataset, split = train.run_data(tiny_cascade_run)
     seen = {}
     for user, item in zip(split.train.user_id, split.train.item_id):
         seen.setdefault(str(user), set()).add(str(item))
-    liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
-    return movielens, seen, liked
+    liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
+    return copy_corpus.catalog(dataset), seen, liked
 
 
 def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
@@ -88,7 +86,7 @@ def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
 
 
 def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth):
-    movielens, seen, _ = truth
+    catalog, seen, _ = truth
     cascade = _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(USERS))
     found = _signature(tiny_cascade_export / "retrieval" / "1")(user_id=tf.constant(USERS))
     candidates, retrieval_scores = found["item_ids"].numpy(), found["scores"].numpy()  # [B, 20]
@@ -102,14 +100,14 @@ def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_exp
     copy = _signature(tiny_cascade_export / "copywriter" / "1")(
         user_id=tf.constant(USERS), item_ids=cascade["item_ids"])["copy"]
     np.testing.assert_array_equal(cascade["copy"].numpy(), copy.numpy())
-    labels = [[movielens.items[i.decode()].label() for i in row] for row in cascade["item_ids"].numpy()]
+    labels = [[catalog[i.decode()].label() for i in row] for row in cascade["item_ids"].numpy()]
     assert cascade["titles"].numpy().astype(str).tolist() == labels
 
 
 @pytest.mark.parametrize("index_kind", ["bruteforce", "scann"])
 def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_run, tiny_cascade_export,
                                                       truth, tmp_path):
-    movielens, seen, liked = truth
+    catalog, seen, liked = truth
     if index_kind == "bruteforce":
         version = tiny_cascade_export / "cascade" / "1"
     else:
@@ -123,13 +121,13 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
         "item_ids": "string", "titles": "string", "scores": "float32", "retrieval_scores": "float32",
         "copy": "string"}
     values = out["values"]
-    matcher = copy_corpus.TitleMatcher(movielens.items)
+    matcher = copy_corpus.TitleMatcher(catalog)
     for b, user in enumerate(USERS):
         items = values["item_ids"][b]
         assert len(items) == len(set(items)) == 5
         assert not set(items) & seen.get(user, set()), f"user {user} got a training item"
         assert values["scores"][b] == sorted(values["scores"][b], reverse=True)
-        assert values["titles"][b] == [movielens.items[i].label() for i in items]
+        assert values["titles"][b] == [catalog[i].label() for i in items]
         for item, line in zip(items, values["copy"][b]):  # served copy is always grounded
             allowed = tuple(i for i in liked.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
             assert matcher.check(line, item, allowed) == (True, []), line
