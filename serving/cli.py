@@ -213,7 +213,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
         if field.type in ("bool", bool):
             parser.add_argument(flag, type=_bool, default=None, metavar="true|false")
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type), str)
+            kind = {"int": int, "float": float, "str": str}.get(
+                str(field.type).removesuffix(" | None"), str)
             parser.add_argument(flag, type=kind, default=None, help=f"default: {field.default}")
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 RECBOLE_WHEEL = ("recbole", "1.2.1")
 RECBOLE_DIR = "recbole/dataset_example/ml-100k/"
-# SHA-256 of RecBole 1.2.1's copy of MovieLens-100K (../shared/STACK.md).
+# SHA-256 of RecBole 1.2.1's copy of MovieLens-100K (docs/assets.md).
 RECBOLE_FILES = {
     "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
     "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",

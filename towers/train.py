@@ -73,6 +73,7 @@ def train(data_dir: str | os.PathLike | DataConfig, run_dir: str | os.PathLike,
     train_rows = split.train.take(np.arange(len(split.train) - holdout))
     tables = features.build_tables(dataset, train_rows, config.history_length)
     tables.save(run / TABLES_FILE)
+    config = resolve_cold_dropout(config, tables)
     record = {"data": {**dataclasses.asdict(source), "protocol": split.protocol},
               "holdout": holdout, **dataclasses.asdict(config)}
     fetch.write_atomic(run / CONFIG_FILE, json.dumps(record, indent=2).encode())
@@ -107,6 +108,19 @@ def train(data_dir: str | os.PathLike | DataConfig, run_dir: str | os.PathLike,
     if not chief:
         shutil.rmtree(run, ignore_errors=True)
     return retrieval
+
+
+def resolve_cold_dropout(config: model.RetrievalConfig,
+                         tables: features.FeatureTables) -> model.RetrievalConfig:
+    """Fills an unset `cold_*_dropout` with the share of users / items in the files that have no
+    training interaction (0 when every one has some)."""
+    share = lambda rows: round(float(np.mean(rows == 0)), 4)
+    return dataclasses.replace(
+        config,
+        cold_user_dropout=(share(tables.user_id_row) if config.cold_user_dropout is None
+                           else config.cold_user_dropout),
+        cold_item_dropout=(share(tables.item_id_row) if config.cold_item_dropout is None
+                           else config.cold_item_dropout))
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy | None:

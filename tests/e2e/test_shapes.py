@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from serving import cli, export, server, server_config
 from tests import conftest, shapes
-from towers import data, train
+from towers import data, features, train
 
 SHAPES = ("implicit", "renamed", "presplit")
 TINY_FLAGS = ["--embedding-dim", "16", "--id-dim", "16", "--side-dim", "4", "--hidden", "32",
@@ -63,8 +63,13 @@ def test_every_user_and_item_in_the_files_is_answered(shape):
     candidates = _serve(models / "candidate_tower" / "1", item_id=list(items))["embedding"]
     new_items = [r for r, i in enumerate(items) if i not in train_items]
     assert new_items, "the shape must have items without a training interaction"
-    # New items share the cold ID row, but their features make their embeddings differ.
-    assert len({tuple(np.round(candidates[r], 5)) for r in new_items}) == len(new_items)
+    # New items share the cold ID row: their embeddings are a function of their features (the
+    # same features, the same embedding; a bug giving them their own untrained ID rows fails
+    # that), and features tell them apart (a tower ignoring features would give one for all;
+    # pooling can merge a few rows, e.g. the same genres in another order).
+    tables = features.FeatureTables.load(run / train.TABLES_FILE)
+    assert list(tables.item_ids) == list(items)
+    _same_features_same_embedding(tables, "item", new_items, candidates)
     # Retrieval answers everyone with K distinct items, none from the user's training rows.
     answer = _serve(models / "retrieval" / "1", user_id=list(users))
     seen: dict[str, set] = {}
@@ -75,10 +80,22 @@ def test_every_user_and_item_in_the_files_is_answered(shape):
         assert len(set(got)) == 20 and not set(got) & seen.get(user, set()), user
     if name == "presplit":
         new_users = sorted(set(split.test.user_id) - train_users)
-        assert len(new_users) == 8  # all their rows are test rows
+        assert len(new_users) >= 8  # 8 planted (all their rows in test), more by chance
         rows = [list(users).index(u) for u in new_users]
-        # With a user file, new users' queries come from their features: not all the same.
-        assert len({tuple(np.round(towers[r], 5)) for r in rows}) > 1
+        # With a user file, new users' queries come from their features.
+        _same_features_same_embedding(tables, "user", rows, towers)
+
+
+def _same_features_same_embedding(tables, side, rows, embeddings) -> None:
+    groups: dict[tuple, list[int]] = {}
+    for r in rows:
+        key = tuple(np.concatenate([np.ravel(tables.values[s.key][r]) for s in tables.side(side)]).tolist())
+        groups.setdefault(key, []).append(r)
+    for members in groups.values():
+        np.testing.assert_allclose(embeddings[members], embeddings[members[:1]].repeat(len(members), 0),
+                                   atol=1e-5)
+    distinct = len({tuple(np.round(embeddings[r], 4)) for r in rows})
+    assert distinct > len(groups) // 2 and distinct > 1, (distinct, len(groups))
 
 
 def test_cascade_serves_over_grpc_with_titles_and_copy(shape, capsys):

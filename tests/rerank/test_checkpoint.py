@@ -16,7 +16,7 @@ import transformers
 from rerank import checkpoint, tokenizer
 from towers import fetch
 
-# sentence-transformers' embedding of this sentence, first five values (../shared/STACK.md).
+# sentence-transformers' embedding of this sentence, first five values (docs/assets.md).
 GOLDEN_SENTENCE = "This is an example sentence"
 GOLDEN_FIRST_FIVE = [0.0677, 0.0635, 0.0487, 0.0793, 0.0374]
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
