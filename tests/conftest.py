@@ -65,8 +65,11 @@ def tiny_data_dir(movielens_dir, tmp_path_factory) -> pathlib.Path:
 def tiny_config():
     from towers import model
 
+    # No cold dropout: tests that compare runs need the same examples in each (the shapes in
+    # tests/e2e/test_shapes.py train with the automatic one).
     return model.RetrievalConfig(embedding_dim=16, id_dim=16, side_dim=4, hidden=32,
-                                 history_length=32, epochs=4, batch_size=128, learning_rate=1e-2)
+                                 history_length=32, epochs=4, batch_size=128, learning_rate=1e-2,
+                                 cold_user_dropout=0.0, cold_item_dropout=0.0)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,12 @@ import tf_keras as keras
 from towers import features
 
 
+# The cap of the automatic cold dropout: a catalog where most users have no interaction would
+# otherwise train nearly every example without its ID. Under --split temporal (20% new users)
+# 0.1 and 0.3 measured alike on validation rows.
+MAX_COLD_DROPOUT = 0.2
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
     embedding_dim: int = 64  # output size of both towers

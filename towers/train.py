@@ -113,8 +113,8 @@ def train(data_dir: str | os.PathLike | DataConfig, run_dir: str | os.PathLike,
 def resolve_cold_dropout(config: model.RetrievalConfig,
                          tables: features.FeatureTables) -> model.RetrievalConfig:
     """Fills an unset `cold_*_dropout` with the share of users / items in the files that have no
-    training interaction (0 when every one has some)."""
-    share = lambda rows: round(float(np.mean(rows == 0)), 4)
+    training interaction (0 when every one has some), at most `model.MAX_COLD_DROPOUT`."""
+    share = lambda rows: min(round(float(np.mean(rows == 0)), 4), model.MAX_COLD_DROPOUT)
     return dataclasses.replace(
         config,
         cold_user_dropout=(share(tables.user_id_row) if config.cold_user_dropout is None

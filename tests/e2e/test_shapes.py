@@ -10,6 +10,7 @@ train retrieval, re-ranker and copywriter, evaluate, export, serve over gRPC, ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -39,9 +40,11 @@ def shape(request, movielens_dir, tiny_bert_dir, tmp_path_factory):
     assert cli.main(["train", "retrieval", "--data", str(folder), "--run", str(run), *flags]) == 0
     cross_encoder.train_reranker(run, checkpoint=tiny_bert_dir, verbose=0,
                                  config=cross_encoder.RerankerConfig(**conftest.TINY_RERANKER))
-    copywriter.train_copywriter(run, conftest.tiny_copywriter_config(), verbose=0)
-    assert cli.main(["export", "--run", str(run), "--model-base-path", str(models),
-                     "--k", "20", "--n", "5"]) == 0
+    copywriter.train_copywriter(run, dataclasses.replace(conftest.tiny_copywriter_config(), epochs=1),
+                                verbose=0)
+    assert cli.main(["export", "--run", str(run), "--model-base-path", str(models), "--k", "20",
+                     "--n", "5", "--models", "query_tower", "candidate_tower", "retrieval",
+                     "cascade"]) == 0
     return name, folder, run, models
 
 

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 # The tiny data's default (random) split: 2,400 training rows, the last 400 held out.
-FLAGS = ["--holdout", "400", "--epochs", "4", "--embedding-dim", "16", "--id-dim", "16",
+FLAGS = ["--cold-user-dropout", "0", "--cold-item-dropout", "0", "--holdout", "400",
+         "--epochs", "4", "--embedding-dim", "16", "--id-dim", "16",
          "--side-dim", "4", "--hidden", "32", "--history-length", "32", "--batch-size", "128",
          "--learning-rate", "0.01"]
 # Splits the CPU into two logical devices before TF starts, then runs the CLI.
