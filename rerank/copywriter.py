@@ -4,7 +4,10 @@ Read top to bottom: the config; the tokenizer (a byte-level BPE trained on the c
 the checkpoint's own); the prompt tables that turn (user, item) into token ids; the model (a
 compact GPT-2 from scratch, or any local Hugging Face-format GPT-2 directory, fine-tuned);
 training with Keras `fit`; the decoder, a KV-cached sampling loop in plain TF ops over the
-trained weights, with the in-graph grounding check; evaluation. The corpus is `copy_corpus`.
+trained weights, with the in-graph grounding check. The corpus is `copy_corpus`. Elsewhere: the
+served graph is `copywriter_export`, its evaluation `copywriter_eval` (`evaluate_copywriter`,
+`format_report`), its versioned TF Serving export `serving.export.export_copywriter`; this
+module imports none of them.
 
 Everything a run makes lives in `<run_dir>/copywriter/`: `config.json`, `model/` (a Hugging
 Face-format GPT-2 directory with its tokenizer, itself usable as `checkpoint=`), `heldout.jsonl`.
@@ -23,7 +26,6 @@ import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -467,127 +469,6 @@ class Decoder(tf.Module):
         count, finished, tokens = out[0], out[3], out[6]
         tokens = tf.reshape(tf.transpose(tokens.stack()), [rows, count])  # [R, T]
         return tokens, finished
-
-
-# --- Evaluation ----------------------------------------------------------------------------
-
-
-def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 10,
-                        timing_calls: int = 20) -> dict:
-    """Copy for `pairs` (user, item) pairs of the run's test split, written by the served
-    graph, checked again in Python: grounding before and after the check, hallucinated titles,
-    distinct-1/2, held-out perplexity, and latency of the exported SavedModel for one line and
-    for one user's 10 items. Records the result in `metrics.json` and returns it."""
-    import tempfile
-
-    from rerank import copywriter_export  # the served graph; it imports this module
-
-    run = pathlib.Path(run_dir)
-    loaded = load_run(run)
-    record, model, tokenizer, dataset, split = loaded
-    module = copywriter_export.CopywriterModule.from_run(run, loaded)
-    chosen = copy_corpus.benchmark_pairs(split.test, pairs)
-    rows = []
-    for start in range(0, len(chosen), 50):
-        batch = chosen[start:start + 50]
-        out = module.details(tf.constant([u for u, _ in batch]), tf.constant([[i] for _, i in batch]))
-        out = {key: value.numpy()[:, 0] for key, value in out.items()}
-        rows += [{key: value[n] for key, value in out.items()} for n in range(len(batch))]
-    items = copy_corpus.catalog(dataset)
-    matcher = copy_corpus.TitleMatcher(items)
-    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
-    lines = []
-    for (user, item), row in zip(chosen, rows):
-        liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
-        generated, served = row["generated"].decode(), row["copy"].decode()
-        present, foreign = matcher.check(generated, item, liked)
-        lines.append({"user_id": user, "item_id": item, "liked": liked, "generated": generated,
-                      "copy": served, "present": present, "foreign": foreign,
-                      "finished": bool(row["finished"]), "slots_ok": bool(row["slots_ok"]),
-                      "graph_agrees": (present, bool(foreign)) == (
-                          bool(row["title_present"]), bool(row["other_title"])),
-                      "served_grounded": matcher.check(served, item, liked) == (True, [])})
-
-    def rate(key):
-        return round(float(np.mean([bool(line[key]) for line in lines])), 4)
-    heldout = [copy_corpus.CopyExample(**{**e, "liked": tuple(e["liked"])}) for e in map(
-        json.loads, (run / SUBDIR / HELDOUT_FILE).read_text().splitlines())]
-    tables = PromptTables.build(tokenizer, items)
-    # A liked-title slot the prompt lacks names a title the prompt does not hold (it would be
-    # served as a hole): counted as a hallucinated title, as a catalog title outside the prompt is.
-    for line in lines:
-        line["hallucinated"] = bool(line["foreign"]) or not line["slots_ok"]
-        line["grounded"] = line["present"] and not line["hallucinated"]
-    result = {
-        "pairs": len(lines),
-        "grounded_before_check": rate("grounded"),
-        "title_present": rate("present"),
-        "hallucinated_title": rate("hallucinated"),
-        "other_catalog_title": rate("foreign"),
-        "finished": rate("finished"),
-        "slots_ok": rate("slots_ok"),
-        "served_generated": round(float(np.mean(
-            [line["copy"] == line["generated"] for line in lines])), 4),
-        "grounded_after_check": rate("served_grounded"),
-        "graph_check_agrees_with_python": rate("graph_agrees"),
-        "distinct_1": round(copy_corpus.distinct_n([line["generated"] for line in lines], 1), 4),
-        "distinct_2": round(copy_corpus.distinct_n([line["generated"] for line in lines], 2), 4),
-        "served_distinct_2": round(copy_corpus.distinct_n([line["copy"] for line in lines], 2), 4),
-        "heldout_perplexity": round(perplexity(
-            model, encode_corpus(tokenizer, tables, heldout), tokenizer.eos_token_id), 3),
-    }
-    with tempfile.TemporaryDirectory() as base:
-        path = copywriter_export.export_copywriter(run, base, 1, module=module)
-        result["latency_ms"] = _latency(str(path), split.test, timing_calls)
-    result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "generated", "copy")}
-                          for line in lines[:examples]]
-    towers_train.update_metrics(run, {"evaluation": result}, SUBDIR)
-    return result
-
-
-def _latency(saved_model: str, test: data.Interactions, calls: int) -> dict:
-    """Median ms of the exported signature: one line per call, and one user's 10 items per call
-    (fewer when no test user has 10: `lines_per_user`)."""
-    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
-    by_user: dict[str, list[str]] = {}
-    for user, item in zip(test.user_id.tolist(), test.item_id.tolist()):
-        by_user.setdefault(user, []).append(item)
-    width = min(10, max(map(len, by_user.values())))
-    users = [user for user, items in sorted(by_user.items()) if len(items) >= width][:calls]
-
-    def median_ms(requests) -> float:
-        serve(**requests[0])  # warm up
-        times = []
-        for request in requests:
-            started = time.perf_counter()
-            serve(**request)["copy"].numpy()
-            times.append((time.perf_counter() - started) * 1000)
-        return round(float(np.median(times)), 1)
-    single = median_ms([{"user_id": tf.constant([u]), "item_ids": tf.constant([by_user[u][:1]])}
-                        for u in users])
-    batched = median_ms([{"user_id": tf.constant([u]),
-                          "item_ids": tf.constant([by_user[u][:width]])} for u in users])
-    result = {"single_line": single, "ten_lines_one_user": batched,
-              "per_line_batched": round(batched / width, 1), "calls": len(users)}
-    return result if width == 10 else {**result, "lines_per_user": width}
-
-
-def format_report(result: dict) -> str:
-    """The evaluation as a Markdown table and the example lines, for the CLI to print."""
-    keys = ("pairs", "grounded_before_check", "title_present", "hallucinated_title",
-            "other_catalog_title", "slots_ok", "finished", "served_generated",
-            "grounded_after_check", "graph_check_agrees_with_python", "distinct_1", "distinct_2",
-            "served_distinct_2", "heldout_perplexity")
-    lines = ["| metric | value |", "|---|---|"] + [f"| {key} | {result[key]} |" for key in keys
-                                                  if key in result]  # older records lack some
-    lines += [f"| latency ms ({name}) | {value} |"
-              for name, value in result.get("latency_ms", {}).items()]
-    lines.append("")
-    for example in result.get("examples", []):
-        lines.append(f"- user {example['user_id']}, item {example['item_id']}: {example['copy']}"
-                     + ("" if example["copy"] == example["generated"]
-                        else f"  (fallback; generated: {example['generated']})"))
-    return "\n".join(lines)
 
 
 def _write_run(run: pathlib.Path, model, tokenizer, heldout, record: dict) -> None:

@@ -1,6 +1,11 @@
-"""The copywriter as a SavedModel: IDs in, grounded copy out, with nothing but TF ops inside.
+"""The copywriter's served graph: IDs in, grounded copy out, with nothing but TF ops inside.
 
     copywriter/<version>/  serving_default(user_id string[B], item_ids string[B, N]) -> copy string[B, N]
+
+`CopywriterModule` is the graph; `serving.export.export_copywriter` writes it as a versioned TF
+Serving model (warmup request, record, models.config), `serving.export.export` writes it with the
+other stages and inside the one-call cascade, and `rerank.copywriter_eval` evaluates and times it.
+This module imports nothing from `serving`.
 
 Everything the copy depends on is a table in the graph: item ID -> row, user ID -> the user's
 best training items, each catalog item's prompt pieces already tokenized (the prompt is only
@@ -18,9 +23,7 @@ request gets the same copy.
 
 from __future__ import annotations
 
-import datetime
 import os
-import pathlib
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
@@ -208,29 +211,3 @@ def _table(keys, values, default: int) -> tf.lookup.StaticHashTable:
     return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
         tf.constant(list(keys)), tf.constant(np.asarray(values, np.int32))), default)
 
-
-def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
-                      version: int | None = None,
-                      module: CopywriterModule | None = None) -> pathlib.Path:
-    """Writes `<model_base_path>/copywriter/<version>/` (staging directory, then one rename) with
-    its warmup request, and lists it in `models.config`; returns the version directory.
-    `module`: one already built from `run_dir`, to save building it again."""
-    from serving import export  # serving depends on rerank, not the reverse, except here
-
-    base = pathlib.Path(model_base_path).resolve()
-    module = module or CopywriterModule.from_run(run_dir)
-    version = version or export.next_version(base, [MODEL_NAME])
-    users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
-    items = list(module.item_ids[:3])  # the catalog's first three, in ID order
-    warmup = export.warmup_request(MODEL_NAME, "user_id", [*users, "unknown-user"])
-    warmup.predict_log.request.inputs["item_ids"].CopyFrom(
-        tf.make_tensor_proto(np.array([items] * (len(users) + 1), dtype=object)))
-    record = {"run_dir": str(pathlib.Path(run_dir).resolve()), "version": version,
-              "model": MODEL_NAME, "decoding": {
-                  k: getattr(module.decoder.config, k) for k in (
-                      "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
-              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path = export.save_version(module, base / MODEL_NAME, version, tf.saved_model.SaveOptions(),
-                               warmup, record)
-    export.write_models_config(base, [MODEL_NAME])
-    return path

@@ -56,7 +56,7 @@ import tf_keras as keras
 
 from rerank import checkpoint as checkpoints
 from rerank import tokenizer as tokenizers
-from towers import data, features, fetch, metrics, peers
+from towers import data, features, files, metrics, peers
 from towers import model as towers_model
 from towers import train as towers_train
 
@@ -267,7 +267,7 @@ class PairTexts(tf.Module):
         path = pathlib.Path(path)
         staging = path.with_name(f".{path.name}.tmp.npz")
         np.savez_compressed(staging, **self.arrays)
-        fetch.write_atomic(path, staging.read_bytes())
+        files.write_atomic(path, staging.read_bytes())
         staging.unlink()
 
     @classmethod
@@ -606,7 +606,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     run_tables = features.FeatureTables.load(run / towers_train.TABLES_FILE)
     PairTexts.build(dataset, train_rows, run_tables.user_ids, run_tables.item_ids,
                     config.history_titles, ease_l2).save(out / TEXTS_FILE)
-    fetch.write_atomic(out / CONFIG_FILE, json.dumps(
+    files.write_atomic(out / CONFIG_FILE, json.dumps(
         {"checkpoint": str(checkpoint or checkpoints.MINILM_NAME), **dataclasses.asdict(config)},
         indent=2).encode())
     result = {"training": {"seconds": round(time.perf_counter() - started, 1),

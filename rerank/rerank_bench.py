@@ -36,7 +36,7 @@ import tf_keras as keras
 
 from rerank import cross_encoder as ce
 from rerank import rerank_eval, reranker_export
-from towers import cold_start, fetch, metrics
+from towers import cold_start, files, metrics
 from towers import train as towers_train
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
         "saved_model_default": saved,
     }
     out.mkdir(parents=True, exist_ok=True)
-    fetch.write_atomic(out / "reranker.json", json.dumps(result, indent=2).encode())
-    fetch.write_atomic(out / "reranker.md", format_markdown(result).encode())
+    files.write_atomic(out / "reranker.json", json.dumps(result, indent=2).encode())
+    files.write_atomic(out / "reranker.md", format_markdown(result).encode())
     _plot(result, out / "reranker.png")
     return result
 

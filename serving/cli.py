@@ -325,12 +325,12 @@ def _train_copywriter(args) -> None:
 
 def _evaluate_copywriter(args) -> None:
     from rerank import copywriter
-    from towers import fetch
+    from towers import files
 
     result = copywriter.evaluate_copywriter(args.run, pairs=args.pairs)
     report = copywriter.format_report(result)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / copywriter.SUBDIR / "evaluation.md")
-    fetch.write_atomic(out, (report + "\n").encode())
+    files.write_atomic(out, (report + "\n").encode())
     print(report)
     log.info("wrote %s and the \"copywriter\" entry of %s", out,
              pathlib.Path(args.run) / copywriter.METRICS_FILE)

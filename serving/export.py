@@ -20,6 +20,10 @@ Each version is written to a staging directory outside every model's base path a
 place, so TF Serving's file-system poller never sees a half-written version. Each version carries
 `assets.extra/tf_serving_warmup_requests` and `assets.extra/cascade_export.json` (what was
 exported: index kind, K, run directory).
+
+`export` writes every stage at once; `export_copywriter` writes the copywriter alone (its graph is
+`rerank.copywriter_export.CopywriterModule`). The `rerank` modules are imported inside the
+functions that need them, and none of them imports this module.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
@@ -43,6 +48,9 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import server_config
 from towers import cold_start, data, features, index, train
+
+if TYPE_CHECKING:
+    from rerank import copywriter_export
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +229,33 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     if not batching.exists():  # a hand-tuned file is kept
         server_config.write_batching_parameters(batching)
     return paths
+
+
+def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
+                      version: int | None = None,
+                      module: copywriter_export.CopywriterModule | None = None) -> pathlib.Path:
+    """Writes `<model_base_path>/copywriter/<version>/` (staging directory, then one rename) with
+    its warmup request, and lists it in `models.config`; returns the version directory.
+    `module`: one already built from `run_dir`, to save building it again."""
+    from rerank import copywriter_export
+
+    name = copywriter_export.MODEL_NAME
+    base = pathlib.Path(model_base_path).resolve()
+    module = module or copywriter_export.CopywriterModule.from_run(run_dir)
+    version = version or next_version(base, [name])
+    users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
+    items = list(module.item_ids[:3])  # the catalog's first three, in ID order
+    warmup = warmup_request(name, "user_id", [*users, "unknown-user"])
+    warmup.predict_log.request.inputs["item_ids"].CopyFrom(
+        tf.make_tensor_proto(np.array([items] * (len(users) + 1), dtype=object)))
+    record = {"run_dir": str(pathlib.Path(run_dir).resolve()), "version": version,
+              "model": name, "decoding": {
+                  k: getattr(module.decoder.config, k) for k in (
+                      "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")},
+              "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = save_version(module, base / name, version, tf.saved_model.SaveOptions(), warmup, record)
+    write_models_config(base, [name])
+    return path
 
 
 _HOW_TO_MAKE = {

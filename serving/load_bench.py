@@ -32,7 +32,7 @@ import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import client, export, local
-from towers import fetch
+from towers import files
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def run_serve_benchmark(model_base_path: str | os.PathLike, out_dir: str | os.Pa
     results = {"requests_per_level": requests, "rows": rows, "paired": paired}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fetch.write_atomic(out / "serve.json", json.dumps(results, indent=2).encode())
-    fetch.write_atomic(out / "serve.md", format_table(results).encode())
+    files.write_atomic(out / "serve.json", json.dumps(results, indent=2).encode())
+    files.write_atomic(out / "serve.md", format_table(results).encode())
     _plot(results, out / "serve.png")
     return results
 

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
 
-from towers import fetch
+from towers import files
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         copy_section(run, metrics),
     ]
     markdown = _markdown(run, sections)
-    fetch.write_atomic(out / REPORT_MD, markdown.encode())
-    fetch.write_atomic(out / REPORT_HTML, _html(markdown).encode())
+    files.write_atomic(out / REPORT_MD, markdown.encode())
+    files.write_atomic(out / REPORT_HTML, _html(markdown).encode())
     return {"markdown": out / REPORT_MD, "html": out / REPORT_HTML,
             "plots": [s.plot for s in sections if s.plot],
             "missing": {s.title: s.missing for s in sections if s.missing}}
@@ -291,7 +291,7 @@ def _reranked_curve(run, logits, seen, users, items, tables, cache, max_k) -> li
     log.info("re-ranked %d users' top %d in %.0f s", len(user_rows), max_k,
              time.perf_counter() - started)
     if cache is not None:
-        fetch.write_atomic(cache, json.dumps({"stamp": stamp, "curve": curve}).encode())
+        files.write_atomic(cache, json.dumps({"stamp": stamp, "curve": curve}).encode())
     return curve
 
 

@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+from towers import protocols
+from towers.files import (AtomicFile, DataError, Field, id_key,  # noqa: F401 (data.DataError)
+                          parse_number, read_atomic)
+
 # Feature kinds and the field types each may be declared on.
 FEATURE_KINDS = {
     "category": ("token",),  # StringLookup -> embedding
@@ -35,120 +38,6 @@ DEFAULT_KIND = {"token": "category", "token_seq": "categories", "float": "number
 TITLE_FIELDS = ("title", "movie_title", "name")
 UNKNOWN_YEAR = "unknown"
 SPLIT_SUFFIXES = ("train", "valid", "test")
-
-
-class DataError(ValueError):
-    """A data file or card is missing or malformed; the message names the file, the line, the
-    field and what was expected."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-    name: str
-    type: str  # one of FIELD_TYPES
-
-
-@dataclasses.dataclass(frozen=True)
-class AtomicFile:
-    """One atomic file's columns: token -> str [N], token_seq -> object [N] of tuple[str],
-    float -> float64 [N] (NaN where empty), float_seq -> object [N] of float64 arrays."""
-
-    path: pathlib.Path
-    fields: tuple[Field, ...]
-    columns: dict[str, np.ndarray]
-    lines: np.ndarray  # int64 [N], the file line of each row (for error messages)
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def field(self, name: str) -> Field | None:
-        return next((f for f in self.fields if f.name == name), None)
-
-
-def read_header(path: pathlib.Path) -> tuple[Field, ...]:
-    """The `field:type` header of an atomic file."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        header = handle.readline().rstrip("\r\n")
-    return _parse_header(header, path)
-
-
-def _parse_header(header: str, path: pathlib.Path) -> tuple[Field, ...]:
-    fields = []
-    for column, entry in enumerate(header.split("\t"), start=1):
-        name, colon, kind = entry.rpartition(":")
-        if not colon or not name:
-            raise DataError(f"{path}:1: column {column} header {entry!r} must be `field:type` "
-                            f"with type one of {', '.join(FIELD_TYPES)}")
-        if kind not in FIELD_TYPES:
-            raise DataError(f"{path}:1: field {name!r} has unknown type {kind!r}; expected one of "
-                            f"{', '.join(FIELD_TYPES)}")
-        fields.append(Field(name, kind))
-    names = [f.name for f in fields]
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}:1: repeated field name in header {names}")
-    return tuple(fields)
-
-
-def read_atomic(path: str | os.PathLike, seq_separator: str = " ") -> AtomicFile:
-    """Reads a tab-separated atomic file; every value is checked against its field's type."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8", newline="") as handle:
-        try:
-            fields = _parse_header(handle.readline().rstrip("\r\n"), path)
-            raw: list[list[str]] = [[] for _ in fields]
-            lines = []
-            for number, line in enumerate(handle, start=2):
-                line = line.rstrip("\r\n")
-                if not line:
-                    continue
-                parts = line.split("\t")
-                if len(parts) != len(fields):
-                    raise DataError(
-                        f"{path}:{number}: expected {len(fields)} tab-separated fields "
-                        f"({', '.join(f.name for f in fields)}), got {len(parts)}: {line[:80]!r}")
-                for column, value in zip(raw, parts):
-                    column.append(value)
-                lines.append(number)
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 text ({error})") from None
-    lines = np.array(lines, np.int64)
-    columns = {f.name: _typed(values, f, path, lines, seq_separator) for f, values in zip(fields, raw)}
-    return AtomicFile(path, fields, columns, lines)
-
-
-def _typed(values: list[str], field: Field, path: pathlib.Path, lines: np.ndarray,
-           separator: str) -> np.ndarray:
-    if field.type == "token":
-        return np.array(values, dtype=object)
-    if field.type == "token_seq":
-        column = np.empty(len(values), dtype=object)
-        column[:] = [tuple(v.split(separator)) if v else () for v in values]
-        return column
-    if field.type == "float":
-        out = np.empty(len(values), np.float64)
-        for row, value in enumerate(values):
-            out[row] = _number(value, path, lines[row], field)
-        return out
-    column = np.empty(len(values), dtype=object)
-    column[:] = [np.array([_number(v, path, lines[row], field) for v in value.split(separator)]
-                          if value else [], np.float64) for row, value in enumerate(values)]
-    return column
-
-
-def _number(text: str, path: pathlib.Path, line: int, field: Field) -> float:
-    if text == "":
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        raise DataError(f"{path}:{line}: field {field.name!r} is {field.type}, got {text!r}, "
-                        "not a number") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,15 +358,19 @@ class Dataset:
 
     def split(self, protocol: str | None = None, test_share: float = 0.2, seed: int = 42) -> Split:
         """The pre-split files when the folder has them, else `protocol` (default: the card's)."""
-        from towers import protocols  # the protocols read this module's types
-
         if self.presplit is not None:
             if protocol not in (None, "pre-split"):
                 raise DataError(f"{self.path}: the folder is pre-split ({self.name}.train.inter, "
                                 f"{self.name}.test.inter); --split {protocol} would re-split it. "
                                 "Leave out --split to use the files as given")
             return self.presplit
-        return protocols.split(self, protocol or self.card.split, test_share, seed)
+        protocol = protocol or self.card.split
+        if protocol in ("temporal", "user-temporal") and not self.has_time:
+            raise DataError(f"{self.path}: --split {protocol} needs a timestamp field; "
+                            f"{self.name}.inter has none (a card's fields.timestamp can name it)")
+        train, test = protocols.split_rows(self.interactions, protocol, test_share, seed)
+        return Split(self.interactions.take(train), self.interactions.take(test), protocol,
+                     train_index=train, test_index=test)
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -503,11 +396,6 @@ def _resolved_features(declared, table: Table | None, key: str, card: Card) -> t
     if declared is not None:
         return declared
     return tuple(Feature(f.name, DEFAULT_KIND[f.type]) for f in table.fields)
-
-
-def id_key(identifier: str) -> tuple[int, str]:
-    """Numeric IDs in numeric order, anything else after them in string order."""
-    return (int(identifier), "") if identifier.isdigit() else (1 << 62, identifier)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,7 +511,7 @@ def _required_floats(atomic: AtomicFile, name: str, dtype: type) -> np.ndarray:
     if field.type == "token":
         out = np.empty(len(column), np.float64)
         for row, value in enumerate(column):
-            out[row] = _number(value, atomic.path, atomic.lines[row], Field(name, "float"))
+            out[row] = parse_number(value, atomic.path, atomic.lines[row], Field(name, "float"))
         column = out
     elif field.type != "float":
         raise DataError(f"{atomic.path}:1: field {name!r} must be float, is {field.type}")

@@ -19,7 +19,7 @@ import pathlib
 
 import numpy as np
 
-from towers import data, fetch
+from towers import data, files
 
 PAD = ""  # item ID that pads exclusion lists; never a real ID
 MAX_TOKENS = 16  # default tokens kept per `categories` / `text` value
@@ -86,7 +86,7 @@ class FeatureTables:
         arrays.update({f"vocabulary/{k}": v for k, v in self.vocabularies.items()})
         staging = path.with_name(f".{path.name}.tmp.npz")
         np.savez_compressed(staging, **arrays)
-        fetch.write_atomic(path, staging.read_bytes())
+        files.write_atomic(path, staging.read_bytes())
         staging.unlink()
 
     @classmethod

@@ -20,7 +20,7 @@ import tempfile
 import urllib.request
 import zipfile
 
-from towers import data
+from towers import data, files
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +66,24 @@ def fetch_movielens_100k(out: str | os.PathLike, source: str | os.PathLike | Non
     if source is None:
         if _verified(out):
             if not (out / CARD.name).exists() or (out / CARD.name).read_bytes() != CARD.read_bytes():
-                write_atomic(out / CARD.name, CARD.read_bytes())
+                files.write_atomic(out / CARD.name, CARD.read_bytes())
             log.info("%s already holds verified MovieLens-100K", out)
             return out
         wheel = download_wheel(*RECBOLE_WHEEL)
         with zipfile.ZipFile(wheel) as archive:
-            files = {name: _read_member(archive, RECBOLE_DIR + name, wheel) for name in RECBOLE_FILES}
-        for name, payload in files.items():
+            payloads = {name: _read_member(archive, RECBOLE_DIR + name, wheel) for name in RECBOLE_FILES}
+        for name, payload in payloads.items():
             verify(payload, RECBOLE_FILES[name], f"{wheel}!{RECBOLE_DIR}{name}")
     else:
-        files = grouplens_to_recbole(_grouplens_files(str(source)), str(source))
-    files[CARD.name] = CARD.read_bytes()
+        payloads = grouplens_to_recbole(_grouplens_files(str(source)), str(source))
+    payloads[CARD.name] = CARD.read_bytes()
     # Stage and check the whole set before renaming any file into place.
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=out) as staging:
-        for name, payload in files.items():
+        for name, payload in payloads.items():
             (pathlib.Path(staging) / name).write_bytes(payload)
         _check_counts(pathlib.Path(staging), where=str(source or RECBOLE_WHEEL[0]))
-        for name in files:
+        for name in payloads:
             os.replace(pathlib.Path(staging) / name, out / name)
     log.info("wrote MovieLens-100K to %s", out)
     return out
@@ -114,22 +114,6 @@ def download_wheel(name: str, version: str) -> pathlib.Path:
         (wheel,) = pathlib.Path(staging).glob("*.whl")
         os.replace(wheel, wheels / wheel.name)
     return wheels / wheel.name
-
-
-def write_atomic(path: pathlib.Path, payload: bytes) -> None:
-    """Writes `payload` to a temporary file beside `path`, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files owner-only; keep the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def _verified(out: pathlib.Path) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from towers import fetch, index
+from towers import files, index
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def run_index_benchmark(query_embeddings: np.ndarray, candidate_ids: np.ndarray,
     results["scann_config"] = results["catalogs"]["real"]["scann_config"]
 
     out.mkdir(parents=True, exist_ok=True)
-    fetch.write_atomic(out / "retrieval_index.json", json.dumps(results, indent=2).encode())
-    fetch.write_atomic(out / "retrieval_index.md", format_table(results).encode())
+    files.write_atomic(out / "retrieval_index.json", json.dumps(results, indent=2).encode())
+    files.write_atomic(out / "retrieval_index.md", format_table(results).encode())
     _plot(results, out / "retrieval_index.png")
     return results
 

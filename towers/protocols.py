@@ -22,29 +22,28 @@ import pathlib
 
 import numpy as np
 
-from towers import data, fetch
+from towers import files
 
 PROTOCOLS = ("random", "temporal", "user-temporal", "cold-items")
 
 
-def split(dataset: data.Dataset, protocol: str, test_share: float = 0.2, seed: int = 42) -> data.Split:
+def split_rows(rows, protocol: str, test_share: float = 0.2,
+               seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """(training row indices, test row indices) of `rows` (`data.Interactions`) under `protocol`;
+    `Dataset.split` builds the `Split` (and refuses the time protocols without a timestamp)."""
     if protocol not in PROTOCOLS:
-        raise data.DataError(f"unknown split protocol {protocol!r}; expected one of "
-                             f"{', '.join(PROTOCOLS)}")
+        raise files.DataError(f"unknown split protocol {protocol!r}; expected one of "
+                              f"{', '.join(PROTOCOLS)}")
     if not 0.0 < test_share < 1.0:
-        raise data.DataError(f"--test-share must be between 0 and 1, got {test_share}")
-    rows = dataset.interactions
-    if protocol in ("temporal", "user-temporal") and not dataset.has_time:
-        raise data.DataError(f"{dataset.path}: --split {protocol} needs a timestamp field; "
-                             f"{dataset.name}.inter has none (a card's fields.timestamp can name it)")
+        raise files.DataError(f"--test-share must be between 0 and 1, got {test_share}")
     order = {"random": random_order, "temporal": temporal_order,
              "user-temporal": user_temporal_order, "cold-items": cold_items_order}[protocol]
     train, test = order(rows, test_share, seed)
     if not len(train) or not len(test):
-        raise data.DataError(f"--split {protocol} --test-share {test_share} leaves "
-                             f"{len(train)} training and {len(test)} test rows; both must be non-empty")
-    return data.Split(rows.take(train), rows.take(test), protocol, train_index=train,
-                      test_index=test)
+        raise files.DataError(f"--split {protocol} --test-share {test_share} leaves "
+                              f"{len(train)} training and {len(test)} test rows; both must be "
+                              "non-empty")
+    return train, test
 
 
 def half_up(value: float) -> int:
@@ -52,7 +51,7 @@ def half_up(value: float) -> int:
     return int(np.floor(value + 0.5))
 
 
-def random_order(rows: data.Interactions, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def random_order(rows, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """`Dataset.range(n).shuffle(n, seed, reshuffle_each_iteration=False)`, the first part train.
 
     `Dataset.shuffle` permutes positions independently of the element values, so shuffling row
@@ -75,13 +74,13 @@ def random_order(rows: data.Interactions, test_share: float, seed: int) -> tuple
     return order[:cut], order[cut:]
 
 
-def temporal_order(rows: data.Interactions, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def temporal_order(rows, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(rows.timestamp, kind="stable")
     cut = len(rows) - half_up(len(rows) * test_share)
     return order[:cut], order[cut:]
 
 
-def user_temporal_order(rows: data.Interactions, test_share: float,
+def user_temporal_order(rows, test_share: float,
                         seed: int) -> tuple[np.ndarray, np.ndarray]:
     # Sort by (user, time, file position); each user's block ends with their newest rows.
     users, inverse = np.unique(rows.user_id, return_inverse=True)
@@ -96,32 +95,32 @@ def user_temporal_order(rows: data.Interactions, test_share: float,
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-def cold_items_order(rows: data.Interactions, test_share: float,
+def cold_items_order(rows, test_share: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
-    items = np.array(sorted(set(rows.item_id), key=data.id_key))
+    items = np.array(sorted(set(rows.item_id), key=files.id_key))
     held = items[np.random.default_rng(seed).permutation(len(items))[:half_up(len(items) * test_share)]]
     is_test = np.isin(rows.item_id, held)
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-def write_split(dataset: data.Dataset, split: data.Split, out: str | os.PathLike) -> pathlib.Path:
+def write_split(dataset, split, out: str | os.PathLike) -> pathlib.Path:
     """Writes `<name>.train.inter` and `<name>.test.inter` (plus the item/user files and card) to
     `out`: the source's own lines and header, so any RecBole-format tool reads the same rows.
     Each file is written to a temporary name and renamed into place."""
     if split.train_index is None or dataset.lines is None:
-        raise data.DataError(f"{dataset.path}: already pre-split; nothing to write")
+        raise files.DataError(f"{dataset.path}: already pre-split; nothing to write")
     out = pathlib.Path(out)
     if out.resolve() == dataset.path.resolve():
-        raise data.DataError(f"{out}: write the split to another folder than the dataset's own")
+        raise files.DataError(f"{out}: write the split to another folder than the dataset's own")
     lines = (dataset.path / f"{dataset.name}.inter").read_text(encoding="utf-8").split("\n")
     for part, index in (("train", split.train_index), ("test", split.test_index)):
         chosen = [lines[number - 1].rstrip("\r") for number in dataset.lines[index]]
         payload = "\n".join([lines[0].rstrip("\r"), *chosen]) + "\n"
-        fetch.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
+        files.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
     # The side files and the card the dataset was loaded with (a `--card` from elsewhere too).
     copies = [dataset.path / f"{dataset.name}{suffix}" for suffix in (".item", ".user")]
     copies += [dataset.card.source] if dataset.card.source is not None else []
     for path in copies:
         if path.exists():
-            fetch.write_atomic(out / f"{dataset.name}{path.suffix}", path.read_bytes())
+            files.write_atomic(out / f"{dataset.name}{path.suffix}", path.read_bytes())
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from towers import data, features, fetch, metrics, model, peers
+from towers import data, features, files, metrics, model, peers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def train(data_dir: str | os.PathLike | DataConfig, run_dir: str | os.PathLike,
     config = resolve_cold_dropout(config, tables)
     record = {"data": {**dataclasses.asdict(source), "protocol": split.protocol},
               "holdout": holdout, **dataclasses.asdict(config)}
-    fetch.write_atomic(run / CONFIG_FILE, json.dumps(record, indent=2).encode())
+    files.write_atomic(run / CONFIG_FILE, json.dumps(record, indent=2).encode())
 
     tf.keras.utils.set_random_seed(config.seed)
     with strategy.scope():
@@ -272,4 +272,4 @@ def update_metrics(run: pathlib.Path, update: dict, section: str | None = None) 
     path = run / METRICS_FILE
     current = json.loads(path.read_text()) if path.exists() else {}
     (current.setdefault(section, {}) if section else current).update(update)
-    fetch.write_atomic(path, json.dumps(current, indent=2).encode())
+    files.write_atomic(path, json.dumps(current, indent=2).encode())

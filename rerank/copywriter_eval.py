@@ -1,0 +1,147 @@
+"""Evaluation of the GPT-2 copywriter (stage three): grounding, diversity, perplexity, latency.
+
+`evaluate_copywriter` writes copy for (user, item) pairs of a run's test split with the served
+graph (`copywriter_export.CopywriterModule`), checks every line again in Python, times the graph
+saved as a plain SavedModel, and records the result in the run's `metrics.json`;
+`format_report` renders it as Markdown (`cascade evaluate copywriter`, `cascade report`).
+
+The model, training and decoding are `rerank.copywriter`; the served graph is
+`rerank.copywriter_export`; the versioned TF Serving export is `serving.export.export_copywriter`.
+This module imports the first two and nothing from `serving`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np
+import tensorflow as tf
+
+from rerank import copy_corpus, copywriter, copywriter_export
+from towers import data
+from towers import train as towers_train
+
+
+def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 10,
+                        timing_calls: int = 20) -> dict:
+    """Copy for `pairs` (user, item) pairs of the run's test split, written by the served
+    graph, checked again in Python: grounding before and after the check, hallucinated titles,
+    distinct-1/2, held-out perplexity, and latency of the graph saved as a SavedModel (the
+    served signature) for one line and for one user's 10 items. Records the result in
+    `metrics.json` and returns it."""
+    run = pathlib.Path(run_dir)
+    loaded = copywriter.load_run(run)
+    record, model, tokenizer, dataset, split = loaded
+    module = copywriter_export.CopywriterModule.from_run(run, loaded)
+    chosen = copy_corpus.benchmark_pairs(split.test, pairs)
+    rows = []
+    for start in range(0, len(chosen), 50):
+        batch = chosen[start:start + 50]
+        out = module.details(tf.constant([u for u, _ in batch]), tf.constant([[i] for _, i in batch]))
+        out = {key: value.numpy()[:, 0] for key, value in out.items()}
+        rows += [{key: value[n] for key, value in out.items()} for n in range(len(batch))]
+    items = copy_corpus.catalog(dataset)
+    matcher = copy_corpus.TitleMatcher(items)
+    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
+    lines = []
+    for (user, item), row in zip(chosen, rows):
+        liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
+        generated, served = row["generated"].decode(), row["copy"].decode()
+        present, foreign = matcher.check(generated, item, liked)
+        lines.append({"user_id": user, "item_id": item, "liked": liked, "generated": generated,
+                      "copy": served, "present": present, "foreign": foreign,
+                      "finished": bool(row["finished"]), "slots_ok": bool(row["slots_ok"]),
+                      "graph_agrees": (present, bool(foreign)) == (
+                          bool(row["title_present"]), bool(row["other_title"])),
+                      "served_grounded": matcher.check(served, item, liked) == (True, [])})
+
+    def rate(key):
+        return round(float(np.mean([bool(line[key]) for line in lines])), 4)
+    heldout = [copy_corpus.CopyExample(**{**e, "liked": tuple(e["liked"])}) for e in map(
+        json.loads, (run / copywriter.SUBDIR / copywriter.HELDOUT_FILE).read_text().splitlines())]
+    tables = copywriter.PromptTables.build(tokenizer, items)
+    # A liked-title slot the prompt lacks names a title the prompt does not hold (it would be
+    # served as a hole): counted as a hallucinated title, as a catalog title outside the prompt is.
+    for line in lines:
+        line["hallucinated"] = bool(line["foreign"]) or not line["slots_ok"]
+        line["grounded"] = line["present"] and not line["hallucinated"]
+    result = {
+        "pairs": len(lines),
+        "grounded_before_check": rate("grounded"),
+        "title_present": rate("present"),
+        "hallucinated_title": rate("hallucinated"),
+        "other_catalog_title": rate("foreign"),
+        "finished": rate("finished"),
+        "slots_ok": rate("slots_ok"),
+        "served_generated": round(float(np.mean(
+            [line["copy"] == line["generated"] for line in lines])), 4),
+        "grounded_after_check": rate("served_grounded"),
+        "graph_check_agrees_with_python": rate("graph_agrees"),
+        "distinct_1": round(copy_corpus.distinct_n([line["generated"] for line in lines], 1), 4),
+        "distinct_2": round(copy_corpus.distinct_n([line["generated"] for line in lines], 2), 4),
+        "served_distinct_2": round(copy_corpus.distinct_n([line["copy"] for line in lines], 2), 4),
+        "heldout_perplexity": round(copywriter.perplexity(
+            model, copywriter.encode_corpus(tokenizer, tables, heldout),
+            tokenizer.eos_token_id), 3),
+    }
+    with tempfile.TemporaryDirectory() as saved:
+        # The signature `serving.export.export_copywriter` writes, without the serving layout
+        # (versions, warmup, models.config): the same graph, so the same latency.
+        tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+        result["latency_ms"] = _latency(saved, split.test, timing_calls)
+    result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "generated", "copy")}
+                          for line in lines[:examples]]
+    towers_train.update_metrics(run, {"evaluation": result}, copywriter.SUBDIR)
+    return result
+
+
+def _latency(saved_model: str, test: data.Interactions, calls: int) -> dict:
+    """Median ms of the exported signature: one line per call, and one user's 10 items per call
+    (fewer when no test user has 10: `lines_per_user`)."""
+    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+    by_user: dict[str, list[str]] = {}
+    for user, item in zip(test.user_id.tolist(), test.item_id.tolist()):
+        by_user.setdefault(user, []).append(item)
+    width = min(10, max(map(len, by_user.values())))
+    users = [user for user, items in sorted(by_user.items()) if len(items) >= width][:calls]
+
+    def median_ms(requests) -> float:
+        serve(**requests[0])  # warm up
+        times = []
+        for request in requests:
+            started = time.perf_counter()
+            serve(**request)["copy"].numpy()
+            times.append((time.perf_counter() - started) * 1000)
+        return round(float(np.median(times)), 1)
+    single = median_ms([{"user_id": tf.constant([u]), "item_ids": tf.constant([by_user[u][:1]])}
+                        for u in users])
+    batched = median_ms([{"user_id": tf.constant([u]),
+                          "item_ids": tf.constant([by_user[u][:width]])} for u in users])
+    result = {"single_line": single, "ten_lines_one_user": batched,
+              "per_line_batched": round(batched / width, 1), "calls": len(users)}
+    return result if width == 10 else {**result, "lines_per_user": width}
+
+
+def format_report(result: dict) -> str:
+    """The evaluation as a Markdown table and the example lines, for the CLI to print."""
+    keys = ("pairs", "grounded_before_check", "title_present", "hallucinated_title",
+            "other_catalog_title", "slots_ok", "finished", "served_generated",
+            "grounded_after_check", "graph_check_agrees_with_python", "distinct_1", "distinct_2",
+            "served_distinct_2", "heldout_perplexity")
+    lines = ["| metric | value |", "|---|---|"] + [f"| {key} | {result[key]} |" for key in keys
+                                                  if key in result]  # older records lack some
+    lines += [f"| latency ms ({name}) | {value} |"
+              for name, value in result.get("latency_ms", {}).items()]
+    lines.append("")
+    for example in result.get("examples", []):
+        lines.append(f"- user {example['user_id']}, item {example['item_id']}: {example['copy']}"
+                     + ("" if example["copy"] == example["generated"]
+                        else f"  (fallback; generated: {example['generated']})"))
+    return "\n".join(lines)
+

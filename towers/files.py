@@ -1,0 +1,149 @@
+"""Files: RecBole atomic files read with their types checked, the data layer's error, ID order,
+and writing a file by a temporary name and one rename (so a reader never sees half a file).
+
+Every other module of the data layer (`data`, `protocols`, `features`, `fetch`) builds on these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+
+
+class DataError(ValueError):
+    """A data file or card is missing or malformed; the message names the file, the line, the
+    field and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    type: str  # one of FIELD_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class AtomicFile:
+    """One atomic file's columns: token -> str [N], token_seq -> object [N] of tuple[str],
+    float -> float64 [N] (NaN where empty), float_seq -> object [N] of float64 arrays."""
+
+    path: pathlib.Path
+    fields: tuple[Field, ...]
+    columns: dict[str, np.ndarray]
+    lines: np.ndarray  # int64 [N], the file line of each row (for error messages)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def field(self, name: str) -> Field | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+def read_header(path: pathlib.Path) -> tuple[Field, ...]:
+    """The `field:type` header of an atomic file."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        header = handle.readline().rstrip("\r\n")
+    return _parse_header(header, path)
+
+
+def _parse_header(header: str, path: pathlib.Path) -> tuple[Field, ...]:
+    fields = []
+    for column, entry in enumerate(header.split("\t"), start=1):
+        name, colon, kind = entry.rpartition(":")
+        if not colon or not name:
+            raise DataError(f"{path}:1: column {column} header {entry!r} must be `field:type` "
+                            f"with type one of {', '.join(FIELD_TYPES)}")
+        if kind not in FIELD_TYPES:
+            raise DataError(f"{path}:1: field {name!r} has unknown type {kind!r}; expected one of "
+                            f"{', '.join(FIELD_TYPES)}")
+        fields.append(Field(name, kind))
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}:1: repeated field name in header {names}")
+    return tuple(fields)
+
+
+def read_atomic(path: str | os.PathLike, seq_separator: str = " ") -> AtomicFile:
+    """Reads a tab-separated atomic file; every value is checked against its field's type."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8", newline="") as handle:
+        try:
+            fields = _parse_header(handle.readline().rstrip("\r\n"), path)
+            raw: list[list[str]] = [[] for _ in fields]
+            lines = []
+            for number, line in enumerate(handle, start=2):
+                line = line.rstrip("\r\n")
+                if not line:
+                    continue
+                parts = line.split("\t")
+                if len(parts) != len(fields):
+                    raise DataError(
+                        f"{path}:{number}: expected {len(fields)} tab-separated fields "
+                        f"({', '.join(f.name for f in fields)}), got {len(parts)}: {line[:80]!r}")
+                for column, value in zip(raw, parts):
+                    column.append(value)
+                lines.append(number)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    lines = np.array(lines, np.int64)
+    columns = {f.name: _typed(values, f, path, lines, seq_separator) for f, values in zip(fields, raw)}
+    return AtomicFile(path, fields, columns, lines)
+
+
+def _typed(values: list[str], field: Field, path: pathlib.Path, lines: np.ndarray,
+           separator: str) -> np.ndarray:
+    if field.type == "token":
+        return np.array(values, dtype=object)
+    if field.type == "token_seq":
+        column = np.empty(len(values), dtype=object)
+        column[:] = [tuple(v.split(separator)) if v else () for v in values]
+        return column
+    if field.type == "float":
+        out = np.empty(len(values), np.float64)
+        for row, value in enumerate(values):
+            out[row] = parse_number(value, path, lines[row], field)
+        return out
+    column = np.empty(len(values), dtype=object)
+    column[:] = [np.array([parse_number(v, path, lines[row], field) for v in value.split(separator)]
+                          if value else [], np.float64) for row, value in enumerate(values)]
+    return column
+
+
+def parse_number(text: str, path: pathlib.Path, line: int, field: Field) -> float:
+    if text == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{path}:{line}: field {field.name!r} is {field.type}, got {text!r}, "
+                        "not a number") from None
+
+
+def id_key(identifier: str) -> tuple[int, str]:
+    """Numeric IDs in numeric order, anything else after them in string order."""
+    return (int(identifier), "") if identifier.isdigit() else (1 << 62, identifier)
+
+
+
+def write_atomic(path: pathlib.Path, payload: bytes) -> None:
+    """Writes `payload` to a temporary file beside `path`, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files owner-only; keep the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
