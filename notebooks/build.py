@@ -324,7 +324,7 @@ def copy_notebook() -> list:
         code(SETUP),
         code(DEMO_RUN),
         code('''\
-from rerank import copy_corpus, copywriter, copywriter_export
+from rerank import copy_corpus, copywriter, copywriter_eval, copywriter_export
 
 RUN = retrieval_run()  # the copywriter reads the run's dataset and split
 if SMALL:
@@ -365,7 +365,7 @@ for n, item in enumerate(items):
                  f"{bool(out['title_present'].numpy()[0, n])} | "
                  f"{bool(out['other_title'].numpy()[0, n])} | {served != generated} |")
 display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
-        md("## Grounding statistics\n\n`copywriter.evaluate_copywriter` writes copy for "
+        md("## Grounding statistics\n\n`copywriter_eval.evaluate_copywriter` writes copy for "
            "(user, item) pairs of the test split and checks every line again in Python. It "
            "records its result in the run's `metrics.json`, so it runs here on a scratch folder "
            "that links to the run's copywriter and copies its data config, and the demo run's "
@@ -377,9 +377,9 @@ scratch.mkdir(exist_ok=True)
 if not (scratch / copywriter.SUBDIR).exists():
     (scratch / copywriter.SUBDIR).symlink_to((RUN / copywriter.SUBDIR).resolve())
 shutil.copy(RUN / train.CONFIG_FILE, scratch)  # the run's dataset and split (`train.run_data`)
-result = copywriter.evaluate_copywriter(scratch, pairs=24 if SMALL else 300, examples=5,
-                                        timing_calls=2 if SMALL else 10)
-display(Markdown(copywriter.format_report(result)))'''),
+result = copywriter_eval.evaluate_copywriter(scratch, pairs=24 if SMALL else 300, examples=5,
+                                             timing_calls=2 if SMALL else 10)
+display(Markdown(copywriter_eval.format_report(result)))'''),
         code(CLEANUP),
     ]
 

@@ -324,11 +324,11 @@ def _train_copywriter(args) -> None:
 
 
 def _evaluate_copywriter(args) -> None:
-    from rerank import copywriter
+    from rerank import copywriter, copywriter_eval
     from towers import files
 
-    result = copywriter.evaluate_copywriter(args.run, pairs=args.pairs)
-    report = copywriter.format_report(result)
+    result = copywriter_eval.evaluate_copywriter(args.run, pairs=args.pairs)
+    report = copywriter_eval.format_report(result)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / copywriter.SUBDIR / "evaluation.md")
     files.write_atomic(out, (report + "\n").encode())
     print(report)

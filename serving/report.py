@@ -193,9 +193,9 @@ def copy_section(run: pathlib.Path, metrics: dict) -> Section:
         if not (run / "copywriter" / "config.json").exists():
             command = f"cascade train copywriter --run {run}`, then `{command}"
         return Section("Copy grounding", f"Not measured; run `{command}`.", missing=command)
-    from rerank import copywriter
+    from rerank import copywriter_eval
 
-    return Section("Copy grounding", copywriter.format_report(result))
+    return Section("Copy grounding", copywriter_eval.format_report(result))
 
 
 # --- Data ------------------------------------------------------------------------------------

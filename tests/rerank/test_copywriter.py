@@ -1,4 +1,5 @@
-"""The GPT-2 copywriter: corpus, tokenizer, training, decoding, grounding check, export.
+"""The GPT-2 copywriter: corpus, tokenizer, training, decoding, grounding check, export
+(`serving.export.export_copywriter`).
 
 Tiny real models on the tiny MovieLens slice, and a hand-written implicit catalog whose
 categories are not MovieLens genres; each test takes seconds."""
@@ -18,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from rerank import copy_corpus, copywriter, copywriter_export
+from serving import export
 from tests.conftest import tiny_copywriter_config
 from towers import data
 from towers import train as towers_train
@@ -338,7 +340,7 @@ def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_pat
     run, _ = tiny_copy_run
     dataset, split = tiny_split
     items = copy_corpus.catalog(dataset)
-    path = copywriter_export.export_copywriter(run, tmp_path / "models")
+    path = export.export_copywriter(run, tmp_path / "models")
     assert path == tmp_path / "models" / "copywriter" / "1"
     assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
     assert "copywriter" in (tmp_path / "models" / "models.config").read_text()

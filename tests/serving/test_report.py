@@ -92,7 +92,7 @@ def test_bad_inputs_are_named(evaluated_run, tmp_path):
 
 def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path):
     """Every benchmark and evaluation really run on the tiny cascade, then the report."""
-    from rerank import copywriter, rerank_bench, rerank_eval
+    from rerank import copywriter_eval, rerank_bench, rerank_eval
     from towers import index_bench, train
     from serving import load_bench
 
@@ -100,7 +100,7 @@ def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path
     shutil.copytree(tiny_cascade_run, run)
     train.evaluate_run(run, with_peers=False)
     rerank_eval.evaluate_reranker(run, with_als=False)
-    copywriter.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2)
+    copywriter_eval.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2)
     retrieval, tables = train.load_run(run)
     queries, candidates = train.embeddings(retrieval, tables)
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen,
