@@ -30,6 +30,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from rerank import copy_corpus
+from rerank.config import CopywriterConfig
 from towers import data
 from towers import train as towers_train
 
@@ -41,34 +42,6 @@ MODEL_DIR = "model"
 HELDOUT_FILE = "heldout.jsonl"
 METRICS_FILE = towers_train.METRICS_FILE
 EOS = "<|endoftext|>"  # GPT-2's one special token: start of prompt, end of copy, padding
-
-
-@dataclasses.dataclass(frozen=True)
-class CopywriterConfig:
-    # Model (ignored when fine-tuning a checkpoint, which brings its own). Sized by measurement:
-    # 2 layers x 128 fits the 150 ms budget for 10 lines on 2 cores with room to spare.
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    n_positions: int = 160  # longest served prompt (~90 tokens) plus max_new_tokens, and slack
-    vocab_size: int = 4096  # BPE vocabulary trained on the corpus; copy lines average ~20 tokens
-    dropout: float = 0.0  # a few minutes of training on templated text does not overfit
-    # Corpus and training.
-    corpus_size: int = 40_000  # examples drawn from the training rows (ML-100K: 80,000)
-    heldout_fraction: float = 0.05  # kept out of training, for perplexity
-    epochs: int = 2
-    batch_size: int = 64
-    learning_rate: float = 3e-3  # AdamW peak, after linear warmup, cosine decay to 10%
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    # Decoding.
-    temperature: float = 1.0  # measured: 0.8 gave distinct-2 0.40, 1.0 0.43 at 100% grounded
-    top_k: int = 40
-    top_p: float = 0.95
-    repetition_penalty: float = 1.3  # on tokens already generated, never on the prompt's
-    max_new_tokens: int = 40  # p95 of corpus copy lines is 29 tokens
-    jit_compile: bool = True  # XLA for the train step only (measured: see README); never exported
-    seed: int = 42
 
 
 class CopywriterError(ValueError):

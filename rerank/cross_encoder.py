@@ -56,6 +56,7 @@ import tf_keras as keras
 
 from rerank import checkpoint as checkpoints
 from rerank import tokenizer as tokenizers
+from rerank.config import RerankerConfig
 from towers import data, features, files, metrics, peers
 from towers import model as towers_model
 from towers import train as towers_train
@@ -70,30 +71,6 @@ TEXTS_FILE = "texts.npz"
 BASE_DIR = "base"  # the truncated pretrained BERT training starts from
 WEIGHTS = "checkpoints/final"
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@dataclasses.dataclass(frozen=True)
-class RerankerConfig:
-    # Measured on runs/ml100k (2 CPU cores, validation from training rows; README): BERT learned
-    # no signal beyond the retrieval + popularity terms at 32 or 48 tokens, lr 1e-4 to 1e-3, with
-    # or without trainable embeddings, so the default is the cheapest of those runs.
-    max_length: int = 32  # tokens per pair: 2 layers x 100 pairs within the 250 ms budget
-    history_titles: int = 4  # newest training interactions in the context (truncation cuts more)
-    layers: int = 2  # first MiniLM layers kept (a layer-dropped student)
-    candidates: int = 100  # retrieval top-K re-ranked, and where hard negatives come from
-    group_size: int = 8  # one positive and 7 hard negatives per softmax
-    holdout: int = 20_000  # training rows the shadow retrieval model does not see: the positives
-    validation_share: float = 0.2  # last share of the held-out rows, for validation only
-    validation_users: int = 300  # users re-ranked for validation, 0 for all (each costs K pairs)
-    popularity_feature: bool = True  # w_p * log(1 + training count) in the final score
-    ease_feature: bool = True  # w_e * EASE score in the final score (test HR@10 0.166 -> 0.176)
-    ease_l2: float = 500.0  # EASE ridge strength: best EASE-alone validation hit rate of 200-1000
-    train_embeddings: bool = False  # fine-tune the embedding layer (12M of 15M weights at 2 layers)
-    epochs: int = 1  # 8,660 groups, 542 steps: 7-8 min of training on 2 cores
-    batch_groups: int = 16  # groups per step (16 x 8 = 128 pairs)
-    learning_rate: float = 1e-3  # AdamW on BERT, linear decay to 0
-    weight_decay: float = 0.01
-    seed: int = 42
 
 
 # ---------------------------------------------------------------------------------------------

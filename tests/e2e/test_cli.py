@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 from serving import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_train_evaluate_export_recommend(tiny_data_dir, tmp_path, capsys):
@@ -56,3 +63,35 @@ def test_data_split_writes_presplit_files_that_train_reads_back(tiny_data_dir, t
     assert cli.main(["train", "retrieval", "--data", str(out), "--run", str(tmp_path / "r"),
                      "--split", "random", "--epochs", "1"]) == 1
     assert not (tmp_path / "r" / "features.npz").exists()  # refused before any training
+
+
+def test_help_answers_without_importing_tensorflow():
+    """`cascade --help`, `cascade train retrieval --help` and `cascade serve --help` print the user-facing description and
+    the flags without importing TensorFlow (seconds instead of a multi-second TF start). Fails when
+    cli.py, or a module its parser reads (towers.config, rerank.config), imports TensorFlow at the
+    top, or when the parser goes back to a stage's model module for its config dataclass."""
+    script = textwrap.dedent("""
+        import contextlib, io, json, sys
+        from serving import cli
+        texts = []
+        for argv in (["--help"], ["train", "retrieval", "--help"], ["serve", "--help"]):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                try:
+                    cli.main(argv)
+                except SystemExit:
+                    pass
+            texts.append(out.getvalue())
+        print(json.dumps({"tensorflow": "tensorflow" in sys.modules, "help": texts}))
+    """)
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    top, retrieval, serve = answer["help"]
+    assert " ".join(top.split()).startswith(
+        "usage: cascade [-h] COMMAND ... " + " ".join(cli.DESCRIPTION.split()))
+    assert "recommend" in top and "--split" in retrieval and "--embedding-dim" in retrieval
+    assert "--model_config_file" in serve and "--enable_batching" in serve
+    assert answer["tensorflow"] is False

@@ -1,6 +1,7 @@
 """`cascade evaluate reranker` and `cascade bench reranker` on the tiny run with a tiny re-ranker:
 the table's retrieval row is `cascade evaluate retrieval`'s numbers, re-ranking only reorders the
-top K (so HR@K is unchanged), the result lands in metrics.json, and the bench writes its files."""
+top K (so HR@K is unchanged), the table's changes are relative to retrieval (on a hand-made
+table), the result lands in metrics.json, and the bench writes its files."""
 
 from __future__ import annotations
 
@@ -30,8 +31,21 @@ def test_evaluate_reranker_table(reranker_run):
     recorded = json.loads((reranker_run / "metrics.json").read_text())["reranker"]
     assert recorded["test"]["reranked@100"] == table["reranked@100"]
     assert "training" in recorded  # training's record is kept
-    markdown = rerank_eval.format_table(table)
-    assert "retrieval top-100 re-ranked" in markdown and "+0.0%" in markdown
+    assert "retrieval top-100 re-ranked" in rerank_eval.format_table(table)
+
+
+def test_table_changes_are_relative_to_retrieval():
+    """The change columns on a hand-made table: EASE's HR@10 0.25 over retrieval's 0.20 is
+    +25.0%, its NDCG@10 0.09 over 0.10 is -10.0%. Catches a ratio taken the wrong way round
+    (0.20 / 0.25: -20.0%), a difference of points instead of a ratio (+5.0%), the change measured
+    against another row than retrieval, or HR and NDCG swapped."""
+    table = {"retrieval": {"hit_rate@10": 0.2, "ndcg@10": 0.1, "recall@10": 0.15},
+             "ease": {"hit_rate@10": 0.25, "ndcg@10": 0.09, "recall@10": 0.2},
+             "reranked@100": {"hit_rate@10": 0.3, "ndcg@10": 0.12, "recall@10": 0.25}}
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in rerank_eval.format_table(table).splitlines()[2:]}
+    assert rows["EASE"] == ["0.2500", "0.0900", "0.2000", "+25.0%", "-10.0%"]
+    assert rows["retrieval top-100 re-ranked (cross-encoder)"][3:] == ["+50.0%", "+20.0%"]
 
 
 def test_reranking_only_reorders_the_top_k(reranker_run):

@@ -748,7 +748,7 @@ def test_write_batching_parameters_follows_the_cpu_advice(tmp_path):
 
 def test_flags_map_onto_server_options(base, tmp_path):
     parser = argparse.ArgumentParser()
-    server.add_arguments(parser)
+    server_config.add_arguments(parser)
     (tmp_path / "batching.txt").write_text("max_batch_size { value: 8 }\n")
     args = parser.parse_args([
         "--model_base_path", str(base / "recs"), "--model_name", "m", "--port", "0",

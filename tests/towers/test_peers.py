@@ -1,5 +1,6 @@
-"""The peers: EASE's closed form against a direct per-item ridge regression, and its benchmark
-hit rate (a golden value, like popularity's in test_data.py)."""
+"""The peers against expectations worked out apart from their code: EASE on a 3x3 matrix by hand,
+EASE as per-item ridge regressions and as the KKT system of its constrained problem, popularity
+as counts, and EASE's benchmark hit rate against popularity's, both ranked by hand."""
 
 from __future__ import annotations
 
@@ -8,8 +9,28 @@ import pytest
 
 from towers import metrics, peers
 
+# 4 users x 3 items. Item 0's column regressed on items 1 and 2 with l2 = 1:
+# [[X1'X1 + 1, X1'X2], [X2'X1, X2'X2 + 1]] = [[4, 1], [1, 3]], right side [X1'x0, X2'x0] = [2, 2]
+# -> (4/11, 6/11). Item 1 on items 0, 2: [[4, 2], [2, 3]] w = [2, 1] -> (1/2, 0). Item 2 on
+# items 0, 1: [[4, 2], [2, 4]] w = [2, 1] -> (1/2, 0).
+HAND_SEEN = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 0]], bool)
+HAND_WEIGHTS = np.array([[0, 1 / 2, 1 / 2], [4 / 11, 0, 0], [6 / 11, 0, 0]])
+
+
+def test_ease_on_a_hand_worked_matrix():
+    """B[i, j] is item i's weight in predicting item j (scores = X B), with a zero diagonal.
+    Catches: a transposed B (it is not symmetric here), a wrong normalisation of the precision
+    columns (rows instead of columns), the l2 added off the diagonal or not at all, the diagonal
+    left in, or scores B X' instead of X B."""
+    np.testing.assert_allclose(peers.ease_item_weights(HAND_SEEN, 1.0), HAND_WEIGHTS, atol=1e-6)
+    np.testing.assert_allclose(peers.ease_scores(HAND_SEEN, 1.0),
+                               [[4 / 11, 1 / 2, 1 / 2], [6 / 11, 1 / 2, 1 / 2],
+                                [10 / 11, 1 / 2, 1 / 2], [4 / 11, 0, 0]], atol=1e-6)
+
 
 def test_ease_weights_are_per_item_ridge_regressions():
+    """The closed form against its definition, one ridge regression per column (np.linalg.solve
+    on the other columns): catches any slip in the closed form on a random matrix."""
     seen = np.random.default_rng(0).random((40, 9)) < 0.3
     l2 = 3.0
     weights = peers.ease_item_weights(seen, l2)
@@ -26,8 +47,54 @@ def test_ease_weights_are_per_item_ridge_regressions():
         peers.ease_item_weights(seen, 0.0)
 
 
-def test_ease_benchmark_hit_rate(benchmark_rows):
-    """EASE (l2 500) on the benchmark split: hit rate@10 0.1767, above the two-tower's 0.156."""
+def test_ease_weights_solve_the_constrained_problem():
+    """min ||X - XB||^2 + l2 ||B||^2 subject to diag(B) = 0, column by column through its KKT
+    system [[X'X + l2 I, e_j], [e_j', 0]] [b; mu] = [X'x_j; 0], solved by least squares: the
+    same optimum reached without the closed form's inverse, on a wider-than-tall matrix (more
+    items than users, where X'X alone is singular)."""
+    seen = np.random.default_rng(1).random((6, 10)) < 0.4
+    l2 = 0.5
+    x = seen.astype(np.float64)
+    gram = x.T @ x + l2 * np.eye(10)
+    expected = np.zeros((10, 10))
+    for item in range(10):
+        unit = np.eye(10)[item]
+        kkt = np.block([[gram, unit[:, None]], [unit[None, :], np.zeros((1, 1))]])
+        solution = np.linalg.lstsq(kkt, np.concatenate([x.T @ x[:, item], [0.0]]), rcond=None)[0]
+        expected[:, item] = solution[:10]
+    np.testing.assert_allclose(peers.ease_item_weights(seen, l2), expected, atol=1e-5)
+
+
+def test_popularity_scores_are_training_counts():
+    """Every user gets each item's count of training interactions (catches counting users
+    instead of items, i.e. summing the wrong axis)."""
+    np.testing.assert_array_equal(peers.popularity_scores(HAND_SEEN), [[3, 3, 2]] * 4)
+
+
+def _hit_rate_by_hand(scores, seen, users, items, k=10) -> float:
+    """Share of test pairs whose item has fewer than k unseen items ranked above it (a higher
+    score, or the same score and a lower row: the stable order of `metrics.rankings`)."""
+    hits = []
+    for user, item in zip(users, items):
+        if seen[user, item]:
+            hits.append(False)
+            continue
+        row, score = scores[user], scores[user, item]
+        above = (~seen[user]) & ((row > score) | ((row == score) & (np.arange(len(row)) < item)))
+        hits.append(above.sum() < k)
+    return float(np.mean(hits))
+
+
+def test_ease_beats_popularity_on_the_benchmark(benchmark_rows):
+    """EASE (l2 500) on the benchmark split: the metric code's hit rate@10 equals one ranked by
+    hand, and is well above popularity's (DESIGN.md: 0.091), as the collaborative peer must be.
+    Catches a broken EASE (transposed weights, a sign slip: it falls to popularity's level or
+    below) and a metric that ranks seen items or breaks ties differently."""
     seen, users, items = benchmark_rows
-    result = metrics.evaluate(peers.ease_scores(seen, 500.0), users, items, seen, (10,))
-    assert round(result["hit_rate@10"], 3) == 0.177  # 0.17665
+    ease = peers.ease_scores(seen, 500.0).astype(np.float64)
+    by_hand = _hit_rate_by_hand(ease, seen, users, items)
+    assert metrics.evaluate(ease, users, items, seen, (10,))["hit_rate@10"] == pytest.approx(by_hand)
+    counts = seen.sum(axis=0).astype(np.float64)
+    popularity = _hit_rate_by_hand(np.broadcast_to(counts, seen.shape), seen, users, items)
+    assert popularity == pytest.approx(0.091, abs=0.0005)  # DESIGN.md's popularity peer
+    assert by_hand >= 1.6 * popularity, (by_hand, popularity)

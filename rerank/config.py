@@ -1,0 +1,59 @@
+"""The re-ranking stages' configs, apart from their models so that reading them (the CLI's flags,
+a run's reranker_config.json and copywriter/config.json) does not import TensorFlow.
+`rerank.cross_encoder` and `rerank.copywriter` re-export them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankerConfig:
+    # Measured on runs/ml100k (2 CPU cores, validation from training rows; README): BERT learned
+    # no signal beyond the retrieval + popularity terms at 32 or 48 tokens, lr 1e-4 to 1e-3, with
+    # or without trainable embeddings, so the default is the cheapest of those runs.
+    max_length: int = 32  # tokens per pair: 2 layers x 100 pairs within the 250 ms budget
+    history_titles: int = 4  # newest training interactions in the context (truncation cuts more)
+    layers: int = 2  # first MiniLM layers kept (a layer-dropped student)
+    candidates: int = 100  # retrieval top-K re-ranked, and where hard negatives come from
+    group_size: int = 8  # one positive and 7 hard negatives per softmax
+    holdout: int = 20_000  # training rows the shadow retrieval model does not see: the positives
+    validation_share: float = 0.2  # last share of the held-out rows, for validation only
+    validation_users: int = 300  # users re-ranked for validation, 0 for all (each costs K pairs)
+    popularity_feature: bool = True  # w_p * log(1 + training count) in the final score
+    ease_feature: bool = True  # w_e * EASE score in the final score (test HR@10 0.166 -> 0.176)
+    ease_l2: float = 500.0  # EASE ridge strength: best EASE-alone validation hit rate of 200-1000
+    train_embeddings: bool = False  # fine-tune the embedding layer (12M of 15M weights at 2 layers)
+    epochs: int = 1  # 8,660 groups, 542 steps: 7-8 min of training on 2 cores
+    batch_groups: int = 16  # groups per step (16 x 8 = 128 pairs)
+    learning_rate: float = 1e-3  # AdamW on BERT, linear decay to 0
+    weight_decay: float = 0.01
+    seed: int = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class CopywriterConfig:
+    # Model (ignored when fine-tuning a checkpoint, which brings its own). Sized by measurement:
+    # 2 layers x 128 fits the 150 ms budget for 10 lines on 2 cores with room to spare.
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 160  # longest served prompt (~90 tokens) plus max_new_tokens, and slack
+    vocab_size: int = 4096  # BPE vocabulary trained on the corpus; copy lines average ~20 tokens
+    dropout: float = 0.0  # a few minutes of training on templated text does not overfit
+    # Corpus and training.
+    corpus_size: int = 40_000  # examples drawn from the training rows (ML-100K: 80,000)
+    heldout_fraction: float = 0.05  # kept out of training, for perplexity
+    epochs: int = 2
+    batch_size: int = 64
+    learning_rate: float = 3e-3  # AdamW peak, after linear warmup, cosine decay to 10%
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    # Decoding.
+    temperature: float = 1.0  # measured: 0.8 gave distinct-2 0.40, 1.0 0.43 at 100% grounded
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.3  # on tokens already generated, never on the prompt's
+    max_new_tokens: int = 40  # p95 of corpus copy lines is 29 tokens
+    jit_compile: bool = True  # XLA for the train step only (measured: see README); never exported
+    seed: int = 42
