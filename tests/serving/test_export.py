@@ -154,3 +154,57 @@ def test_scann_export_serves_the_same_items_with_scann_imported(tiny_run, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout.strip().splitlines()[-1])
     assert answers["1"] == answers["2"]  # every leaf searched, every item re-scored: exact
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_scann_export_served_by_cascade_serve(tiny_run, tmp_path, capsys):
+    """A real ScaNN export (not the faked import and load of tests/serving/test_server.py) served
+    by `cascade serve` in a fresh process, over gRPC and REST, answers what the SavedModel
+    answers in this process. Catches: the server loading a ScaNN export without importing scann
+    (NotFoundError on `ScannSearchBatched`: the model never becomes available), the export record
+    not marking the index, or the served signature differing from the exported one (other items
+    or scores)."""
+    import scann  # noqa: F401 (registers the ScaNN ops for the in-process load)
+
+    from serving import cli
+
+    base = tmp_path / "models"
+    export.export(tiny_run, base, index_kind="scann", k=10, models=("retrieval",),
+                  scann=index.ScannConfig(num_leaves=10, num_leaves_to_search=3,
+                                          num_reordering_candidates=30))
+    version = base / "retrieval" / "1"
+    assert json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())["index"] == "scann"
+    users = ["1", "2", "nobody"]
+    expected = tf.saved_model.load(str(version)).signatures[export.SIGNATURE](user_id=tf.constant(users))
+    expected_ids = expected["item_ids"].numpy().astype(str)
+    grpc_port, rest_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "serving.cli", "serve", "--model-base-path", str(base),
+               "--port", str(grpc_port), "--rest_api_port", str(rest_port),
+               "--file_system_poll_wait_seconds", "0"]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            answers = []
+            for flags in (["--server", f"127.0.0.1:{grpc_port}", "--wait", "120"],
+                          ["--rest", f"http://127.0.0.1:{rest_port}"]):
+                args = ["recommend", "--model", "retrieval", "--json", *flags]
+                for user in users:
+                    args += ["--user", user]
+                assert cli.main(args) == 0, log.read_text()[-3000:]
+                answers.append(json.loads(capsys.readouterr().out))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    for answer in answers:
+        for row, user in enumerate(users):
+            assert [r["item_id"] for r in answer[user]] == expected_ids[row].tolist()
+            np.testing.assert_allclose([r["score"] for r in answer[user]],
+                                       expected["scores"].numpy()[row], rtol=1e-5, atol=1e-6)
