@@ -93,7 +93,9 @@ def user_contexts(dataset: data.Dataset, rows: data.Interactions, user_ids: np.n
         newest[user].append((-int(timestamp), item, float(rating)))
     items = np.unique(rows.item_id.astype(str))
     item_text = dict(zip(items, dataset.item_texts(items)))
-    stars = (lambda rating: "") if dataset.implicit else (lambda rating: f"{rating:g} stars: ")
+    template = dataset.card.rating_text or "rated {rating}: "  # ML-100K's card: "{rating} stars: "
+    stars = ((lambda rating: "") if dataset.implicit
+             else (lambda rating: template.replace("{rating}", f"{rating:g}")))
     contexts = {}
     for (user, events), user_text in zip(newest.items(), dataset.user_texts(list(newest))):
         rated = [f"{stars(rating)}{item_text[item]}."
@@ -196,13 +198,13 @@ class PairTexts(tf.Module):
                            popularity=np.asarray(popularity, np.float32), ease=ease)
         table = lambda keys, values, default: tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, values), default)
-        # An unknown user is read as a context with no demographics and no history.
+        # An unknown user is read as a context with no user features and no history.
         self.context = table(user_ids, self.arrays["contexts"], "")
         self.item_text = table(item_ids, self.arrays["item_texts"], "")
         self.popularity = table(item_ids, self.arrays["popularity"], 0.0)
         self.user_row = table(user_ids, np.arange(len(user_ids), dtype=np.int32), -1)
         self.item_row = table(item_ids, np.arange(len(item_ids), dtype=np.int32), -1)
-        self.ease = tf.constant(ease)  # [U, I]; 6 MB for 943 users x 1,682 items
+        self.ease = tf.constant(ease)  # [U, I]; 6 MB on MovieLens-100K
 
     def ease_score(self, user_ids: tf.Tensor, item_ids: tf.Tensor) -> tf.Tensor:
         """string [N], string [N] -> float32 [N]; 0 for an unknown user or item (no history)."""

@@ -2,7 +2,7 @@
 
     reranker/<version>/  serving_default(user_id string[B], item_ids string[B, M]) -> scores float[B, M]
 
-The signature has no retrieval-score input (DESIGN.md), so the module computes the retrieval
+The signature has no retrieval-score input (docs/design.md), so the module computes the retrieval
 logits the re-ranker was trained with itself: the run's query tower (an unknown user gets the
 popularity cold-start query, `towers.cold_start.popularity_query`, as the exported query tower
 does) against a table of the run's candidate embeddings keyed by item ID, divided by the

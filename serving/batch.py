@@ -100,12 +100,10 @@ class ToRecord(beam.DoFn):
 def read_users(source: str, export_record: dict) -> list[str]:
     """`all` (every user the export knows), `synthetic:N`, or a file with one user ID per line."""
     if source == "all":
-        from towers import features, train
-
-        tables = features.FeatureTables.load(pathlib.Path(export_record["run_dir"]) / train.TABLES_FILE)
-        return [str(u) for u in tables.user_ids]
+        return _known_users(export_record)
     if source.startswith("synthetic:"):
-        return synthetic_users(int(source.split(":", 1)[1]))
+        known = _known_users(export_record) if "run_dir" in export_record else []
+        return synthetic_users(int(source.split(":", 1)[1]), known)
     path = pathlib.Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: users file not found (expected `all`, `synthetic:N` or a file)")
@@ -120,13 +118,21 @@ def read_users(source: str, export_record: dict) -> list[str]:
     return users
 
 
-def synthetic_users(count: int, known: int = 943, seed: int = 0) -> list[str]:
-    """A deterministic population of `count` unique IDs: the benchmark's real users ("1".."943")
-    first, then `synthetic-<n>` IDs, which the model answers with its cold-start query. Every ID
+def _known_users(export_record: dict) -> list[str]:
+    """Every user of the exported run's files, in ID order."""
+    from towers import features, train
+
+    tables = features.FeatureTables.load(pathlib.Path(export_record["run_dir"]) / train.TABLES_FILE)
+    return [str(u) for u in tables.user_ids]
+
+
+def synthetic_users(count: int, known: list[str] = (), seed: int = 0) -> list[str]:
+    """A deterministic population of `count` unique IDs: the `known` users first (the export's
+    own), then `synthetic-<n>` IDs, which the model answers with its cold-start query. Every ID
     runs the full retrieval graph (lookup, query tower, index search, exclusion)."""
     rng = np.random.default_rng(seed)
-    real = [str(i) for i in range(1, min(count, known) + 1)]
-    synthetic = [f"synthetic-{n:07d}" for n in rng.permutation(max(0, count - known))]
+    real = list(known)[:count]
+    synthetic = [f"synthetic-{n:07d}" for n in rng.permutation(max(0, count - len(real)))]
     return real + synthetic
 
 

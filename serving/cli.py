@@ -187,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--rest", help="TF Serving REST base URL, e.g. http://localhost:8501")
     recommend.add_argument("--model", default="retrieval", help="served model name")
     recommend.add_argument("--data", default="data/ml-100k", help="dataset folder for titles (remote calls)")
+    recommend.add_argument("--card", help="the dataset card the run was trained with, if not the folder's")
     recommend.add_argument("--wait", type=float, default=0,
                            help="seconds to wait for the model to become AVAILABLE (gRPC)")
     recommend.add_argument("--user", action="append", required=True, help="user ID (repeatable)")
@@ -403,7 +404,8 @@ def _recommend(args) -> int | None:
             outputs = client.predict_rest(args.rest, args.model, inputs)
         from towers import data
 
-        titles = local.catalog_titles(data.load(args.data)) if pathlib.Path(args.data).exists() else None
+        titles = (local.catalog_titles(data.load(args.data, args.card))
+                  if pathlib.Path(args.data).exists() else None)
         answers = local.answers(args.user, outputs, titles, args.top)
     else:
         answers = local.recommend(args.model_base_path, args.user, args.top, args.model)

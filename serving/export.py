@@ -1,4 +1,4 @@
-"""Exports a run as SavedModels in the TF Serving model-base-path layout (DESIGN.md).
+"""Exports a run as SavedModels in the TF Serving model-base-path layout (docs/design.md).
 
     models/models.config
     models/query_tower/<version>/      user_id [B] -> embedding [B, D]
@@ -267,7 +267,7 @@ _HOW_TO_MAKE = {
 
 
 def _available_stages(run: pathlib.Path) -> tuple[str, ...]:
-    """The models a run can be exported as, in DESIGN.md order."""
+    """The models a run can be exported as, in docs/design.md order."""
     if not (run / train.CONFIG_FILE).exists():
         raise ExportError(f"{run / train.CONFIG_FILE}: not found; is {run} a retrieval run "
                           "(`cascade train retrieval --run DIR`)?")

@@ -1,4 +1,4 @@
-"""`cascade serve`: a TF-Serving-compatible model server over a model base path (DESIGN.md).
+"""`cascade serve`: a TF-Serving-compatible model server over a model base path (docs/design.md).
 
 gRPC `tensorflow.serving.PredictionService` (Predict, GetModelMetadata; Classify, Regress and
 MultiInference answer UNIMPLEMENTED) and `ModelService` (GetModelStatus,

@@ -16,7 +16,7 @@ MAX_COLD_DROPOUT = 0.2
 class RetrievalConfig:
     embedding_dim: int = 64  # output size of both towers
     id_dim: int = 64  # user and item ID embeddings
-    side_dim: int = 16  # demographic, year and genre embeddings
+    side_dim: int = 16  # embeddings of the card's side features
     hidden: int = 256  # width of the one hidden layer on top of the concatenated features
     temperature: float = 0.1  # softmax temperature on cosine scores (0.03 and 0.05 measured worse)
     history_length: int = 256  # newest training items pooled into the query

@@ -72,6 +72,7 @@ class Card:
     item_text: str | None = None  # template; None: the item's fields in file order
     user_text: str | None = None  # template; None: the user's fields in file order
     label: str | None = None  # short display name; None: title [(year)]
+    rating_text: str | None = None  # how a rating reads before an item text; None: "rated {rating}: "
     values: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # display words
     split: str = "random"  # default protocol when the folder is not pre-split
     source: pathlib.Path | None = None  # the card file, None when defaulted
@@ -100,10 +101,20 @@ class Card:
             raise DataError(f"{where}: fields: unknown role(s) {', '.join(bad)}; roles are "
                             "user_id, item_id, rating, timestamp")
         text = record.get("text") or {}
-        bad = sorted(set(text) - {"title", "categories", "year", "item", "user", "label"})
+        bad = sorted(set(text) - {"title", "categories", "year", "item", "user", "label", "rating"})
         if bad:
             raise DataError(f"{where}: text: unknown key(s) {', '.join(bad)}; keys are title, "
-                            "categories, year, item, user, label")
+                            "categories, year, item, user, label, rating")
+        for key in ("fields", "text", "values"):
+            if not isinstance(record.get(key) or {}, dict):
+                raise DataError(f"{where}: {key} must be a mapping, got {record[key]!r}")
+        for key, mapping in (record.get("values") or {}).items():
+            if not isinstance(mapping, dict):
+                raise DataError(f"{where}: values.{key} must map file values to display words, "
+                                f"got {mapping!r}")
+        if record.get("split", "random") not in protocols.PROTOCOLS:
+            raise DataError(f"{where}: split: unknown protocol {record['split']!r}; expected one "
+                            f"of {', '.join(protocols.PROTOCOLS)}")
         threshold = record.get("positive_threshold")
         return cls(
             name=str(record.get("name", name)),
@@ -117,6 +128,7 @@ class Card:
             user_features=_features(record, "user_features", where),
             title=text.get("title"), categories=text.get("categories"), year=text.get("year"),
             item_text=text.get("item"), user_text=text.get("user"), label=text.get("label"),
+            rating_text=text.get("rating"),
             values={k: {str(a): str(b) for a, b in v.items()} for k, v in
                     (record.get("values") or {}).items()},
             split=record.get("split", "random"),
@@ -147,6 +159,8 @@ def _features(record: dict, key: str, where) -> tuple[Feature, ...] | None:
 
 def load_card(path: str | os.PathLike, name: str) -> Card:
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: card not found")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".json":
@@ -376,7 +390,7 @@ class Dataset:
 def render(template: str, values: dict[str, str]) -> str:
     """Fills `{field}` placeholders; a `[...]` part is kept only when each field in it is non-empty.
 
-    `"{movie_title}[ ({release_year})]; {class}"` -> `Toy Story (1995); Animation Comedy`."""
+    `"{name}[ ({year})]; {genre}"` -> `Toy Story (1995); Animation Comedy`, `Heat; Action`."""
     def optional(match: re.Match) -> str:
         inner = match.group(1)
         names = re.findall(r"\{([^{}]+)\}", inner)

@@ -209,7 +209,9 @@ def build_feature(side: str, feature: data.Feature, table: data.Table, rows: np.
         return FeatureSpec(side, feature.name, kind, len(vocabulary) + 1), ids, np.array(vocabulary, str)
     if kind in ("categories", "text"):
         sequences = [_tokens(value) for value in column]
-        longest = max((len(s) for s in sequences), default=1)
+        # A text value's length is its words (a `token` field holds a whole sentence).
+        longest = max((len(" ".join(s).split()) if kind == "text" else len(s) for s in sequences),
+                      default=1)
         width = max(1, min(int(options.get("max_tokens", MAX_TOKENS)), longest))
         if kind == "text":
             texts = tf.constant([" ".join(s) for s in sequences] + [""])  # last: the empty value

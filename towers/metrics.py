@@ -1,4 +1,4 @@
-"""Retrieval metrics of the evaluation protocol (DESIGN.md).
+"""Retrieval metrics of the evaluation protocol (docs/design.md).
 
 Hit rate@K: the share of test interactions whose item is in that user's top K. Recall@K and
 NDCG@K (binary relevance) are per user, averaged over users with test interactions. With

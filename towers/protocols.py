@@ -1,8 +1,8 @@
 """Evaluation protocols: how a dataset that is not pre-split becomes train and test rows.
 
 - `random`: the TFRS-tutorial split, a seeded `tf.data` shuffle of the rows, the first
-  (1 - test_share) train. On MovieLens-100K (100,000 rows, share 0.2, seed 42) this is DESIGN.md's
-  benchmark split bit for bit.
+  (1 - test_share) train. On MovieLens-100K (100,000 rows, share 0.2, seed 42) this is the
+  benchmark split of docs/evaluation.md, bit for bit.
 - `temporal`: a global time cut: rows sorted by timestamp (ties in file order), the newest share
   is test. Most test users may have no training row at all.
 - `user-temporal`: each user's newest round(share x n_u) rows are test, at most n_u - 1 (every
@@ -11,7 +11,8 @@
   out with all their interactions: test items never occur in training.
 
 Train rows keep file order except under `random` (shuffled order) and `temporal` (time order), so
-the last training rows, which `--holdout` takes for validation, are a random sample or the newest.
+the last training rows, which `--holdout` takes for validation, are a random sample (`random`),
+the newest (`temporal`), or the last in file order (`user-temporal`, `cold-items`).
 `write_split` writes any split as RecBole pre-split files, so other tools score the same rows.
 """
 

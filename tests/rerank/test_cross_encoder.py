@@ -101,6 +101,20 @@ def test_implicit_contexts_have_no_stars(tmp_path):
     np.testing.assert_allclose(texts.arrays["popularity"], np.log1p([1, 2, 1, 0]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("card, prefix", [(None, "rated 4.5: "), ('text: {rating: "{rating}/5 "}\n', "4.5/5 ")])
+def test_explicit_ratings_read_through_the_cards_template(tmp_path, card, prefix):
+    """Explicit ratings precede each item text, worded by the card's `text.rating` (a stage that
+    wrote MovieLens' "stars" for every dataset would fail the default case)."""
+    files = {"inter": ["user_id:token\titem_id:token\trating:float\ttimestamp:float",
+                       "u1\ti1\t4.5\t100"],
+             "item": ["item_id:token\ttitle:token_seq", "i1\tHeat"]}
+    if card:
+        files["yaml"] = [card.rstrip("\n")]
+    dataset = _write_dataset(tmp_path / "x", "x", files)
+    contexts = ce.user_contexts(dataset, dataset.interactions, np.array(["u1"]), history_titles=2)
+    assert contexts == {"u1": f"{prefix}Heat."}
+
+
 def test_pair_text_uses_training_rows_only(movielens, tiny_split):
     fit_rows, held_out = ce.split_rows(tiny_split.train, 2_000)
     texts = ce.PairTexts.build(movielens, fit_rows, movielens.user_ids(), movielens.item_ids(), 50)

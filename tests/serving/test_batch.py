@@ -76,8 +76,9 @@ def test_a_failing_user_goes_to_the_dead_letter(tmp_path):
 
 
 def test_users_sources(tmp_path):
-    population = batch.synthetic_users(2_000)
-    assert population == batch.synthetic_users(2_000) and len(set(population)) == 2_000
+    known = [str(i) for i in range(1, 944)]
+    population = batch.synthetic_users(2_000, known)
+    assert population == batch.synthetic_users(2_000, known) and len(set(population)) == 2_000
     assert population[:3] == ["1", "2", "3"] and population[943].startswith("synthetic-")
     bad = tmp_path / "users.csv"
     bad.write_text("1\n2,3\n")
@@ -85,7 +86,8 @@ def test_users_sources(tmp_path):
         batch.read_users(str(bad), {})
     with pytest.raises(FileNotFoundError, match="users file not found"):
         batch.read_users(str(tmp_path / "missing.txt"), {})
-    assert np.array_equal(batch.read_users("synthetic:5", {}), ["1", "2", "3", "4", "5"])
+    assert batch.read_users("synthetic:3", {}) == batch.synthetic_users(3)  # no export: all synthetic
+    assert all(u.startswith("synthetic-") for u in batch.read_users("synthetic:3", {}))
 
 
 def test_cascade_batch_for_all_943_users_equals_what_the_server_answers(tiny_cascade_export, tmp_path):

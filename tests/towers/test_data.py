@@ -301,11 +301,22 @@ ITEM = "item_id:token\ttitle:token_seq\tgenre:token\n1\tHeat\tCrime\n2\tSolo\tSc
     ({"inter": INTER, "item": ITEM, "yaml": "text: {year: year}\n"},
      r"d.yaml: text.year names item field 'year', which does not exist; item fields: title, genre"),
     ({"inter": INTER, "yaml": "fields: [user_id\n"}, r"d.yaml: cannot parse the card"),
+    ({"inter": INTER, "yaml": "split: leave-one-out\n"},
+     r"d.yaml: split: unknown protocol 'leave-one-out'; expected one of random, temporal"),
+    ({"inter": INTER, "yaml": "values: {gender: M}\n"},
+     r"d.yaml: values.gender must map file values to display words, got 'M'"),
+    ({"inter": INTER, "yaml": "fields: [user_id]\n"}, r"d.yaml: fields must be a mapping"),
 ])
 def test_bad_input_names_file_line_and_field(tmp_path, files, expected):
     _write(tmp_path, **files)
     with pytest.raises(data.DataError, match=expected):
         data.load(tmp_path)
+
+
+def test_a_card_given_by_path_must_exist(tmp_path):
+    _write(tmp_path, inter=INTER)
+    with pytest.raises(data.DataError, match=r"missing.yaml: card not found"):
+        data.load(tmp_path, tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize("files", [{"inter": "user_id:token\titem_id:token\n\n"},
@@ -346,7 +357,7 @@ def test_movielens_100k_loads(movielens):
 
 
 def test_split_reproduces_the_popularity_peer(benchmark_rows):
-    """DESIGN.md's popularity peer on this protocol: hit rate 0.091 @10 and 0.412 @100."""
+    """docs/evaluation.md's popularity peer on this protocol: hit rate 0.091 @10 and 0.413 @100."""
     seen, users, items = benchmark_rows
     result = metrics.evaluate(peers.popularity_scores(seen), users, items, seen)
     assert round(result["hit_rate@10"], 3) == 0.091

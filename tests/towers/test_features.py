@@ -158,3 +158,20 @@ def test_quantile_bins_without_boundaries(tmp_path):
     tables = features.build_tables(dataset, dataset.interactions)
     assert tables.specs == (features.FeatureSpec("item", "year", "number", 3),)
     assert list(tables.values["item:year"]) == [0, 2, 1, 2, 0]  # items 1, 2, 7, 10, 42
+
+
+def test_text_on_a_token_field_keeps_every_word(tmp_path):
+    """A `text` feature on a `token` field (a whole sentence in one value) keeps its words: a width
+    taken from the token count (1) would keep only the first word."""
+    from towers import data, features
+
+    (tmp_path / "t.inter").write_text("user_id:token\titem_id:token\nu\ta\nu\tb\n")
+    (tmp_path / "t.item").write_text("item_id:token\tblurb:token\na\tred fox jumps\nb\tred fox\n")
+    (tmp_path / "t.yaml").write_text("item_features:\n  blurb: {kind: text, min_count: 1}\n")
+    dataset = data.load(tmp_path)
+    tables = features.build_tables(dataset, dataset.interactions)
+    (spec,) = tables.specs
+    vocabulary = list(tables.vocabularies[spec.key])
+    assert spec.width == 3 and vocabulary == ["fox", "red", "jumps"]
+    words = lambda *w: [vocabulary.index(x) + 2 for x in w]
+    assert tables.values[spec.key].tolist() == [words("red", "fox", "jumps"), words("red", "fox") + [0]]

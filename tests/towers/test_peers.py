@@ -87,7 +87,7 @@ def _hit_rate_by_hand(scores, seen, users, items, k=10) -> float:
 
 def test_ease_beats_popularity_on_the_benchmark(benchmark_rows):
     """EASE (l2 500) on the benchmark split: the metric code's hit rate@10 equals one ranked by
-    hand, and is well above popularity's (DESIGN.md: 0.091), as the collaborative peer must be.
+    hand, and is well above popularity's (docs/design.md: 0.091), as the collaborative peer must be.
     Catches a broken EASE (transposed weights, a sign slip: it falls to popularity's level or
     below) and a metric that ranks seen items or breaks ties differently."""
     seen, users, items = benchmark_rows
@@ -96,5 +96,5 @@ def test_ease_beats_popularity_on_the_benchmark(benchmark_rows):
     assert metrics.evaluate(ease, users, items, seen, (10,))["hit_rate@10"] == pytest.approx(by_hand)
     counts = seen.sum(axis=0).astype(np.float64)
     popularity = _hit_rate_by_hand(np.broadcast_to(counts, seen.shape), seen, users, items)
-    assert popularity == pytest.approx(0.091, abs=0.0005)  # DESIGN.md's popularity peer
+    assert popularity == pytest.approx(0.091, abs=0.0005)  # docs/evaluation.md's popularity peer
     assert by_hand >= 1.6 * popularity, (by_hand, popularity)
