@@ -48,6 +48,7 @@ class SignatureModelHandler(inference.ModelHandler):
     def load_model(self):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
+        import tensorflow_text  # noqa: F401  registers the tokenizer ops the exports use
 
         record = pathlib.Path(self._model_dir) / "assets.extra" / "cascade_export.json"
         if record.exists() and json.loads(record.read_text()).get("index") == "scann":

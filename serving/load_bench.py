@@ -105,6 +105,7 @@ def _users(base: pathlib.Path, model: str) -> list[str]:
 def _load(model_dir: pathlib.Path):
     """The newest version's serving signature, loaded in this process and warmed up."""
     import tensorflow as tf
+    import tensorflow_text  # noqa: F401  registers the tokenizer ops the exports use
 
     fn = tf.saved_model.load(str(local.latest_version(model_dir))).signatures[export.SIGNATURE]
     fn(user_id=tf.constant(["1"]))

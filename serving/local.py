@@ -10,6 +10,7 @@ import pathlib
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import tensorflow as tf
+import tensorflow_text  # noqa: F401  registers the tokenizer ops the exports use
 
 from serving import export
 from towers import data, train

@@ -18,6 +18,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_text  # noqa: F401  its ops are linked into stock TF Serving: exports use them
 from google.protobuf import message as protobuf_message
 from google.protobuf import text_format
 from grpc import StatusCode

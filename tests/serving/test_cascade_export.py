@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -158,3 +159,19 @@ def test_cascade_needs_both_stages_and_a_sane_n(tiny_run, tiny_cascade_run, tmp_
     with pytest.raises(export.ExportError, match="n=30"):
         export.export(tiny_cascade_run, tmp_path / "b", k=20, n=30)
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*/1"))
+
+
+def test_recommend_loads_the_cascade_in_a_fresh_process(tiny_cascade_export, tmp_path):
+    """`cascade recommend --model cascade` in a new process, as `make demo` runs it: the CLI must
+    register the tokenizer ops itself (a test process that imported tensorflow_text elsewhere
+    would hide a CLI that does not)."""
+    script = ("import sys; from serving import cli; sys.exit(cli.main(['recommend', "
+              f"'--model-base-path', {str(tiny_cascade_export)!r}, '--model', 'cascade', "
+              "'--user', '1', '--user', 'nobody', '--json']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[2])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout[result.stdout.index("{"):])
+    assert set(answer) == {"1", "nobody"}
+    assert all(len(rows) == 5 and all(r["copy"] for r in rows) for rows in answer.values())
