@@ -126,8 +126,9 @@ def test_evaluate_names_the_protocol_and_batch_covers_every_user(shape, tmp_path
     table = capsys.readouterr().out
     protocol = {"implicit": "random", "renamed": "random", "presplit": "pre-split"}[name]
     assert f"protocol: {protocol}" in table
-    assert cli.main(["evaluate", "reranker", "--run", str(run), "--no-peers"]) == 0
-    assert f"protocol: {protocol}" in capsys.readouterr().out
+    if name == "presplit":  # the re-ranker's evaluation on the hardest shape (its cost: the suite's)
+        assert cli.main(["evaluate", "reranker", "--run", str(run), "--no-peers"]) == 0
+        assert f"protocol: {protocol}" in capsys.readouterr().out
     out = tmp_path / "batch"
     assert cli.main(["batch", "--model-base-path", str(models), "--users", "all",
                      "--out", str(out)]) == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rerank import cross_encoder as ce
-from rerank import rerank_bench, rerank_eval
+from rerank import rerank_eval
 from serving import cli
 from tests.rerank.test_reranker_export import reranker_run  # noqa: F401 (fixture)
 from towers import metrics
@@ -60,23 +60,6 @@ def test_reranking_only_reorders_the_top_k(reranker_run):
     assert after["hit_rate@20"] == pytest.approx(before["hit_rate@20"])
     np.testing.assert_array_equal(np.sort(metrics.rankings(reranked, seen, 20)[rows], axis=1),
                                   np.sort(top, axis=1))
-
-
-def test_bench_writes_tables(reranker_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(rerank_bench, "SINGLE_CALLS", 3)
-    monkeypatch.setattr(rerank_bench, "BATCH_CALLS", 1)
-    result = rerank_bench.run_reranker_benchmark(reranker_run, tmp_path, lengths=(16,),
-                                                 quality_users=5)
-    names = [row["name"] for row in result["variants"]]
-    assert names == ["T=16", "T=32 (trained)", "T=32 bfloat16"]
-    for row in result["variants"]:
-        assert row["ms@100"]["median"] > 0 and row["pairs_per_second"] > 0
-        assert 0 <= row["quality"]["hit_rate@10"] <= 1
-    assert result["quality_sample"]["users"] == 5
-    assert result["saved_model_default"]["ms@50"]["p95"] > 0
-    assert json.loads((tmp_path / "reranker.json").read_text())["variants"] == result["variants"]
-    assert "| T=32 (trained) |" in (tmp_path / "reranker.md").read_text()
-    assert (tmp_path / "reranker.png").stat().st_size > 0
 
 
 def test_cli_parses_reranker_commands(tmp_path):

@@ -108,7 +108,7 @@ def test_bad_inputs_are_named(evaluated_run, tmp_path):
     assert cli.main(["report", "--run", str(run), "--no-curves"]) == 1
 
 
-def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path):
+def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path, monkeypatch):
     """Every benchmark and evaluation really run on the tiny cascade, then the report."""
     from rerank import copywriter_eval, rerank_bench, rerank_eval
     from towers import index_bench, train
@@ -123,8 +123,13 @@ def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path
     queries, candidates = train.embeddings(retrieval, tables)
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen,
                                     run / "bench", synthetic_items=2000)
-    rerank_bench.run_reranker_benchmark(run, run / "bench", lengths=(16,), quality_users=6,
-                                        bfloat16=False)
+    monkeypatch.setattr(rerank_bench, "SINGLE_CALLS", 3)  # timings are the benchmark's, not ours
+    monkeypatch.setattr(rerank_bench, "BATCH_CALLS", 1)
+    bench = rerank_bench.run_reranker_benchmark(run, run / "bench", lengths=(16,), quality_users=6)
+    # Every variant measured, trained length and bfloat16 included, on the sampled users.
+    assert [row["name"] for row in bench["variants"]] == ["T=16", "T=32 (trained)", "T=32 bfloat16"]
+    assert bench["quality_sample"]["users"] == 6
+    assert "| T=32 (trained) |" in (run / "bench" / "reranker.md").read_text()
     load_bench.run_serve_benchmark(tiny_export, run / "bench", concurrency=(1, 2), requests=6)
 
     written = report.build_report(run)
