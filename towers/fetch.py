@@ -158,18 +158,10 @@ def grouplens_to_recbole(files: dict[str, bytes], where: str) -> dict[str, bytes
     """GroupLens `u.data`, `u.item`, `u.user` as RecBole's atomic files (the year split off the
     title, genre flags as `class` tokens), so one loader reads both."""
     inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for number, line in enumerate(files["u.data"].decode().splitlines(), start=1):
-        fields = line.split("\t")
-        if len(fields) != 4:
-            raise data.DataError(f"{where}!u.data:{number}: expected 4 tab-separated fields, "
-                                 f"got {len(fields)}: {line[:80]!r}")
+    for number, fields in _grouplens_rows(files, "u.data", "\t", 4, where):
         inter.append("\t".join(fields))
     item = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
-    for number, line in enumerate(files["u.item"].decode("latin-1").splitlines(), start=1):
-        fields = line.split("|")
-        if len(fields) != 5 + len(GROUPLENS_GENRES):
-            raise data.DataError(f"{where}!u.item:{number}: expected {5 + len(GROUPLENS_GENRES)} "
-                                 f"|-separated fields, got {len(fields)}")
+    for number, fields in _grouplens_rows(files, "u.item", "|", 5 + len(GROUPLENS_GENRES), where):
         flags = fields[5:]
         if any(flag not in ("0", "1") for flag in flags):
             raise data.DataError(f"{where}!u.item:{number}: genre flags must be 0 or 1, got "
@@ -181,14 +173,22 @@ def grouplens_to_recbole(files: dict[str, bytes], where: str) -> dict[str, bytes
         genres = " ".join(g for g, flag in zip(GROUPLENS_GENRES, flags) if flag == "1")
         item.append(f"{fields[0]}\t{title}\t{year}\t{genres}")
     user = ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"]
-    for number, line in enumerate(files["u.user"].decode().splitlines(), start=1):
-        fields = line.split("|")
-        if len(fields) != 5:
-            raise data.DataError(f"{where}!u.user:{number}: expected 5 |-separated fields, got "
-                                 f"{len(fields)}")
+    for _, fields in _grouplens_rows(files, "u.user", "|", 5, where):
         user.append("\t".join(fields))
     return {name: ("\n".join(lines) + "\n").encode() for name, lines in
             (("ml-100k.inter", inter), ("ml-100k.item", item), ("ml-100k.user", user))}
+
+
+def _grouplens_rows(files: dict[str, bytes], name: str, separator: str, count: int, where: str):
+    """Yields (line number, fields) of a GroupLens file (u.item is Latin-1), checking the count."""
+    text = files[name].decode("latin-1" if name == "u.item" else "utf-8")
+    shown = "tab" if separator == "\t" else separator
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split(separator)
+        if len(fields) != count:
+            raise data.DataError(f"{where}!{name}:{number}: expected {count} {shown}-separated "
+                                 f"fields, got {len(fields)}: {line[:80]!r}")
+        yield number, fields
 
 
 def _check_counts(folder: pathlib.Path, where: str) -> None:
