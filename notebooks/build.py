@@ -30,7 +30,7 @@ import tensorflow as tf
 import tf_keras as keras
 from IPython.display import Markdown, display
 
-from towers import data, fetch, model, train
+from towers import data, fetch, model, retrieval_eval, runs, train
 
 REPO = pathlib.Path.cwd().resolve()
 if not (REPO / "setup.cfg").exists():  # started from notebooks/
@@ -65,7 +65,7 @@ DEMO_RUN = '''\
 def retrieval_run() -> pathlib.Path:
     if SMALL:
         run = WORK / "run"
-        if not (run / train.WEIGHTS).with_suffix(".index").exists():
+        if not (run / runs.WEIGHTS).with_suffix(".index").exists():
             train.train(DATA_USED, run, TINY_RETRIEVAL, verbose=0)
         return run
     run = REPO / "runs" / "ml100k"
@@ -152,8 +152,8 @@ plt.show()'''),
         code('''\
 from towers import metrics, peers
 
-queries, candidates = train.embeddings(retrieval, tables)
-users, items, seen = train.test_rows(tables, split.test)  # test pairs as table rows + seen mask
+queries, candidates = model.embeddings(retrieval, tables)
+users, items, seen = retrieval_eval.test_rows(tables, split.test)  # test pairs as table rows + seen mask
 table = {
     "two-tower (this notebook)": metrics.evaluate(queries @ candidates.T, users, items, seen),
     "popularity": metrics.evaluate(peers.popularity_scores(seen), users, items, seen),
@@ -165,7 +165,7 @@ if not SMALL and demo_metrics.exists():  # the demo run, trained on every traini
     import json
     table["demo run (`cascade train retrieval`)"] = json.loads(
         demo_metrics.read_text())["test"]["cascade_retrieval"]
-display(Markdown(train.format_table(table)))'''),
+display(Markdown(retrieval_eval.format_table(table)))'''),
         md("## Embedding neighbours\n\nThe candidate tower's embeddings are L2-normalized, so "
            "the dot product is the cosine. Films close to a few well-known ones:"),
         code('''\
@@ -222,7 +222,7 @@ elif not (RUN / cross_encoder.RERANKER_DIR / cross_encoder.CONFIG_FILE).exists()
     print("the demo run has no re-ranker: training it (`cascade train reranker`), many minutes")
     cross_encoder.train_reranker(RUN, verbose=2)
 reranker = cross_encoder.load_reranker(RUN)
-retrieval, tables = train.load_run(RUN)
+retrieval, tables = runs.load_run(RUN)
 print(", ".join(f"{name} = {value:.3f}"
                 for name, value in cross_encoder.head_weights(reranker.encoder).items()))'''),
         md("## One user's retrieval candidates\n\nThe run's retrieval model ranks the catalog "
@@ -231,7 +231,7 @@ print(", ".join(f"{name} = {value:.3f}"
         code('''\
 from towers import features
 
-dataset, split = train.run_data(RUN)  # the dataset and split the run was trained on
+dataset, split = runs.run_data(RUN)  # the dataset and split the run was trained on
 labels = dict(zip(dataset.item_ids(), dataset.labels(dataset.item_ids())))
 K = 20 if SMALL else 100
 test_items = {}
@@ -239,7 +239,7 @@ for user, item in zip(split.test.user_id, split.test.item_id):
     test_items.setdefault(user, set()).add(item)
 user = "42" if "42" in test_items else sorted(test_items, key=lambda u: -len(test_items[u]))[0]
 
-_, candidates = train.embeddings(retrieval, tables)
+_, candidates = model.embeddings(retrieval, tables)
 query = retrieval.query_tower(tf.constant([user])).numpy()[0]
 logits = candidates @ query / retrieval.config.temperature  # what the re-ranker was trained on
 user_row = list(tables.user_ids).index(user)
@@ -313,7 +313,7 @@ def copy_notebook() -> list:
     md, code = v4.new_markdown_cell, v4.new_code_cell
     return [
         md("# 03 · Copy: grounded lines from the GPT-2 copywriter\n\n"
-           "Stage three (`rerank/copywriter.py`): a compact GPT-2 writes one line of copy per "
+           "Stage three (`rerank/copy/copywriter.py`): a compact GPT-2 writes one line of copy per "
            "final item from a prompt of facts (the film's title, year and genres, and films the "
            "user rated highly). Titles are slot tokens the graph fills in, and a grounding check "
            "in the graph replaces any line that lacks the film's title or names a film the "
@@ -324,7 +324,7 @@ def copy_notebook() -> list:
         code(SETUP),
         code(DEMO_RUN),
         code('''\
-from rerank import copy_corpus, copywriter, copywriter_eval, copywriter_export
+from rerank.copy import copywriter, evaluation, graph, templates
 
 RUN = retrieval_run()  # the copywriter reads the run's dataset and split
 if SMALL:
@@ -336,13 +336,13 @@ elif not (RUN / copywriter.SUBDIR / copywriter.CONFIG_FILE).exists():
     print("the demo run has no copywriter: training it (`cascade train copywriter`)")
     copywriter.train_copywriter(RUN, verbose=2)
 record, gpt2, tokenizer, dataset, split = copywriter.load_run(RUN)
-facts = copy_corpus.catalog(dataset)  # item ID -> data.ItemFacts (title, year, categories)
+facts = templates.catalog(dataset)  # item ID -> data.ItemFacts (title, year, categories)
 print(f"GPT-2: {gpt2.config.n_layer} layers x {gpt2.config.n_embd}, "
       f"{gpt2.count_params():,} parameters, vocabulary {len(tokenizer)}")'''),
         md("## What it learned from\n\nThe corpus is built from training ratings only: a prompt "
            "of facts and a templated line with slot tokens where titles go."),
         code('''\
-for example in copy_corpus.build_corpus(dataset, split.train, 4, seed=7):
+for example in templates.build_corpus(dataset, split.train, 4, seed=7):
     print("prompt facts:", facts[example.item_id].label(), "| liked:",
           [facts[i].label() for i in example.liked])
     print("  template:", example.template)
@@ -350,7 +350,7 @@ for example in copy_corpus.build_corpus(dataset, split.train, 4, seed=7):
         md("## Generate copy for one user's films\n\n`CopywriterModule` is the exported graph: "
            "`details` returns the served line and what the check found."),
         code('''\
-module = copywriter_export.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, dataset, split))
+module = graph.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, dataset, split))
 by_user = {}
 for user, item in zip(split.test.user_id, split.test.item_id):
     by_user.setdefault(user, []).append(item)
@@ -365,7 +365,7 @@ for n, item in enumerate(items):
                  f"{bool(out['title_present'].numpy()[0, n])} | "
                  f"{bool(out['other_title'].numpy()[0, n])} | {served != generated} |")
 display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
-        md("## Grounding statistics\n\n`copywriter_eval.evaluate_copywriter` writes copy for "
+        md("## Grounding statistics\n\n`evaluation.evaluate_copywriter` writes copy for "
            "(user, item) pairs of the test split and checks every line again in Python. It "
            "records its result in the run's `metrics.json`, so it runs here on a scratch folder "
            "that links to the run's copywriter and copies its data config, and the demo run's "
@@ -376,10 +376,10 @@ scratch = WORK / "evaluation"
 scratch.mkdir(exist_ok=True)
 if not (scratch / copywriter.SUBDIR).exists():
     (scratch / copywriter.SUBDIR).symlink_to((RUN / copywriter.SUBDIR).resolve())
-shutil.copy(RUN / train.CONFIG_FILE, scratch)  # the run's dataset and split (`train.run_data`)
-result = copywriter_eval.evaluate_copywriter(scratch, pairs=24 if SMALL else 300, examples=5,
+shutil.copy(RUN / runs.CONFIG_FILE, scratch)  # the run's dataset and split (`runs.run_data`)
+result = evaluation.evaluate_copywriter(scratch, pairs=24 if SMALL else 300, examples=5,
                                              timing_calls=2 if SMALL else 10)
-display(Markdown(copywriter_eval.format_report(result)))'''),
+display(Markdown(evaluation.format_report(result)))'''),
         code(CLEANUP),
     ]
 

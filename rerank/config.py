@@ -1,6 +1,6 @@
 """The re-ranking stages' configs, apart from their models so that reading them (the CLI's flags,
 a run's reranker_config.json and copywriter/config.json) does not import TensorFlow.
-`rerank.cross_encoder` and `rerank.copywriter` re-export them."""
+`rerank.cross_encoder` and `rerank.copy.copywriter` re-export them."""
 
 from __future__ import annotations
 

@@ -35,9 +35,11 @@ import tensorflow as tf
 import tf_keras as keras
 
 from rerank import cross_encoder as ce
-from rerank import rerank_eval, reranker_export
+from rerank import ranking
+from rerank import rerank_eval, reranker_graph
 from towers import cold_start, files, metrics
-from towers import train as towers_train
+from towers import runs
+from towers import model as towers_model
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
     run, out = pathlib.Path(run_dir), pathlib.Path(out)
     config = _config(run)
     reranker = ce.load_reranker(run)
-    retrieval, tables = towers_train.load_run(run)
-    _, candidates = towers_train.embeddings(retrieval, tables)
+    retrieval, tables = runs.load_run(run)
+    _, candidates = towers_model.embeddings(retrieval, tables)
     cold = cold_start.popularity_query(candidates, tables.item_count)
     logits, users, items, seen, _ = rerank_eval.test_inputs(run)
 
@@ -72,7 +74,7 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
     sample = (np.sort(rng.choice(test_users, quality_users, replace=False))
               if 0 < quality_users < len(test_users) else test_users)
     keep = np.isin(users, sample)
-    top = ce.top_candidates(logits[sample], seen[sample], QUALITY_DEPTH)  # [S, 100]
+    top = ranking.top_candidates(logits[sample], seen[sample], QUALITY_DEPTH)  # [S, 100]
     top_ids = tables.item_ids[top].astype(str)
     quality = lambda matrix: {k: round(v, 5) for k, v in metrics.evaluate(
         matrix, users[keep], items[keep], seen, (10,)).items()}
@@ -84,24 +86,24 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
                                 "mixed_bfloat16"))
     rows = []
     for variant in variants:
-        module = reranker_export.RerankerModule(
+        module = reranker_graph.RerankerModule(
             _variant_reranker(run, reranker, config, variant), retrieval.query_tower, cold,
             tables.item_ids, candidates, retrieval.config.temperature)
         row = {**dataclasses.asdict(variant), **_timings(module.serve, tables.user_ids[sample],
                                                          top_ids)}
         final = rerank_eval.rerank_scores(module.reranker, logits, seen, sample, tables.user_ids,
                                           tables.item_ids, QUALITY_DEPTH)[1]
-        row["quality"] = quality(ce._rows_replaced(logits, sample,
-                                                   ce.reordered(logits[sample], top, final)))
+        row["quality"] = quality(ranking.rows_replaced(logits, sample,
+                                                   ranking.reordered(logits[sample], top, final)))
         log.info("%s: %s", variant.name, row)
         rows.append(row)
 
     # The default once more, through a saved and reloaded signature (what TF Serving runs).
-    default = reranker_export.RerankerModule(reranker, retrieval.query_tower, cold,
+    default = reranker_graph.RerankerModule(reranker, retrieval.query_tower, cold,
                                              tables.item_ids, candidates,
                                              retrieval.config.temperature)
     with tempfile.TemporaryDirectory() as staging:
-        reranker_export.save(default, pathlib.Path(staging) / "1")
+        reranker_graph.save(default, pathlib.Path(staging) / "1")
         signature = tf.saved_model.load(str(pathlib.Path(staging) / "1")).signatures[
             "serving_default"]
         saved = _timings(lambda user_id, item_ids: signature(user_id=user_id, item_ids=item_ids),

@@ -1,7 +1,7 @@
 """Evaluation of a run's re-ranker on the run's test split (`cascade evaluate reranker`).
 
 The protocol is `cascade evaluate retrieval`'s (`towers.train.evaluate_run`): the run's own data
-and split (`towers.train.run_data`), the same test rows, each user's training items excluded, the
+and split (`towers.runs.run_data`), the same test rows, each user's training items excluded, the
 same metrics code. For every test user the run's own retrieval model ranks the catalog (training
 items left out), its top K are re-scored by the re-ranker from the retrieval logits (dot products
 over the temperature, as in training), user contexts and popularity from all training rows; the
@@ -27,8 +27,10 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 
 from rerank import cross_encoder as ce
+from rerank import pairs, ranking
 from towers import metrics, peers
-from towers import train as towers_train
+from towers import retrieval_eval, runs
+from towers import model as towers_model
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,10 @@ DEPTHS = (50, 100)
 def test_inputs(run_dir: str | os.PathLike):
     """(retrieval logits [U, I], test user rows, test item rows, seen [U, I], tables) of a run."""
     run = pathlib.Path(run_dir)
-    retrieval, tables = towers_train.load_run(run)
-    test = towers_train.run_data(run)[1].test
-    queries, candidates = towers_train.embeddings(retrieval, tables)
-    users, items, seen = towers_train.test_rows(tables, test)
+    retrieval, tables = runs.load_run(run)
+    test = runs.run_data(run)[1].test
+    queries, candidates = towers_model.embeddings(retrieval, tables)
+    users, items, seen = retrieval_eval.test_rows(tables, test)
     return queries @ candidates.T / retrieval.config.temperature, users, items, seen, tables
 
 
@@ -51,7 +53,7 @@ def rerank_scores(reranker: ce.Reranker, logits: np.ndarray, seen: np.ndarray,
                   users_per_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(top `depth` item rows [U, depth] of `user_rows` by retrieval, seen items left out, and
     the re-ranker's final scores of them [U, depth])."""
-    top = ce.top_candidates(logits[user_rows], seen[user_rows], depth)
+    top = ranking.top_candidates(logits[user_rows], seen[user_rows], depth)
     final = ce.score_candidates(reranker, user_ids[user_rows], item_ids[top],
                                 np.take_along_axis(logits[user_rows], top, axis=1),
                                 users_per_batch)
@@ -84,12 +86,12 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
                           popularity, ease)
     for depth in sorted(depths):
         part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
-        table[f"head@{depth}"] = evaluate(ce._rows_replaced(
-            logits, user_rows, ce.reordered(logits[user_rows], top[:, part], head[:, part])))
-        table[f"reranked@{depth}"] = evaluate(ce._rows_replaced(
-            logits, user_rows, ce.reordered(logits[user_rows], top[:, part], final[:, part])))
+        table[f"head@{depth}"] = evaluate(ranking.rows_replaced(
+            logits, user_rows, ranking.reordered(logits[user_rows], top[:, part], head[:, part])))
+        table[f"reranked@{depth}"] = evaluate(ranking.rows_replaced(
+            logits, user_rows, ranking.reordered(logits[user_rows], top[:, part], final[:, part])))
     if record:
-        towers_train.update_metrics(
+        runs.update_metrics(
             run, {"test": {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}}, "reranker")
     return table
 
@@ -100,7 +102,7 @@ def reranker_l2(run: pathlib.Path) -> float:
     return float(record.get("ease_l2", ce.RerankerConfig.ease_l2))
 
 
-def _columns(texts: ce.PairTexts, item_ids: np.ndarray) -> np.ndarray:
+def _columns(texts: pairs.PairTexts, item_ids: np.ndarray) -> np.ndarray:
     """int [I]: the column of each of `item_ids` in the texts' EASE table."""
     column = {i: c for c, i in enumerate(texts.arrays["item_ids"])}
     return np.array([column[str(i)] for i in item_ids])

@@ -121,9 +121,9 @@ def read_users(source: str, export_record: dict) -> list[str]:
 
 def _known_users(export_record: dict) -> list[str]:
     """Every user of the exported run's files, in ID order."""
-    from towers import features, train
+    from towers import features, runs
 
-    tables = features.FeatureTables.load(pathlib.Path(export_record["run_dir"]) / train.TABLES_FILE)
+    tables = features.FeatureTables.load(pathlib.Path(export_record["run_dir"]) / runs.TABLES_FILE)
     return [str(u) for u in tables.user_ids]
 
 

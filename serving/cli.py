@@ -12,6 +12,7 @@ import sys
 
 from rerank import config as rerank_config
 from towers import config as towers_config
+from towers import synth as towers_synth  # numpy only: the flags live with the generator
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description=DESCRIPTION)
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    data = commands.add_parser("data", help="fetch a data set, or write one split of it as files"
-                               ).add_subparsers(metavar="ACTION")
+    data = commands.add_parser("data", help="fetch a data set, write one split of it as files, or "
+                               "synthesize one").add_subparsers(metavar="ACTION")
     fetch = data.add_parser("fetch", help="fetch and verify a data set")
     fetch.add_argument("dataset", choices=["movielens-100k"])
     fetch.add_argument("--out", default="data/ml-100k", help="folder to write (default: %(default)s)")
@@ -61,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     split.add_argument("--out", required=True, help="folder for <name>.train.inter/.test.inter")
     _add_split_flags(split)
     split.set_defaults(handler=_split)
+    synth = data.add_parser("synth", help="write a synthetic dataset with planted structure "
+                            "(latent topics, popularity skew, informative text) at any size")
+    towers_synth.add_arguments(synth)
+    synth.set_defaults(handler=_synth)
 
     train = commands.add_parser("train", help="train a stage: retrieval first, then the reranker "
                                 "and copywriter of its run").add_subparsers(metavar="STAGE")
@@ -175,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="TF-Serving-compatible gRPC/REST model server")
     serve.set_defaults(handler=_serve)
-    from serving import server_config  # the flags only: protobuf, no TensorFlow
+    from serving.model_server import config as server_config  # the flags only: protobuf, no TensorFlow
 
     server_config.add_arguments(serve)
 
@@ -209,7 +214,7 @@ def _batch(args) -> None:
 
 
 def _serve(args) -> int:
-    from serving import server
+    from serving.model_server import server
 
     return server.run(args)
 
@@ -256,9 +261,14 @@ def _add_split_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_config(args):
-    from towers import train
+    from towers import runs
 
-    return train.DataConfig(args.data, args.card, args.split, args.test_share, args.split_seed)
+    return runs.DataConfig(args.data, args.card, args.split, args.test_share, args.split_seed)
+
+
+def _synth(args) -> None:
+    out = towers_synth.from_arguments(args)
+    log.info("wrote %s", out)
 
 
 def _split(args) -> None:
@@ -271,7 +281,7 @@ def _split(args) -> None:
 
 
 def _train_retrieval(args) -> None:
-    from towers import train
+    from towers import retrieval_eval, runs, train
 
     strategy = train.make_strategy(args.strategy)
     config = _config_from(args, towers_config.RetrievalConfig)
@@ -279,18 +289,18 @@ def _train_retrieval(args) -> None:
     if strategy is not None and not strategy.extended.should_checkpoint:
         log.info("worker %s done; the chief wrote %s", strategy.cluster_resolver.task_id, args.run)
         return
-    metrics = json.loads((pathlib.Path(args.run) / train.METRICS_FILE).read_text())
+    metrics = json.loads((pathlib.Path(args.run) / runs.METRICS_FILE).read_text())
     log.info("trained in %.0f s; wrote %s", metrics["training"]["seconds"], args.run)
     if "validation" in metrics:
-        print(train.format_table({"validation": metrics["validation"]}))
+        print(retrieval_eval.format_table({"validation": metrics["validation"]}))
 
 
 def _evaluate_retrieval(args) -> None:
-    from towers import train
+    from towers import retrieval_eval
 
-    table = train.evaluate_run(args.run, with_peers=not args.no_peers)
-    print(train.protocol_line(args.run))
-    print(train.format_table(table))
+    table = retrieval_eval.evaluate_run(args.run, with_peers=not args.no_peers)
+    print(retrieval_eval.protocol_line(args.run))
+    print(retrieval_eval.format_table(table))
 
 
 def _train_reranker(args) -> None:
@@ -305,9 +315,9 @@ def _train_reranker(args) -> None:
 
 def _evaluate_reranker(args) -> None:
     from rerank import rerank_eval
-    from towers import train
+    from towers import retrieval_eval
 
-    print(train.protocol_line(args.run))
+    print(retrieval_eval.protocol_line(args.run))
     print(rerank_eval.format_table(rerank_eval.evaluate_reranker(args.run,
                                                                  with_als=not args.no_peers)))
 
@@ -322,7 +332,7 @@ def _bench_reranker(args) -> None:
 
 
 def _train_copywriter(args) -> None:
-    from rerank import copywriter
+    from rerank.copy import copywriter
 
     config = _config_from(args, rerank_config.CopywriterConfig)
     result = copywriter.train_copywriter(args.run, config, checkpoint=args.checkpoint)
@@ -333,11 +343,11 @@ def _train_copywriter(args) -> None:
 
 
 def _evaluate_copywriter(args) -> None:
-    from rerank import copywriter, copywriter_eval
+    from rerank.copy import copywriter, evaluation
     from towers import files
 
-    result = copywriter_eval.evaluate_copywriter(args.run, pairs=args.pairs)
-    report = copywriter_eval.format_report(result)
+    result = evaluation.evaluate_copywriter(args.run, pairs=args.pairs)
+    report = evaluation.format_report(result)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / copywriter.SUBDIR / "evaluation.md")
     files.write_atomic(out, (report + "\n").encode())
     print(report)
@@ -346,10 +356,11 @@ def _evaluate_copywriter(args) -> None:
 
 
 def _bench_index(args) -> None:
-    from towers import index_bench, train
+    from towers import index_bench, runs
+    from towers import model as towers_model
 
-    retrieval, tables = train.load_run(args.run)
-    queries, candidates = train.embeddings(retrieval, tables)
+    retrieval, tables = runs.load_run(args.run)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / "bench")
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen, out,
                                     synthetic_items=args.synthetic_items, noise=args.synthetic_noise)

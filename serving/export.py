@@ -22,7 +22,7 @@ place, so TF Serving's file-system poller never sees a half-written version. Eac
 exported: index kind, K, run directory).
 
 `export` writes every stage at once; `export_copywriter` writes the copywriter alone (its graph is
-`rerank.copywriter_export.CopywriterModule`). The `rerank` modules are imported inside the
+`rerank.copy.graph.CopywriterModule`). The `rerank` modules are imported inside the
 functions that need them, and none of them imports this module.
 """
 
@@ -46,11 +46,12 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import server_config
-from towers import cold_start, data, features, index, train
+from serving.model_server import config as server_config
+from towers import cold_start, data, features, index, runs
+from towers import model as towers_model
 
 if TYPE_CHECKING:
-    from rerank import copywriter_export
+    from rerank.copy import graph
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
             _HOW_TO_MAKE[name].format(run=run) for name in missing))
     if "cascade" in wanted and not 1 <= n <= k:
         raise ExportError(f"n={n}: the cascade's final list must hold 1 to k={k} items")
-    retrieval, tables = train.load_run(run_dir)
-    queries, candidates = train.embeddings(retrieval, tables)
+    retrieval, tables = runs.load_run(run_dir)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
     widest = tables.seen.shape[1]
     if k + widest > len(tables.item_ids):
         raise ExportError(f"k={k} plus the longest training history ({widest} items) exceeds the "
@@ -194,17 +195,17 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
         "retrieval": (retrieval_module, {"user_id": users}),
     }
     if {"reranker", "cascade"} & set(wanted):
-        from rerank import reranker_export
+        from rerank import reranker_graph
 
-        reranker = reranker_export.RerankerModule.from_run(run)
+        reranker = reranker_graph.RerankerModule.from_run(run)
         modules["reranker"] = (reranker, {"user_id": users, "item_ids": candidates_in})
     if {"copywriter", "cascade"} & set(wanted):
-        from rerank import copywriter_export
+        from rerank.copy import graph
 
-        copywriter = copywriter_export.CopywriterModule.from_run(run)
+        copywriter = graph.CopywriterModule.from_run(run)
         modules["copywriter"] = (copywriter, {"user_id": users, "item_ids": candidates_in})
     if "cascade" in wanted:
-        source = train.data_config(run)
+        source = runs.data_config(run)
         dataset = data.load(source.data_dir, source.card)
         titles = dict(zip(tables.item_ids, dataset.labels(tables.item_ids)))
         modules["cascade"] = (CascadeModule(retrieval_module, reranker, copywriter, titles,
@@ -233,15 +234,15 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
 
 def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
                       version: int | None = None,
-                      module: copywriter_export.CopywriterModule | None = None) -> pathlib.Path:
+                      module: graph.CopywriterModule | None = None) -> pathlib.Path:
     """Writes `<model_base_path>/copywriter/<version>/` (staging directory, then one rename) with
     its warmup request, and lists it in `models.config`; returns the version directory.
     `module`: one already built from `run_dir`, to save building it again."""
-    from rerank import copywriter_export
+    from rerank.copy import graph
 
-    name = copywriter_export.MODEL_NAME
+    name = graph.MODEL_NAME
     base = pathlib.Path(model_base_path).resolve()
-    module = module or copywriter_export.CopywriterModule.from_run(run_dir)
+    module = module or graph.CopywriterModule.from_run(run_dir)
     version = version or next_version(base, [name])
     users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
     items = list(module.item_ids[:3])  # the catalog's first three, in ID order
@@ -268,8 +269,8 @@ _HOW_TO_MAKE = {
 
 def _available_stages(run: pathlib.Path) -> tuple[str, ...]:
     """The models a run can be exported as, in docs/design.md order."""
-    if not (run / train.CONFIG_FILE).exists():
-        raise ExportError(f"{run / train.CONFIG_FILE}: not found; is {run} a retrieval run "
+    if not (run / runs.CONFIG_FILE).exists():
+        raise ExportError(f"{run / runs.CONFIG_FILE}: not found; is {run} a retrieval run "
                           "(`cascade train retrieval --run DIR`)?")
     names = ["query_tower", "candidate_tower", "retrieval"]
     if (run / "reranker" / "reranker_config.json").exists():

@@ -96,9 +96,9 @@ def format_table(results: dict) -> str:
 
 def _users(base: pathlib.Path, model: str) -> list[str]:
     record = json.loads((local.latest_version(base / model) / "assets.extra" / export.RECORD_FILE).read_text())
-    from towers import features, train
+    from towers import features, runs
 
-    tables = features.FeatureTables.load(pathlib.Path(record["run_dir"]) / train.TABLES_FILE)
+    tables = features.FeatureTables.load(pathlib.Path(record["run_dir"]) / runs.TABLES_FILE)
     return [str(u) for u in tables.user_ids]
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_text  # noqa: F401  registers the tokenizer ops the exports use
 
 from serving import export
-from towers import data, train
+from towers import data, runs
 
 
 def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
@@ -34,7 +34,7 @@ def recommend(model_base_path: str | os.PathLike, user_ids: list[str], top: int 
         import scann  # noqa: F401  registers the ScaNN ops the SavedModel uses
     serve = tf.saved_model.load(str(version)).signatures[export.SIGNATURE]
     outputs = {k: v.numpy() for k, v in serve(user_id=tf.constant(user_ids)).items()}
-    source = train.data_config(record["run_dir"])
+    source = runs.data_config(record["run_dir"])
     return answers(user_ids, outputs, catalog_titles(data.load(source.data_dir, source.card)), top)
 
 

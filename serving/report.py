@@ -89,12 +89,12 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
 
 def results_section(run: pathlib.Path, metrics: dict) -> Section:
     """The test tables: retrieval vs peers, the re-ranker, the copywriter."""
-    from towers import train
+    from towers import retrieval_eval
 
     parts, missing = [], []
     if "test" in metrics:
         parts.append("Retrieval on the test split (training items excluded unless noted):\n\n"
-                     + train.format_table(metrics["test"]))
+                     + retrieval_eval.format_table(metrics["test"]))
     else:
         missing.append(f"cascade evaluate retrieval --run {run}")
     rerank_test = metrics.get("reranker", {}).get("test")
@@ -193,9 +193,9 @@ def copy_section(run: pathlib.Path, metrics: dict) -> Section:
         if not (run / "copywriter" / "config.json").exists():
             command = f"cascade train copywriter --run {run}`, then `{command}"
         return Section("Copy grounding", f"Not measured; run `{command}`.", missing=command)
-    from rerank import copywriter_eval
+    from rerank.copy import evaluation
 
-    return Section("Copy grounding", copywriter_eval.format_report(result))
+    return Section("Copy grounding", evaluation.format_report(result))
 
 
 # --- Data ------------------------------------------------------------------------------------
@@ -244,12 +244,13 @@ def hit_rate_curves(run: pathlib.Path, cache: pathlib.Path | None = None,
                     max_k: int = MAX_K) -> dict[str, list[float]]:
     """Hit rate@K for K = 1..max_k on the test split: retrieval, the re-ranked retrieval top
     `max_k` (when the run has a re-ranker), popularity, ALS and EASE."""
-    from towers import metrics, peers, train
+    from towers import metrics, peers, retrieval_eval, runs
+    from towers import model as towers_model
 
-    retrieval, tables = train.load_run(run)
-    test = train.run_data(run)[1].test
-    users, items, seen = train.test_rows(tables, test)
-    queries, candidates = train.embeddings(retrieval, tables)
+    retrieval, tables = runs.load_run(run)
+    test = runs.run_data(run)[1].test
+    users, items, seen = retrieval_eval.test_rows(tables, test)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
     logits = queries @ candidates.T
     top = metrics.rankings(logits, seen, max_k)
     curves = {"retrieval": _curve(top, users, items, max_k)}

@@ -124,7 +124,7 @@ TINY_RERANKER = dict(max_length=32, history_titles=2, layers=1, candidates=12, g
 
 
 def tiny_copywriter_config():
-    from rerank import copywriter
+    from rerank.copy import copywriter
 
     return copywriter.CopywriterConfig(
         n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400, epochs=3,
@@ -136,7 +136,8 @@ def tiny_cascade_run(tiny_run, tiny_data_dir, tiny_bert_dir, tmp_path_factory) -
     """A copy of the tiny retrieval run with a tiny re-ranker and a tiny copywriter trained."""
     import shutil
 
-    from rerank import copywriter, cross_encoder
+    from rerank import cross_encoder
+    from rerank.copy import copywriter
 
     run = tmp_path_factory.mktemp("tiny-cascade") / "run"
     shutil.copytree(tiny_run, run)

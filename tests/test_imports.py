@@ -84,3 +84,12 @@ def test_no_import_cycle():
         if node not in state:
             visit(node)
     assert cycles == []
+
+
+def test_the_model_server_stands_alone():
+    """`serving.model_server` is a general TF-Serving-compatible server: it imports no stage and
+    nothing of `serving` outside itself, so it serves any SavedModel."""
+    wrong = sorted(f"{name} imports {target}" for name, targets in _graph().items()
+                   if name.startswith("serving.model_server")
+                   for target in targets if not target.startswith("serving.model_server"))
+    assert wrong == []

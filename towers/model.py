@@ -187,3 +187,12 @@ class RetrievalModel(tfrs.Model):
         return self.task(queries, candidates, candidate_ids=item_row,
                          candidate_sampling_probability=probability if self.config.logq_correction else None,
                          compute_metrics=False)
+
+
+def embeddings(retrieval: RetrievalModel, tables: features.FeatureTables,
+               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings [U, D] in `tables.user_ids` order, candidate embeddings [I, D])."""
+    def run(tower, ids):
+        return np.concatenate([tower(tf.constant(ids[i:i + batch_size])).numpy()
+                               for i in range(0, len(ids), batch_size)])
+    return run(retrieval.query_tower, tables.user_ids), run(retrieval.candidate_tower, tables.item_ids)

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving import cli, export, server, server_config
+from serving import cli, export
+from serving.model_server import server
+from serving.model_server import config as server_config
 from tests import conftest, shapes
-from towers import data, features, train
+from towers import data, features, runs
 
 SHAPES = ("implicit", "renamed", "presplit")
 TINY_FLAGS = ["--embedding-dim", "16", "--id-dim", "16", "--side-dim", "4", "--hidden", "32",
@@ -30,7 +32,8 @@ TINY_FLAGS = ["--embedding-dim", "16", "--id-dim", "16", "--side-dim", "4", "--h
 @pytest.fixture(scope="module", params=SHAPES)
 def shape(request, movielens_dir, tiny_bert_dir, tmp_path_factory):
     """(name, data folder, run, model base path) with every stage trained and exported."""
-    from rerank import copywriter, cross_encoder
+    from rerank import cross_encoder
+    from rerank.copy import copywriter
 
     name = request.param
     root = tmp_path_factory.mktemp(f"shape-{name}")
@@ -57,7 +60,7 @@ def test_every_user_and_item_in_the_files_is_answered(shape):
     """Known and new users get their own answers, new items their own embeddings: a dataset whose
     new users and items all fell back to one shared answer would fail here."""
     name, folder, run, models = shape
-    dataset, split = train.run_data(run)
+    dataset, split = runs.run_data(run)
     train_users, train_items = set(split.train.user_id), set(split.train.item_id)
     users, items = dataset.user_ids(), dataset.item_ids()
     towers = _serve(models / "query_tower" / "1", user_id=list(users))["embedding"]
@@ -70,7 +73,7 @@ def test_every_user_and_item_in_the_files_is_answered(shape):
     # same features, the same embedding; a bug giving them their own untrained ID rows fails
     # that), and features tell them apart (a tower ignoring features would give one for all;
     # pooling can merge a few rows, e.g. the same genres in another order).
-    tables = features.FeatureTables.load(run / train.TABLES_FILE)
+    tables = features.FeatureTables.load(run / runs.TABLES_FILE)
     assert list(tables.item_ids) == list(items)
     _same_features_same_embedding(tables, "item", new_items, candidates)
     # Retrieval answers everyone with K distinct items, none from the user's training rows.
@@ -103,7 +106,7 @@ def _same_features_same_embedding(tables, side, rows, embeddings) -> None:
 
 def test_cascade_serves_over_grpc_with_titles_and_copy(shape, capsys):
     name, folder, run, models = shape
-    dataset, split = train.run_data(run)
+    dataset, split = runs.run_data(run)
     labels = dict(zip(dataset.item_ids(), dataset.labels(dataset.item_ids())))
     user = str(split.test.user_id[0])
     options = server.ServerOptions(server_config.config_for_base_path(models), port=0,

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rerank import copy_corpus, copywriter, copywriter_export
+from rerank.copy import copywriter, decoding, evaluation, graph, grounding, templates
 from serving import export
 from tests.conftest import tiny_copywriter_config
-from towers import data
-from towers import train as towers_train
+from towers import data, runs
 
 # Runs in a fresh interpreter that imports only TensorFlow and tensorflow-text: loads the
 # exported copywriter and reports its signature and its answers.
@@ -102,17 +101,17 @@ def _item(items: dict[str, data.ItemFacts], title: str) -> str:
 
 
 def test_display_titles_and_era():
-    assert copy_corpus.display_title("Usual Suspects, The") == "The Usual Suspects"
-    assert copy_corpus.display_title("Postino, Il") == "Il Postino"
-    assert (copy_corpus.display_title("City of Lost Children, The (Cité des enfants perdus, La)")
+    assert grounding.display_title("Usual Suspects, The") == "The Usual Suspects"
+    assert grounding.display_title("Postino, Il") == "Il Postino"
+    assert (grounding.display_title("City of Lost Children, The (Cité des enfants perdus, La)")
             == "The City of Lost Children (Cité des enfants perdus, La)")
-    assert copy_corpus.display_title("Toy Story") == "Toy Story"
-    assert copy_corpus.era("1995") == "mid-'90s" and copy_corpus.era("1961") == "early-'60s"
+    assert grounding.display_title("Toy Story") == "Toy Story"
+    assert templates.era("1995") == "mid-'90s" and templates.era("1961") == "early-'60s"
 
 
 def test_title_matcher_respects_words_and_longest_titles(movielens):
-    items = copy_corpus.catalog(movielens)
-    matcher = copy_corpus.TitleMatcher(items)
+    items = templates.catalog(movielens)
+    matcher = grounding.TitleMatcher(items)
     assert matcher.titles_in("Primal Fear beats Fear.") == ["Primal Fear", "Fear"]
     assert matcher.titles_in("No fear; Heather and Jaws 2 wait.") == ["Jaws 2"]
     assert matcher.titles_in("It's a Wonderful Life") == ["It's a Wonderful Life"]
@@ -125,17 +124,17 @@ def test_title_matcher_respects_words_and_longest_titles(movielens):
 def test_movielens_prompts_and_fallbacks_keep_their_words(movielens):
     """ML-100K's prompt and fallback text as before the data layer (written by hand): a port that
     drops the year, the categories' order or MovieLens's `unknown` rule fails here."""
-    items = copy_corpus.catalog(movielens)
-    matcher = copy_corpus.TitleMatcher(items)
-    assert (copy_corpus.film_piece(items["1"])
+    items = templates.catalog(movielens)
+    matcher = grounding.TitleMatcher(items)
+    assert (templates.film_piece(items["1"])
             == " Film:<|title|> Toy Story (1995). Genres: Animation, Children's, Comedy. Copy:")
-    assert copy_corpus.liked_piece(items["12"], 1) == "<|liked2|> The Usual Suspects;"
-    assert (copy_corpus.fallback_line(items["1"], [items["12"]], matcher)
+    assert templates.liked_piece(items["12"], 1) == "<|liked2|> The Usual Suspects;"
+    assert (grounding.fallback_line(items["1"], [items["12"]], matcher)
             == "Toy Story (1995): animation, children's, comedy. "
                "Picked for fans of The Usual Suspects.")
     # Genre `unknown` is item 267's title: the fallback leaves it out, as the copy does.
-    assert copy_corpus.item_fallback(items["267"], matcher) == "unknown."
-    assert copy_corpus.item_fallback(items["1373"], matcher) == "Good Morning (1971)."
+    assert grounding.item_fallback(items["267"], matcher) == "unknown."
+    assert grounding.item_fallback(items["1373"], matcher) == "Good Morning (1971)."
 
 
 def test_explicit_liked_items_are_the_best_rated():
@@ -144,32 +143,32 @@ def test_explicit_liked_items_are_the_best_rated():
                              np.array(["x", "y", "z", "w", "q", "p", "v"]),
                              np.array([5, 5, 4, 3, 4, 4, 2], np.float32),
                              np.array([1, 2, 3, 4, 5, 5, 6], np.int64))
-    assert copy_corpus.top_items(rows) == {"a": ("y", "x", "z"), "b": ("p", "q")}
-    assert copy_corpus.top_items(rows, 2) == {"a": ("y", "x"), "b": ("p", "q")}
+    assert templates.top_items(rows) == {"a": ("y", "x", "z"), "b": ("p", "q")}
+    assert templates.top_items(rows, 2) == {"a": ("y", "x"), "b": ("p", "q")}
 
 
 def test_corpus_is_deterministic_grounded_and_from_training_rows(tiny_split):
     dataset, split = tiny_split
-    corpus = copy_corpus.build_corpus(dataset, split.train, 300, seed=7)
-    assert corpus == copy_corpus.build_corpus(dataset, split.train, 300, seed=7)
-    assert corpus != copy_corpus.build_corpus(dataset, split.train, 300, seed=8)
+    corpus = templates.build_corpus(dataset, split.train, 300, seed=7)
+    assert corpus == templates.build_corpus(dataset, split.train, 300, seed=7)
+    assert corpus != templates.build_corpus(dataset, split.train, 300, seed=8)
     pairs = set(zip(split.train.user_id, split.train.item_id))
-    best = copy_corpus.top_items(split.train)
-    matcher = copy_corpus.TitleMatcher(copy_corpus.catalog(dataset))
+    best = templates.top_items(split.train)
+    matcher = grounding.TitleMatcher(templates.catalog(dataset))
     for example in corpus:
         assert (example.user_id, example.item_id) in pairs
         assert set(example.liked) <= set(best.get(example.user_id, ())) - {example.item_id}
-        assert len(example.liked) <= copy_corpus.MAX_LIKED
+        assert len(example.liked) <= templates.MAX_LIKED
         assert matcher.check(example.target, example.item_id, example.liked) == (True, [])
-    assert copy_corpus.distinct_n([e.target for e in corpus], 2) > 0.4
+    assert evaluation.distinct_n([e.target for e in corpus], 2) > 0.4
 
 
 def test_every_fallback_line_is_grounded(movielens):
-    items = copy_corpus.catalog(movielens)
-    matcher = copy_corpus.TitleMatcher(items)
+    items = templates.catalog(movielens)
+    matcher = grounding.TitleMatcher(items)
     ids = list(items)
     for item_id, liked in zip(ids, ids[1:] + ids[:1]):
-        line = copy_corpus.fallback_line(items[item_id], [items[liked]], matcher)
+        line = grounding.fallback_line(items[item_id], [items[liked]], matcher)
         assert matcher.check(line, item_id, (liked,)) == (True, []), line
 
 
@@ -179,8 +178,8 @@ def test_implicit_catalog_likes_the_newest_training_items(implicit):
     dataset, split = implicit
     assert dataset.implicit
     assert collections.Counter(zip(split.train.user_id, split.train.item_id)) == IMPLICIT_TRAIN
-    assert copy_corpus.top_items(split.train, implicit=True) == IMPLICIT_LIKED
-    assert copy_corpus.top_items(split.train, 2, implicit=True) == {
+    assert templates.top_items(split.train, implicit=True) == IMPLICIT_LIKED
+    assert templates.top_items(split.train, 2, implicit=True) == {
         "u1": ("i3", "i2"), "u2": ("i4", "i5")}
 
 
@@ -188,14 +187,14 @@ def test_implicit_catalog_prompts_and_fallback_lines(implicit):
     """Facts of any catalog: no year, topics that are no MovieLens genre, no topic, no item row;
     a topic word that is a title (`noir`) is never said."""
     dataset, _ = implicit
-    items = copy_corpus.catalog(dataset)
-    matcher = copy_corpus.TitleMatcher(items)
-    assert (copy_corpus.film_piece(items["i1"])
+    items = templates.catalog(dataset)
+    matcher = grounding.TitleMatcher(items)
+    assert (templates.film_piece(items["i1"])
             == " Film:<|title|> The Quiet Harbor. Genres: jazz, Noir, gardening. Copy:")
-    assert copy_corpus.film_piece(items["i3"]) == " Film:<|title|> Night Ferry. Copy:"
-    assert copy_corpus.film_piece(items["i5"]) == " Film:<|title|> i5. Copy:"
+    assert templates.film_piece(items["i3"]) == " Film:<|title|> Night Ferry. Copy:"
+    assert templates.film_piece(items["i5"]) == " Film:<|title|> i5. Copy:"
     pairs = (("i1", "i4"), ("i2", None), ("i3", "i1"), ("i5", None), ("i6", "i2"))
-    fallback = {item: copy_corpus.fallback_line(items[item], [items[liked]] if liked else [],
+    fallback = {item: grounding.fallback_line(items[item], [items[liked]] if liked else [],
                                                 matcher) for item, liked in pairs}
     assert fallback == {
         "i1": "The Quiet Harbor: jazz, gardening. Picked for fans of Salt and Ash.",
@@ -214,11 +213,11 @@ def test_implicit_catalog_phrases_its_own_categories():
     bare = data.ItemFacts("i3", "Night Ferry", data.UNKNOWN_YEAR, ())
     nouns = {"film", "movie", "oddity"}
     for seed in range(30):
-        phrase, with_article = copy_corpus.category_phrase(jazz, random.Random(seed))
+        phrase, with_article = templates.category_phrase(jazz, random.Random(seed))
         assert phrase.startswith("jazz ") and with_article == "a " + phrase, phrase
-        phrase, with_article = copy_corpus.category_phrase(astronomy, random.Random(seed))
+        phrase, with_article = templates.category_phrase(astronomy, random.Random(seed))
         assert phrase.startswith("astronomy ") and with_article == "an " + phrase, phrase
-        phrase, _ = copy_corpus.category_phrase(bare, random.Random(seed))
+        phrase, _ = templates.category_phrase(bare, random.Random(seed))
         assert phrase in nouns or phrase.split()[0] in {"offbeat", "curious"}, phrase
 
 
@@ -226,7 +225,7 @@ def test_implicit_catalog_corpus_names_the_real_titles(implicit):
     """Every training row once; each line names its item's title and no title outside the prompt
     (plain substrings of the titles written above), and the liked titles are the user's."""
     dataset, split = implicit
-    corpus = copy_corpus.build_corpus(dataset, split.train, len(split.train), seed=3)
+    corpus = templates.build_corpus(dataset, split.train, len(split.train), seed=3)
     assert collections.Counter((e.user_id, e.item_id) for e in corpus) == IMPLICIT_TRAIN
     for example in corpus:
         assert set(example.liked) <= set(IMPLICIT_LIKED[example.user_id]) - {example.item_id}
@@ -235,7 +234,7 @@ def test_implicit_catalog_corpus_names_the_real_titles(implicit):
             if other != example.item_id and other not in example.liked:
                 assert title not in example.target, example.target
         for liked in example.liked:  # a liked title is in the copy exactly when its slot is
-            slot = copy_corpus.LIKED_SLOTS[example.liked.index(liked)]
+            slot = templates.LIKED_SLOTS[example.liked.index(liked)]
             assert (IMPLICIT_TITLES[liked] in example.target) == (slot in example.template)
         assert "<|" not in example.target
     assert any(example.liked for example in corpus)  # the bug: nobody likes anything
@@ -246,8 +245,8 @@ def test_tokenizer_round_trips_in_the_graph():
              "Les Misérables, made in 1995; don't miss it!"]
     tokenizer = copywriter.train_tokenizer(texts * 20, vocab_size=300)
     ids = tokenizer(texts + ["Zébulon 😀 unseen words"], add_special_tokens=False)["input_ids"]
-    slot_ids = tokenizer.convert_tokens_to_ids(list(copy_corpus.SLOTS))
-    detokenize = copywriter_export.Detokenizer(tokenizer, slot_ids)
+    slot_ids = tokenizer.convert_tokens_to_ids(list(templates.SLOTS))
+    detokenize = graph.Detokenizer(tokenizer, slot_ids)
     eos = tokenizer.eos_token_id
     width = max(map(len, ids)) + 2
     padded = tf.constant([row + [eos] * (width - len(row)) for row in ids])
@@ -263,7 +262,7 @@ def test_tokenizer_round_trips_in_the_graph():
     item = data.ItemFacts("1", "Toy Story", "1995", ("Comedy",))
     liked = [data.ItemFacts("2", "Heat", "1995", ("Crime",)),
              data.ItemFacts("3", "Fargo", "1996", ("Crime",))]
-    assert copy_corpus.lexicalize(template, item, liked) == "Toy Story is for fans of Fargo."
+    assert templates.lexicalize(template, item, liked) == "Toy Story is for fans of Fargo."
 
 
 def test_training_lowers_the_loss_and_writes_the_run(tiny_copy_run, tiny_run):
@@ -280,7 +279,7 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny_copy_run, tiny_run):
     # The corpus came from the run's training rows: every held-out example is one.
     heldout = [json.loads(line)
                for line in (folder / copywriter.HELDOUT_FILE).read_text().splitlines()]
-    split = towers_train.run_data(tiny_run)[1]
+    split = runs.run_data(tiny_run)[1]
     train_pairs = set(zip(split.train.user_id, split.train.item_id))
     assert heldout and all((e["user_id"], e["item_id"]) in train_pairs for e in heldout)
 
@@ -290,7 +289,7 @@ def test_decoder_matches_transformers_greedy():
                                          top_k=1, repetition_penalty=1.0, max_new_tokens=6)
     tf.keras.utils.set_random_seed(0)
     model = copywriter.build_model(config, vocab_size=50, eos_id=0)
-    decoder = copywriter.Decoder(model, config, eos_id=0)
+    decoder = decoding.Decoder(model, config, eos_id=0)
     prompts = [[5, 6, 7, 8], [9, 10]]
     ids = tf.constant([[5, 6, 7, 8], [0, 0, 9, 10]])
     mask = tf.constant([[1, 1, 1, 1], [0, 0, 1, 1]])
@@ -309,9 +308,9 @@ def test_decoder_matches_transformers_greedy():
 def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
     run, _ = tiny_copy_run
     dataset, split = tiny_split
-    items = copy_corpus.catalog(dataset)
-    module = copywriter_export.CopywriterModule.from_run(run)
-    matcher = copy_corpus.TitleMatcher(items)
+    items = templates.catalog(dataset)
+    module = graph.CopywriterModule.from_run(run)
+    matcher = grounding.TitleMatcher(items)
     fear, fargo = _item(items, "Fear"), _item(items, "Fargo")
     rows = tf.constant([module.item_rows.lookup(tf.constant(fear)).numpy()] * 4)
     liked = tf.ragged.constant([[module.item_rows.lookup(tf.constant(fargo)).numpy()], [], [], []])
@@ -320,17 +319,17 @@ def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
     assert present.numpy().tolist() == [True, True, False, False]
     assert foreign.numpy().tolist() == [False, True, True, False]
     # Served copy: generated when it passes, else the fallback; every line grounded.
-    users = list(copy_corpus.top_items(split.train))[:3]
+    users = list(templates.top_items(split.train))[:3]
     chosen = [list(split.test.item_id[:4])] * 3
     out = module.details(tf.constant(users), tf.constant(chosen))
-    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
+    best = templates.top_items(split.train, templates.MAX_LIKED + 1)
     for b, user in enumerate(users):
         for n, item in enumerate(chosen[b]):
             served = out["copy"][b, n].numpy().decode()
-            liked_ids = tuple(i for i in best[user] if i != item)[:copy_corpus.MAX_LIKED]
+            liked_ids = tuple(i for i in best[user] if i != item)[:templates.MAX_LIKED]
             ok = bool(out["title_present"][b, n] and not out["other_title"][b, n]
                       and out["finished"][b, n] and out["slots_ok"][b, n])
-            expected = out["generated"][b, n].numpy().decode() if ok else copy_corpus.fallback_line(
+            expected = out["generated"][b, n].numpy().decode() if ok else grounding.fallback_line(
                 items[item], [items[liked_ids[0]]] if liked_ids else [], matcher)
             assert served == expected
             assert matcher.check(served, item, liked_ids) == (True, [])
@@ -339,7 +338,7 @@ def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
 def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_path):
     run, _ = tiny_copy_run
     dataset, split = tiny_split
-    items = copy_corpus.catalog(dataset)
+    items = templates.catalog(dataset)
     path = export.export_copywriter(run, tmp_path / "models")
     assert path == tmp_path / "models" / "copywriter" / "1"
     assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
@@ -358,12 +357,12 @@ def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_pat
     assert out["inputs"] == {"user_id": ["string", [None]], "item_ids": ["string", [None, None]]}
     assert out["outputs"] == {"copy": ["string", [None, None]]}
     assert out["copy"][0][2] == "" and out["copy"][1][1] == ""
-    matcher = copy_corpus.TitleMatcher(items)
-    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1)
+    matcher = grounding.TitleMatcher(items)
+    best = templates.top_items(split.train, templates.MAX_LIKED + 1)
     for b, user in enumerate(users):
         for n, item in enumerate(chosen[b]):
             if item in items:
-                liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
+                liked = tuple(i for i in best.get(user, ()) if i != item)[:templates.MAX_LIKED]
                 assert matcher.check(out["copy"][b][n], item, liked) == (True, [])
 
 

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from rerank import copy_corpus, copywriter, copywriter_export
+from rerank.copy import copywriter, graph, grounding, templates
 from serving import cli
-from towers import train
+from towers import runs
 
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-positions", "320",
               "--vocab-size", "400", "--corpus-size", "400", "--epochs", "2", "--batch-size", "32",
@@ -34,7 +34,7 @@ def test_train_copywriter_cli_writes_into_the_retrieval_run(cli_run, tiny_run):
     # Data and split come from the retrieval run (its retrieval_config.json), not the record;
     # the flags reach the config.
     assert not {"data_dir", "train_size"} & set(record)
-    split = train.run_data(tiny_run)[1]
+    split = runs.run_data(tiny_run)[1]
     train_pairs = set(zip(split.train.user_id, split.train.item_id))
     heldout = [json.loads(line) for line in
                (cli_run / "copywriter" / copywriter.HELDOUT_FILE).read_text().splitlines()]
@@ -56,18 +56,18 @@ def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
     printed = capsys.readouterr().out
     evaluation = json.loads((cli_run / "metrics.json").read_text())["copywriter"]["evaluation"]
     assert evaluation["pairs"] == 30
-    dataset, split = train.run_data(cli_run)
-    catalog = copy_corpus.catalog(dataset)
-    matcher = copy_corpus.TitleMatcher(catalog)
-    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
+    dataset, split = runs.run_data(cli_run)
+    catalog = templates.catalog(dataset)
+    matcher = grounding.TitleMatcher(catalog)
+    best = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
     for example in evaluation["examples"]:
         user, item = example["user_id"], example["item_id"]
-        liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
+        liked = tuple(i for i in best.get(user, ()) if i != item)[:templates.MAX_LIKED]
         assert tuple(example["liked"]) == liked
         if example["copy"] == example["generated"]:
             assert matcher.check(example["generated"], item, liked) == (True, []), example
         else:
-            assert example["copy"] == copy_corpus.fallback_line(
+            assert example["copy"] == grounding.fallback_line(
                 catalog[item], [catalog[i] for i in liked], matcher), example
     assert evaluation["served_generated"] <= evaluation["grounded_before_check"]
     assert evaluation["graph_check_agrees_with_python"] == 1.0
@@ -103,9 +103,9 @@ def test_train_copywriter_rejects_a_bad_checkpoint(tiny_run, tmp_path, caplog):
 def test_serve_inside_another_tf_function(cli_run, tmp_path):
     """The lead's cascade calls `serve` inside its own tf.function on computed item IDs [B, N];
     the copy matches a direct call, and survives a save and load of the outer module."""
-    module = copywriter_export.CopywriterModule.from_run(cli_run)
+    module = graph.CopywriterModule.from_run(cli_run)
     _, _, _, _, split = copywriter.load_run(cli_run)
-    users = tf.constant(list(copy_corpus.top_items(split.train))[:2])
+    users = tf.constant(list(templates.top_items(split.train))[:2])
     items = tf.constant([split.test.item_id[:3].tolist(), split.test.item_id[3:6].tolist()])
 
     class Outer(tf.Module):
@@ -113,7 +113,7 @@ def test_serve_inside_another_tf_function(cli_run, tmp_path):
             super().__init__()
             self.copy = copy
 
-        @tf.function(input_signature=[copywriter_export.USER_ID, copywriter_export.ITEM_IDS])
+        @tf.function(input_signature=[graph.USER_ID, graph.ITEM_IDS])
         def __call__(self, user_id, item_ids):
             chosen = tf.reverse(item_ids, axis=[1])  # computed inside the graph, as top-N is
             return {"copy": self.copy.serve(user_id, chosen)["copy"], "items": chosen}

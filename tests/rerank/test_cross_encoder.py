@@ -15,10 +15,11 @@ import pytest
 import tensorflow as tf
 
 from rerank import cross_encoder as ce
+from rerank import negatives, pairs, ranking
 from rerank import tokenizer
 from tests.conftest import TINY_RERANKER, TINY_TRAIN
 from towers import data, metrics, peers
-from towers import train as towers_train
+from towers import runs
 
 TINY_CONFIG = ce.RerankerConfig(**TINY_RERANKER)
 
@@ -68,16 +69,16 @@ def test_user_context_golden_newest_first(movielens_dir, tmp_path):
     the order, the tie-break by item ID, or a lone "." for a user without a user row fails)."""
     catalog = _catalog(tmp_path / "ml", movielens_dir / "ml-100k.yaml")
     assert not catalog.implicit
-    contexts = ce.user_contexts(catalog, catalog.interactions, catalog.user_ids(), history_titles=2)
+    contexts = pairs.user_contexts(catalog, catalog.interactions, catalog.user_ids(), history_titles=2)
     assert contexts == {
         "7": "24-year-old man, technician. 3 stars: Heat (1995); Action. "
              "4 stars: Fargo (1996); Crime Drama.",
         "8": "53-year-old woman, other.",  # a new user: demographics alone
         "9": "5 stars: Toy Story (1995); Animation Comedy. 4 stars: Fargo (1996); Crime Drama."}
-    np.testing.assert_array_equal(ce.candidate_texts(catalog, np.array(["1", "4"])),
+    np.testing.assert_array_equal(pairs.candidate_texts(catalog, np.array(["1", "4"])),
                                   ["Toy Story (1995); Animation Comedy", "Casino (1995); Drama"])
     with pytest.raises(ValueError, match="user '9' of the training rows is not among the 2"):
-        ce.user_contexts(catalog, catalog.interactions, np.array(["7", "8"]))
+        pairs.user_contexts(catalog, catalog.interactions, np.array(["7", "8"]))
 
 
 def test_implicit_contexts_have_no_stars(tmp_path):
@@ -91,10 +92,10 @@ def test_implicit_contexts_have_no_stars(tmp_path):
                  "i3\tFargo\tCrime Drama", "i4\tCasino\tDrama"]})
     assert dataset.implicit and dataset.users is None
     user_ids = np.array(["u1", "u2", "u3"])  # u3: a user the files do not have
-    contexts = ce.user_contexts(dataset, dataset.interactions, user_ids, history_titles=2)
+    contexts = pairs.user_contexts(dataset, dataset.interactions, user_ids, history_titles=2)
     assert contexts == {"u1": "Heat; Action. Fargo; Crime Drama.", "u2": "Heat; Action.",
                         "u3": ""}
-    texts = ce.PairTexts.build(dataset, dataset.interactions, user_ids, dataset.item_ids(), 2)
+    texts = pairs.PairTexts.build(dataset, dataset.interactions, user_ids, dataset.item_ids(), 2)
     np.testing.assert_array_equal(texts.arrays["contexts"], [contexts[u] for u in user_ids])
     np.testing.assert_array_equal(texts.arrays["item_texts"], [
         "Toy Story; Animation Comedy", "Heat; Action", "Fargo; Crime Drama", "Casino; Drama"])
@@ -111,13 +112,13 @@ def test_explicit_ratings_read_through_the_cards_template(tmp_path, card, prefix
     if card:
         files["yaml"] = [card.rstrip("\n")]
     dataset = _write_dataset(tmp_path / "x", "x", files)
-    contexts = ce.user_contexts(dataset, dataset.interactions, np.array(["u1"]), history_titles=2)
+    contexts = pairs.user_contexts(dataset, dataset.interactions, np.array(["u1"]), history_titles=2)
     assert contexts == {"u1": f"{prefix}Heat."}
 
 
 def test_pair_text_uses_training_rows_only(movielens, tiny_split):
-    fit_rows, held_out = ce.split_rows(tiny_split.train, 2_000)
-    texts = ce.PairTexts.build(movielens, fit_rows, movielens.user_ids(), movielens.item_ids(), 50)
+    fit_rows, held_out = negatives.split_rows(tiny_split.train, 2_000)
+    texts = pairs.PairTexts.build(movielens, fit_rows, movielens.user_ids(), movielens.item_ids(), 50)
     context = dict(zip(texts.arrays["user_ids"], texts.arrays["contexts"]))
     item_ids = movielens.item_ids()
     item_text = dict(zip(item_ids, movielens.item_texts(item_ids)))
@@ -144,7 +145,7 @@ def test_pair_text_uses_training_rows_only(movielens, tiny_split):
 
 
 def test_ease_lookup_in_graph_and_unknown_ids():
-    texts = ce.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
+    texts = pairs.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
                          np.array(["x", "y", "z"]), np.zeros(3),
                          np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]))
     scores = texts.ease_score(tf.constant(["8", "7", "new-user", "7"]),
@@ -153,13 +154,13 @@ def test_ease_lookup_in_graph_and_unknown_ids():
     np.testing.assert_allclose(texts.ease_rows(np.array(["8", "new-user"])),
                                [[0.4, 0.5, 0.6], [0.0, 0.0, 0.0]], rtol=1e-6)
     with pytest.raises(ValueError, match=r"ease \(2, 2\) must be \[users, items\] = \[2, 3\]"):
-        ce.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
+        pairs.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
                      np.array(["x", "y", "z"]), np.zeros(3), np.zeros((2, 2)))
 
 
 def test_groups_hold_training_positives_and_never_test_items(tiny_split):
     train = tiny_split.train
-    fit_rows, held_out = ce.split_rows(train, 5_000)
+    fit_rows, held_out = negatives.split_rows(train, 5_000)
     user_ids = np.unique(train.user_id.astype(str))
     item_ids = np.unique(np.concatenate([train.item_id, tiny_split.test.item_id]).astype(str))
     user_row = {u: r for r, u in enumerate(user_ids)}
@@ -171,28 +172,28 @@ def test_groups_hold_training_positives_and_never_test_items(tiny_split):
     users, items = rows(held_out)
     scores = np.random.default_rng(0).normal(size=seen.shape)
     scores[users, items] += 2.0  # most held-out items reach the top-K
-    groups = ce.build_groups(scores, seen, users, items, k=50)
+    groups = negatives.build_groups(scores, seen, users, items, k=50)
     assert 0 < len(groups) <= len(held_out)
     positives = set(zip(groups.user_row, groups.candidates[np.arange(len(groups)),
                                                            groups.positive]))
     assert positives <= set(zip(users, items))
     test_pairs = set(zip(*rows(tiny_split.test)))
     assert not positives & test_pairs
-    negatives = groups.candidates[groups.negative]
+    negative_items = groups.candidates[groups.negative]
     negative_users = np.broadcast_to(groups.user_row[:, None], groups.candidates.shape)[groups.negative]
-    assert not seen[negative_users, negatives].any()
-    assert not set(zip(negative_users, negatives)) & set(zip(users, items))
+    assert not seen[negative_users, negative_items].any()
+    assert not set(zip(negative_users, negative_items)) & set(zip(users, items))
     assert not groups.negative[np.arange(len(groups)), groups.positive].any()
     with pytest.raises(ValueError, match="held-out pair is in `seen`"):
-        ce.build_groups(scores, seen | True, users, items, k=50)
+        negatives.build_groups(scores, seen | True, users, items, k=50)
 
 
 def test_split_rows_matches_retrieval_holdout(tiny_split):
-    fit_rows, held_out = ce.split_rows(tiny_split.train, 100)
+    fit_rows, held_out = negatives.split_rows(tiny_split.train, 100)
     assert len(fit_rows) == len(tiny_split.train) - 100 and len(held_out) == 100
     np.testing.assert_array_equal(held_out.item_id, tiny_split.train.item_id[-100:])
     with pytest.raises(ValueError, match="holdout must be between"):
-        ce.split_rows(tiny_split.train, 0)
+        negatives.split_rows(tiny_split.train, 0)
 
 
 def test_train_reranker_rejects_holdout_of_the_whole_split(tiny_run, tmp_path):
@@ -218,7 +219,7 @@ def test_listwise_loss_hand_computed():
 def _reranker(tiny_base, movielens, rows, config=TINY_CONFIG):
     tf.keras.utils.set_random_seed(1)
     encoder = ce.new_encoder(tiny_base, config)
-    texts = ce.PairTexts.build(movielens, rows, movielens.user_ids(), movielens.item_ids(),
+    texts = pairs.PairTexts.build(movielens, rows, movielens.user_ids(), movielens.item_ids(),
                                config.history_titles)
     return ce.Reranker(encoder, texts, tokenizer.PairTokenizer.from_directory(tiny_base),
                        config.max_length)
@@ -272,10 +273,10 @@ def test_training_step_lowers_loss(tiny_base, movielens, tiny_split):
 
 def test_reordered_puts_reranked_top_k_first():
     scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
-    ranking = metrics.rankings(ce.reordered(scores, np.array([[0, 1, 2]]),
-                                            np.array([[0.0, 5.0, 1.0]])), depth=5)
-    np.testing.assert_array_equal(ranking, [[1, 2, 0, 3, 4]])
-    np.testing.assert_array_equal(ce.top_candidates(scores, np.array([[1, 0, 0, 0, 0]], bool), 2),
+    order = metrics.rankings(ranking.reordered(scores, np.array([[0, 1, 2]]),
+                                               np.array([[0.0, 5.0, 1.0]])), depth=5)
+    np.testing.assert_array_equal(order, [[1, 2, 0, 3, 4]])
+    np.testing.assert_array_equal(ranking.top_candidates(scores, np.array([[1, 0, 0, 0, 0]], bool), 2),
                                   [[1, 2]])
 
 
@@ -307,11 +308,11 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     assert np.ptp(first) > 0
     # Every user and item of the run has a text, those without a training interaction too: a new
     # user's context is their demographics alone, a rated user's has stars (ML-100K is explicit).
-    _, tables = towers_train.load_run(tiny_run)
+    _, tables = runs.load_run(tiny_run)
     arrays = reloaded.texts.arrays
     np.testing.assert_array_equal(arrays["user_ids"], tables.user_ids)
     np.testing.assert_array_equal(arrays["item_ids"], tables.item_ids)
-    dataset, split = towers_train.run_data(tiny_run)
+    dataset, split = runs.run_data(tiny_run)
     np.testing.assert_array_equal(arrays["item_texts"], dataset.item_texts(tables.item_ids))
     trained = np.isin(tables.user_ids, split.train.user_id)
     assert 0 < trained.sum() < len(trained)  # the tiny run has users with and without rows

@@ -1,4 +1,4 @@
-"""The copywriter decoder's sampling step (`rerank.copywriter.Decoder.sample`) on hand-set logits:
+"""The copywriter decoder's sampling step (`rerank.copy.copywriter.Decoder.sample`) on hand-set logits:
 top-p, temperature and the repetition penalty, each against the distribution worked out by hand.
 20,000 rows of the same logits are sampled in one stateless call (a fixed seed, so the counts are
 the same on every run); 20,000 draws put each frequency within about 0.01 of its probability."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rerank import copywriter
+from rerank.copy import copywriter, decoding
 
 VOCAB, ROWS = 6, 20_000
 
@@ -27,7 +27,7 @@ def frequencies(tiny_model, logits, generated=None, **options) -> np.ndarray:
     """Share of each token among ROWS draws from one logits row [V], under `options`."""
     config = dataclasses.replace(copywriter.CopywriterConfig(n_layer=1, n_embd=8, n_head=2,
                                                              n_positions=8, top_k=VOCAB), **options)
-    decoder = copywriter.Decoder(tiny_model, config, eos_id=0)
+    decoder = decoding.Decoder(tiny_model, config, eos_id=0)
     logits = tf.constant(np.tile(np.asarray(logits, np.float32), (ROWS, 1)))
     marks = np.zeros(VOCAB, np.float32) if generated is None else np.asarray(generated, np.float32)
     tokens = decoder.sample(logits, tf.constant(np.tile(marks, (ROWS, 1))),

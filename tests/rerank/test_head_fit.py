@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rerank import cross_encoder as ce
+from rerank import negatives
 
 PLANTED = {"retrieval_weight": 0.5, "popularity_weight": 1.5, "ease_weight": 0.0}
 
@@ -27,7 +28,7 @@ def planted_groups(count: int = 1500, size: int = 8, seed: int = 0):
     positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
     negative = np.ones((count, size), bool)
     negative[np.arange(count), positive] = False
-    groups = ce.Groups(user_row=np.arange(count, dtype=np.int32), candidates=candidates,
+    groups = negatives.Groups(user_row=np.arange(count, dtype=np.int32), candidates=candidates,
                        retrieval=retrieval, positive=positive, negative=negative)
     return groups, popularity, ease
 
@@ -61,6 +62,6 @@ def test_fit_head_ignores_candidates_that_are_not_negatives():
     ease = np.concatenate([ease, np.zeros((ease.shape[0], len(groups)), np.float32)], axis=1)
     candidates = groups.candidates.copy()
     candidates[np.arange(len(groups)), blocked] = rows
-    groups = ce.Groups(groups.user_row, candidates, groups.retrieval, groups.positive, negative)
+    groups = negatives.Groups(groups.user_row, candidates, groups.retrieval, groups.positive, negative)
     fitted = ce.fit_head(ce.CrossEncoder(bert=None), groups, popularity, ease, steps=300)
     assert fitted["popularity_weight"] == pytest.approx(PLANTED["popularity_weight"], abs=0.25)

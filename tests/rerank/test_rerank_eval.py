@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from rerank import cross_encoder as ce
+from rerank import ranking
 from rerank import rerank_eval
 from serving import cli
-from tests.rerank.test_reranker_export import reranker_run  # noqa: F401 (fixture)
+from tests.rerank.test_reranker_graph import reranker_run  # noqa: F401 (fixture)
 from towers import metrics
-from towers import train as towers_train
+from towers import retrieval_eval
 
 
 def test_evaluate_reranker_table(reranker_run):
@@ -23,7 +24,7 @@ def test_evaluate_reranker_table(reranker_run):
     assert set(table) == {"retrieval", "als", "ease", "head@50", "head@100", "reranked@50",
                           "reranked@100"}
     # The retrieval row is what `cascade evaluate retrieval` reports (same split, exclusion).
-    reference = towers_train.evaluate_run(reranker_run, ks=(10,), with_peers=True)
+    reference = retrieval_eval.evaluate_run(reranker_run, ks=(10,), with_peers=True)
     for key, value in table["retrieval"].items():
         assert value == pytest.approx(reference["cascade_retrieval"][key], abs=1e-5)
         assert table["als"][key] == pytest.approx(reference["als"][key], abs=1e-5)
@@ -54,7 +55,7 @@ def test_reranking_only_reorders_the_top_k(reranker_run):
     top, final = rerank_eval.rerank_scores(ce.load_reranker(reranker_run), logits, seen, rows,
                                            tables.user_ids, tables.item_ids, 20)
     assert top.shape == final.shape == (len(rows), 20) and np.isfinite(final).all()
-    reranked = ce._rows_replaced(logits, rows, ce.reordered(logits[rows], top, final))
+    reranked = ranking.rows_replaced(logits, rows, ranking.reordered(logits[rows], top, final))
     before = metrics.evaluate(logits, users, items, seen, (20,))
     after = metrics.evaluate(reranked, users, items, seen, (20,))
     assert after["hit_rate@20"] == pytest.approx(before["hit_rate@20"])

@@ -91,7 +91,9 @@ def test_users_sources(tmp_path):
 
 
 def test_cascade_batch_for_all_943_users_equals_what_the_server_answers(tiny_cascade_export, tmp_path):
-    from serving import client, server, server_config
+    from serving import client
+    from serving.model_server import server
+    from serving.model_server import config as server_config
 
     record = json.loads((tiny_cascade_export / "cascade" / "1" / "assets.extra" / "cascade_export.json").read_text())
     users = batch.read_users("all", record)

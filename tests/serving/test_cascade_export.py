@@ -16,9 +16,11 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from rerank import copy_corpus
-from serving import cli, export, server, server_config
-from towers import train
+from rerank.copy import grounding, templates
+from serving import cli, export
+from serving.model_server import server
+from serving.model_server import config as server_config
+from towers import runs
 
 MODELS = ("query_tower", "candidate_tower", "retrieval", "reranker", "copywriter", "cascade")
 USERS = ["1", "2", "nobody"]
@@ -59,12 +61,12 @@ def _signature(version_dir):
 @pytest.fixture(scope="module")
 def truth(tiny_cascade_run):
     """What the answers must respect: training items per user, catalog labels, liked titles."""
-    dataset, split = train.run_data(tiny_cascade_run)
+    dataset, split = runs.run_data(tiny_cascade_run)
     seen = {}
     for user, item in zip(split.train.user_id, split.train.item_id):
         seen.setdefault(str(user), set()).add(str(item))
-    liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
-    return copy_corpus.catalog(dataset), seen, liked
+    liked = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
+    return templates.catalog(dataset), seen, liked
 
 
 def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
@@ -122,7 +124,7 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
         "item_ids": "string", "titles": "string", "scores": "float32", "retrieval_scores": "float32",
         "copy": "string"}
     values = out["values"]
-    matcher = copy_corpus.TitleMatcher(catalog)
+    matcher = grounding.TitleMatcher(catalog)
     for b, user in enumerate(USERS):
         items = values["item_ids"][b]
         assert len(items) == len(set(items)) == 5
@@ -130,7 +132,7 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
         assert values["scores"][b] == sorted(values["scores"][b], reverse=True)
         assert values["titles"][b] == [catalog[i].label() for i in items]
         for item, line in zip(items, values["copy"][b]):  # served copy is always grounded
-            allowed = tuple(i for i in liked.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
+            allowed = tuple(i for i in liked.get(user, ()) if i != item)[:templates.MAX_LIKED]
             assert matcher.check(line, item, allowed) == (True, []), line
 
 

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from serving import cli, server, server_config
+from serving import cli
+from serving.model_server import server
+from serving.model_server import config as server_config
 
 
 @pytest.fixture(scope="module")

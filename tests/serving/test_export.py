@@ -14,8 +14,10 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import export, server_config
-from towers import cold_start, features, index, train
+from serving import export
+from serving.model_server import config as server_config
+from towers import cold_start, features, index, runs
+from towers import model as towers_model
 
 # Runs in a fresh interpreter: loads every exported model with nothing but TensorFlow and
 # reports its signature and its answers for the given users.
@@ -43,7 +45,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def probe(tiny_export, tiny_run):
-    _, tables = train.load_run(tiny_run)
+    _, tables = runs.load_run(tiny_run)
     busiest = np.argsort(-(tables.seen != features.PAD).sum(axis=1), kind="stable")[:2]
     users = [str(tables.user_ids[busiest[0]]), str(tables.user_ids[busiest[1]]), "not-a-user"]
     items = [str(tables.item_ids[0]), str(tables.item_ids[5])]
@@ -83,7 +85,7 @@ def test_retrieval_matches_the_towers_and_never_returns_seen_items(probe):
 
 def test_retrieval_equals_exact_search_over_unseen_items(probe, tiny_run):
     out, users, tables = probe
-    _, candidates = train.embeddings(*train.load_run(tiny_run))
+    _, candidates = towers_model.embeddings(*runs.load_run(tiny_run))
     queries = np.array(out["query_tower"]["values"]["embedding"])
     for row, user in enumerate(users[:2]):
         seen = set(tables.seen[list(tables.user_ids).index(user)]) - {features.PAD}
@@ -97,7 +99,7 @@ def test_retrieval_equals_exact_search_over_unseen_items(probe, tiny_run):
 
 def test_unknown_user_gets_the_cold_start_answer(probe, tiny_run):
     out, _, tables = probe
-    _, candidates = train.embeddings(*train.load_run(tiny_run))
+    _, candidates = towers_model.embeddings(*runs.load_run(tiny_run))
     expected = cold_start.popularity_query(candidates, tables.item_count)
     np.testing.assert_allclose(out["query_tower"]["values"]["embedding"][2], expected, atol=1e-5)
     top = [tables.item_ids[i] for i in np.argsort(-(candidates @ expected))[:20]]

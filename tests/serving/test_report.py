@@ -21,11 +21,11 @@ def _is_png(path) -> bool:
 @pytest.fixture(scope="module")
 def evaluated_run(tiny_run, tmp_path_factory):
     """A copy of the tiny retrieval run with its test table (peers included) in metrics.json."""
-    from towers import train
+    from towers import retrieval_eval
 
     run = tmp_path_factory.mktemp("report") / "run"
     shutil.copytree(tiny_run, run)
-    train.evaluate_run(run)
+    retrieval_eval.evaluate_run(run)
     return run
 
 
@@ -56,7 +56,8 @@ def test_hit_rate_curves_agree_with_the_evaluation(evaluated_run):
     from the embeddings (1 + unseen items scored higher). Catches an off-by-one in K (curve[k]
     being hit rate@k+2, or @k), seen items left in the ranking, the curve averaged over users
     instead of test pairs, or a cumulative sum over the wrong axis."""
-    from towers import train
+    from towers import retrieval_eval, runs
+    from towers import model as towers_model
 
     table = json.loads((evaluated_run / "metrics.json").read_text())["test"]
     curves = report.hit_rate_curves(evaluated_run)
@@ -68,9 +69,9 @@ def test_hit_rate_curves_agree_with_the_evaluation(evaluated_run):
         for k in (10, 50, 100):
             assert curve[k - 1] == pytest.approx(table[row][f"hit_rate@{k}"], abs=1e-5), (name, k)
 
-    retrieval, tables = train.load_run(evaluated_run)
-    users, items, seen = train.test_rows(tables, train.run_data(evaluated_run)[1].test)
-    queries, candidates = train.embeddings(retrieval, tables)
+    retrieval, tables = runs.load_run(evaluated_run)
+    users, items, seen = retrieval_eval.test_rows(tables, runs.run_data(evaluated_run)[1].test)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
     scores = (queries @ candidates.T).astype(np.float64)
     ranks = np.array([np.inf if seen[u, i] else 1 + np.sum(~seen[u] & (scores[u] > scores[u, i]))
                       for u, i in zip(users, items)])
@@ -110,17 +111,19 @@ def test_bad_inputs_are_named(evaluated_run, tmp_path):
 
 def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path, monkeypatch):
     """Every benchmark and evaluation really run on the tiny cascade, then the report."""
-    from rerank import copywriter_eval, rerank_bench, rerank_eval
-    from towers import index_bench, train
+    from rerank import rerank_bench, rerank_eval
+    from rerank.copy import evaluation
+    from towers import index_bench, retrieval_eval, runs
+    from towers import model as towers_model
     from serving import load_bench
 
     run = tmp_path / "run"
     shutil.copytree(tiny_cascade_run, run)
-    train.evaluate_run(run, with_peers=False)
+    retrieval_eval.evaluate_run(run, with_peers=False)
     rerank_eval.evaluate_reranker(run, with_als=False)
-    copywriter_eval.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2)
-    retrieval, tables = train.load_run(run)
-    queries, candidates = train.embeddings(retrieval, tables)
+    evaluation.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2)
+    retrieval, tables = runs.load_run(run)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen,
                                     run / "bench", synthetic_items=2000)
     monkeypatch.setattr(rerank_bench, "SINGLE_CALLS", 3)  # timings are the benchmark's, not ours

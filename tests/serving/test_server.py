@@ -33,9 +33,12 @@ from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_g
 from tensorflow_serving.apis import regression_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import health, server, server_config, servable
-from serving.batching import Batcher
-from serving.server import Server, ServerOptions
+from serving.model_server import health
+from serving.model_server import servable
+from serving.model_server import server
+from serving.model_server import config as server_config
+from serving.model_server.batching import Batcher
+from serving.model_server.server import Server, ServerOptions
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -807,7 +810,7 @@ def test_scann_exports_import_scann_before_loading(saved, tmp_path, monkeypatch)
 
 
 def test_sigterm_finishes_and_exits_zero(base):
-    command = [sys.executable, "-m", "serving.server", "--model-base-path", str(base), "--port",
+    command = [sys.executable, "-m", "serving.model_server.server", "--model-base-path", str(base), "--port",
                "0", "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0"]
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

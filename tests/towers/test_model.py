@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import TINY_TRAIN
-from towers import cold_start, data, features, model, train
+from towers import cold_start, data, features, model, runs
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +83,11 @@ def test_unknown_user_maps_to_the_out_of_vocabulary_row(tiny, tiny_config):
 
 
 def test_tiny_training_run_lowers_the_loss_and_writes_the_run(tiny_run, tiny_config, tiny_data_dir):
-    result = json.loads((tiny_run / train.METRICS_FILE).read_text())
+    result = json.loads((tiny_run / runs.METRICS_FILE).read_text())
     losses = result["training"]["loss"]
     assert len(losses) == tiny_config.epochs
     assert losses[-1] < 0.9 * losses[0]
-    record = json.loads((tiny_run / train.CONFIG_FILE).read_text())
+    record = json.loads((tiny_run / runs.CONFIG_FILE).read_text())
     assert record["embedding_dim"] == tiny_config.embedding_dim and "train_size" not in record
     assert record["data"] == {"data_dir": str(tiny_data_dir.resolve()), "card": None, "split": None,
                               "test_share": 0.2, "seed": 42, "protocol": "random"}
@@ -97,7 +97,7 @@ def test_tiny_training_run_lowers_the_loss_and_writes_the_run(tiny_run, tiny_con
 
 def test_run_data_is_the_split_it_was_trained_on(tiny_run, tiny):
     _, split, _ = tiny
-    dataset, again = train.run_data(tiny_run)
+    dataset, again = runs.run_data(tiny_run)
     assert dataset.path == tiny[0].path.resolve()
     for part in ("train", "test"):
         for field in ("user_id", "item_id", "timestamp"):
@@ -106,8 +106,8 @@ def test_run_data_is_the_split_it_was_trained_on(tiny_run, tiny):
 
 
 def test_run_reloads_with_the_same_embeddings(tiny_run):
-    first = train.embeddings(*train.load_run(tiny_run))
-    second = train.embeddings(*train.load_run(tiny_run))
+    first = model.embeddings(*runs.load_run(tiny_run))
+    second = model.embeddings(*runs.load_run(tiny_run))
     np.testing.assert_allclose(first[0], second[0], atol=1e-6)
     assert first[1].shape == (1682, 16)
     assert np.allclose(np.linalg.norm(first[1], axis=1), 1.0, atol=1e-4)
@@ -115,7 +115,7 @@ def test_run_reloads_with_the_same_embeddings(tiny_run):
 
 def test_load_run_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="retrieval_config.json: not found"):
-        train.load_run(tmp_path)
+        runs.load_run(tmp_path)
 
 
 def test_cold_start_query_follows_popularity():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from towers import features, metrics, model, peers, train
+from towers import features, metrics, model, peers, retrieval_eval, runs, train
 
 GROUPS, USERS_PER_GROUP, ITEMS_PER_GROUP, SEEN_PER_USER = 4, 12, 15, 8
 
@@ -39,12 +39,12 @@ def test_two_tower_finds_planted_blocks_that_popularity_cannot(tmp_path):
                                    learning_rate=1e-2, cold_user_dropout=0.0,
                                    cold_item_dropout=0.0, seed=0)
     retrieval = train.train(data_dir, tmp_path / "run", config, verbose=0)
-    tables = features.FeatureTables.load(tmp_path / "run" / train.TABLES_FILE)
-    test = train.run_data(tmp_path / "run")[1].test
-    users, items, seen = train.test_rows(tables, test)
+    tables = features.FeatureTables.load(tmp_path / "run" / runs.TABLES_FILE)
+    test = runs.run_data(tmp_path / "run")[1].test
+    users, items, seen = retrieval_eval.test_rows(tables, test)
     assert len(users) >= 60  # 20% of 384 rows
 
-    towers = train.evaluate_model(retrieval, tables, test, ks=(10,))["hit_rate@10"]
+    towers = retrieval_eval.evaluate_model(retrieval, tables, test, ks=(10,))["hit_rate@10"]
     popularity = metrics.evaluate(peers.popularity_scores(seen), users, items, seen,
                                   (10,))["hit_rate@10"]
     assert towers >= 2 * popularity and towers >= 0.6, (towers, popularity)

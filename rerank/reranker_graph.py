@@ -29,7 +29,8 @@ import tensorflow as tf
 
 from rerank import cross_encoder as ce
 from towers import cold_start
-from towers import train as towers_train
+from towers import runs
+from towers import model as towers_model
 
 MODEL_NAME = "reranker"
 USER_ID = tf.TensorSpec([None], tf.string, name="user_id")
@@ -65,8 +66,8 @@ class RerankerModule(tf.Module):
         """The module of a run with a trained re-ranker (`cascade train reranker`)."""
         run = pathlib.Path(run_dir)
         reranker = ce.load_reranker(run)
-        retrieval, tables = towers_train.load_run(run)
-        _, candidates = towers_train.embeddings(retrieval, tables)
+        retrieval, tables = runs.load_run(run)
+        _, candidates = towers_model.embeddings(retrieval, tables)
         query = cold_start.popularity_query(candidates, tables.item_count)
         return cls(reranker, retrieval.query_tower, query, tables.item_ids, candidates,
                    retrieval.config.temperature)

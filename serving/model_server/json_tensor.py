@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from grpc import StatusCode
 
-from serving.status import ServingError
+from serving.model_server.status import ServingError
 
 _DEBUG_LIMIT = 256  # TF Serving's kMaxJsonDebugStringBytes
 _INT_RANGES = {tf.int8: (-2**7, 2**7), tf.uint8: (0, 2**8), tf.int16: (-2**15, 2**15),

@@ -1,12 +1,12 @@
 """Evaluation of the GPT-2 copywriter (stage three): grounding, diversity, perplexity, latency.
 
 `evaluate_copywriter` writes copy for (user, item) pairs of a run's test split with the served
-graph (`copywriter_export.CopywriterModule`), checks every line again in Python, times the graph
+graph (`graph.CopywriterModule`), checks every line again in Python, times the graph
 saved as a plain SavedModel, and records the result in the run's `metrics.json`;
 `format_report` renders it as Markdown (`cascade evaluate copywriter`, `cascade report`).
 
-The model, training and decoding are `rerank.copywriter`; the served graph is
-`rerank.copywriter_export`; the versioned TF Serving export is `serving.export.export_copywriter`.
+The model, training and decoding are `rerank.copy.copywriter`; the served graph is
+`rerank.copy.graph`; the versioned TF Serving export is `serving.export.export_copywriter`.
 This module imports the first two and nothing from `serving`.
 """
 
@@ -23,9 +23,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 import tensorflow as tf
 
-from rerank import copy_corpus, copywriter, copywriter_export
+from rerank.copy import copywriter, evaluation, graph, grounding, templates
 from towers import data
-from towers import train as towers_train
+from towers import runs
 
 
 def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 10,
@@ -38,20 +38,20 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     run = pathlib.Path(run_dir)
     loaded = copywriter.load_run(run)
     record, model, tokenizer, dataset, split = loaded
-    module = copywriter_export.CopywriterModule.from_run(run, loaded)
-    chosen = copy_corpus.benchmark_pairs(split.test, pairs)
+    module = graph.CopywriterModule.from_run(run, loaded)
+    chosen = evaluation.benchmark_pairs(split.test, pairs)
     rows = []
     for start in range(0, len(chosen), 50):
         batch = chosen[start:start + 50]
         out = module.details(tf.constant([u for u, _ in batch]), tf.constant([[i] for _, i in batch]))
         out = {key: value.numpy()[:, 0] for key, value in out.items()}
         rows += [{key: value[n] for key, value in out.items()} for n in range(len(batch))]
-    items = copy_corpus.catalog(dataset)
-    matcher = copy_corpus.TitleMatcher(items)
-    best = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
+    items = templates.catalog(dataset)
+    matcher = grounding.TitleMatcher(items)
+    best = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
     lines = []
     for (user, item), row in zip(chosen, rows):
-        liked = tuple(i for i in best.get(user, ()) if i != item)[:copy_corpus.MAX_LIKED]
+        liked = tuple(i for i in best.get(user, ()) if i != item)[:templates.MAX_LIKED]
         generated, served = row["generated"].decode(), row["copy"].decode()
         present, foreign = matcher.check(generated, item, liked)
         lines.append({"user_id": user, "item_id": item, "liked": liked, "generated": generated,
@@ -63,7 +63,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
 
     def rate(key):
         return round(float(np.mean([bool(line[key]) for line in lines])), 4)
-    heldout = [copy_corpus.CopyExample(**{**e, "liked": tuple(e["liked"])}) for e in map(
+    heldout = [templates.CopyExample(**{**e, "liked": tuple(e["liked"])}) for e in map(
         json.loads, (run / copywriter.SUBDIR / copywriter.HELDOUT_FILE).read_text().splitlines())]
     tables = copywriter.PromptTables.build(tokenizer, items)
     # A liked-title slot the prompt lacks names a title the prompt does not hold (it would be
@@ -83,9 +83,9 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
             [line["copy"] == line["generated"] for line in lines])), 4),
         "grounded_after_check": rate("served_grounded"),
         "graph_check_agrees_with_python": rate("graph_agrees"),
-        "distinct_1": round(copy_corpus.distinct_n([line["generated"] for line in lines], 1), 4),
-        "distinct_2": round(copy_corpus.distinct_n([line["generated"] for line in lines], 2), 4),
-        "served_distinct_2": round(copy_corpus.distinct_n([line["copy"] for line in lines], 2), 4),
+        "distinct_1": round(evaluation.distinct_n([line["generated"] for line in lines], 1), 4),
+        "distinct_2": round(evaluation.distinct_n([line["generated"] for line in lines], 2), 4),
+        "served_distinct_2": round(evaluation.distinct_n([line["copy"] for line in lines], 2), 4),
         "heldout_perplexity": round(copywriter.perplexity(
             model, copywriter.encode_corpus(tokenizer, tables, heldout),
             tokenizer.eos_token_id), 3),
@@ -97,7 +97,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         result["latency_ms"] = _latency(saved, split.test, timing_calls)
     result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "generated", "copy")}
                           for line in lines[:examples]]
-    towers_train.update_metrics(run, {"evaluation": result}, copywriter.SUBDIR)
+    runs.update_metrics(run, {"evaluation": result}, copywriter.SUBDIR)
     return result
 
 
@@ -145,3 +145,23 @@ def format_report(result: dict) -> str:
                         else f"  (fallback; generated: {example['generated']})"))
     return "\n".join(lines)
 
+
+def distinct_n(lines: list[str], n: int) -> float:
+    """Distinct-n: unique word n-grams over all n-grams of `lines` (whitespace words)."""
+    grams = [tuple(words[i:i + n]) for words in (line.split() for line in lines)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def benchmark_pairs(test: data.Interactions, count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`count` distinct (user, item) pairs of the test split, chosen with a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(len(test))
+    pairs, seen = [], set()
+    for row in order:
+        pair = (str(test.user_id[row]), str(test.item_id[row]))
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+        if len(pairs) == count:
+            break
+    return pairs

@@ -27,11 +27,11 @@ from google.protobuf import message as protobuf_message
 from grpc import StatusCode
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2, prediction_log_pb2
 
-from serving import server_config
-from serving import servable as servable_lib
-from serving.batching import Batcher
-from serving.servable import Servable, Tensors
-from serving.status import ServingError
+from serving.model_server import config as server_config
+from serving.model_server import servable as servable_lib
+from serving.model_server.batching import Batcher
+from serving.model_server.servable import Servable, Tensors
+from serving.model_server.status import ServingError
 
 log = logging.getLogger(__name__)
 

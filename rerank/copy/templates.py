@@ -1,4 +1,4 @@
-"""The grounded copy corpus: what the copywriter reads (a prompt of facts) and learns to write.
+"""The copy corpus and its templates: what the copywriter reads (a prompt of facts) and learns to write.
 
 How the corpus is made. Every example is one (user, item) interaction of the run's split's
 *training* rows; nothing from the test split is read. The prompt holds only facts: the item's
@@ -33,26 +33,15 @@ but does not extend. Its copy is grounded in the sense checked here: the item's 
 and no other catalog title that is not in the prompt. Categories and years are copied from the
 prompt by the model and are not checked, so a wrong category word is possible, though rare. A
 pretrained GPT-2 fine-tuned on this corpus keeps more fluent English but learns the same frames.
-
-The grounding check: a copy line passes when it names the item's title and names no catalog
-title outside the prompt. Titles are found case-sensitively, with word boundaries where a title
-begins or ends with a letter or digit, longest titles first, so `Fear` is not found inside
-`Primal Fear` (`TitleMatcher`). The same patterns run in Python (`re`) and in the exported graph
-(RE2), with the same semantics. Every corpus line passes the check, checked as it is drawn (a
-line that reads a catalog title into a frame or pool phrase is drawn again). Copy and fallback
-lines use only the categories whose lower-cased word holds no catalog title (`spoken`; MovieLens's
-genre `unknown` is item 267's title), so the fallback line is grounded by construction.
+The check every line passes is `grounding`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
-import re
 
-import numpy as np
-
+from rerank.copy.grounding import TitleMatcher, display_title, spoken
 from towers import data
 
 HIGH_RATING = 4.0  # "liked" on explicit feedback (MovieLens: 4 or 5 stars); implicit: any row
@@ -70,7 +59,6 @@ MAX_DRAWS = 20  # draws of one corpus line that may fail the grounding check bef
 TITLE_SLOT = "<|title|>"
 LIKED_SLOTS = ("<|liked1|>", "<|liked2|>", "<|liked3|>")
 SLOTS = (TITLE_SLOT, *LIKED_SLOTS)
-_ARTICLES = ("The", "A", "An", "Il", "La", "Le", "Les", "Das", "Der", "Die", "El", "Lo")
 
 # Adjective and noun phrasings of an item with no category the copy may say.
 NO_CATEGORY_WORDS = (("offbeat", "curious"), ("film", "movie", "oddity"))
@@ -264,14 +252,6 @@ class CopyExample:
     target: str  # the copy line: "Toy Story is a ... for fans of Fargo."
 
 
-def display_title(title: str) -> str:
-    """The catalog title as people write it: `Usual Suspects, The` -> `The Usual Suspects`."""
-    match = re.fullmatch(rf"(.+), ({'|'.join(_ARTICLES)})( \(.*\))?", title)
-    if not match:
-        return title
-    return f"{match.group(2)} {match.group(1)}{match.group(3) or ''}"
-
-
 def catalog(dataset: data.Dataset) -> dict[str, data.ItemFacts]:
     """Every item's facts (title, year, categories) by ID, in ID order: what prompts, titles and
     fallback lines are made of. Empty category values are dropped."""
@@ -388,31 +368,6 @@ def era(year: str) -> str:
     return f"{part}-'{decade % 100:02d}s" if decade < 2000 else f"{part} {decade}s"
 
 
-def spoken(item: data.ItemFacts, matcher: TitleMatcher) -> data.ItemFacts:
-    """`item` with only the categories whose lower-cased word holds no catalog title, the ones
-    copy may say: MovieLens's genre `unknown` is also a title (item 267), so it is left out."""
-    return dataclasses.replace(item, categories=tuple(
-        category for category in item.categories if matcher.speakable(category.lower())))
-
-
-def fallback_line(item: data.ItemFacts, liked: list[data.ItemFacts], matcher: TitleMatcher) -> str:
-    """The deterministic line served when a generation fails the check; grounded by construction."""
-    return item_fallback(item, matcher) + (user_fallback(liked[0]) if liked else "")
-
-
-def item_fallback(item: data.ItemFacts, matcher: TitleMatcher) -> str:
-    """The item's part of the fallback line: `Toy Story (1995): animation, children's, comedy.`;
-    without a year or categories, `Night Ferry.`"""
-    year = "" if item.year == data.UNKNOWN_YEAR else f" ({item.year})"
-    categories = ", ".join(spoken(item, matcher).categories).lower()
-    return f"{display_title(item.title)}{year}" + (f": {categories}." if categories else ".")
-
-
-def user_fallback(liked: data.ItemFacts) -> str:
-    """The user's part of the fallback line, after the item's."""
-    return f" Picked for fans of {display_title(liked.title)}."
-
-
 def build_corpus(dataset: data.Dataset, train: data.Interactions, size: int,
                  seed: int = 42) -> list[CopyExample]:
     """`size` examples from the training rows `train` of `dataset`, in a seeded random order (see
@@ -447,88 +402,3 @@ def build_corpus(dataset: data.Dataset, train: data.Interactions, size: int,
     return corpus
 
 
-class TitleMatcher:
-    """Finds catalog titles (display form) in text, longest titles first.
-
-    The titles, longest first, are cut into `CHUNKS` alternations (one alternation of all 1,664
-    exceeds RE2's DFA memory, and RE2 then falls back to a 7x slower NFA with an error log per
-    call). Each pass wraps the matches of one chunk in markers, `\\x01title\\x02`, and skips text
-    already wrapped, so a title inside a longer one found earlier is not found again. `passes`
-    are the RE2-compatible patterns the exported graph runs with the same semantics.
-    """
-
-    CHUNKS = 4
-
-    def __init__(self, items: dict[str, data.ItemFacts]):
-        self.item_ids = list(items)
-        self.titles = sorted({display_title(item.title) for item in items.values()})
-        self.title_index = {title: index for index, title in enumerate(self.titles)}
-        self.item_title = {item_id: self.title_index[display_title(item.title)]
-                           for item_id, item in items.items()}
-        ordered = sorted(self.titles, key=lambda t: (-len(t), t))
-        size = -(-len(ordered) // self.CHUNKS)
-        self.chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
-        self.passes = [pass_pattern(chunk) for chunk in self.chunks]
-        self._speakable: dict[str, bool] = {}
-
-    def titles_in(self, text: str) -> list[str]:
-        """The titles found, in text order, none overlapping."""
-        for chunk in self.chunks:
-            # Only titles that occur as substrings can match, so an alternation of those finds
-            # what the chunk's pattern finds, and Python's backtracking `re` is fast on it.
-            present = tuple(title for title in chunk if title in text)
-            if present:
-                text = _compiled(pass_pattern(present)).sub(
-                    lambda m: m.group(1) or f"\x01{m.group(2)}\x02", text)
-        return re.findall("\x01([^\x02]*)\x02", text)
-
-    def speakable(self, text: str) -> bool:
-        """`text` holds no catalog title (cached: every item asks about the same categories)."""
-        if text not in self._speakable:
-            self._speakable[text] = not self.titles_in(text)
-        return self._speakable[text]
-
-    def check(self, text: str, item_id: str, liked) -> tuple[bool, list[str]]:
-        """(the item's title is present, the titles found that are not in the prompt)."""
-        found = {self.title_index[title] for title in self.titles_in(text)}
-        allowed = {self.item_title[item_id], *(self.item_title[i] for i in liked)}
-        return self.item_title[item_id] in found, sorted(self.titles[t] for t in found - allowed)
-
-
-@functools.lru_cache(maxsize=4096)
-def _compiled(pattern: str) -> re.Pattern:
-    return re.compile(pattern, re.ASCII)
-
-
-def pass_pattern(titles) -> str:
-    """Group 1: text already wrapped in markers; group 2: one of `titles`, longest first, with
-    `\b` where a title starts or ends with an ASCII letter or digit (RE2 and `re.ASCII` agree
-    on what that is)."""
-    parts = []
-    for title in sorted(titles, key=lambda t: (-len(t), t)):
-        escaped = re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", title)
-        start = r"\b" if re.match(r"\w", title[0], re.ASCII) else ""
-        end = r"\b" if re.match(r"\w", title[-1], re.ASCII) else ""
-        parts.append(f"{start}{escaped}{end}")
-    return "(\x01[^\x02]*\x02)|(" + "|".join(parts) + ")"
-
-
-def distinct_n(lines: list[str], n: int) -> float:
-    """Distinct-n: unique word n-grams over all n-grams of `lines` (whitespace words)."""
-    grams = [tuple(words[i:i + n]) for words in (line.split() for line in lines)
-             for i in range(len(words) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
-def benchmark_pairs(test: data.Interactions, count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """`count` distinct (user, item) pairs of the test split, chosen with a seeded permutation."""
-    order = np.random.default_rng(seed).permutation(len(test))
-    pairs, seen = [], set()
-    for row in order:
-        pair = (str(test.user_id[row]), str(test.item_id[row]))
-        if pair not in seen:
-            seen.add(pair)
-            pairs.append(pair)
-        if len(pairs) == count:
-            break
-    return pairs

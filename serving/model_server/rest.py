@@ -4,7 +4,7 @@
     GET  /v1/models/NAME[/versions/N | /labels/L]           model status
     GET  /v1/models/NAME[/versions/N | /labels/L]/metadata  signature_def metadata
 
-Bodies follow serving/json_tensor.py; status and metadata are the protos printed as TF Serving
+Bodies follow serving/model_server/json_tensor.py; status and metadata are the protos printed as TF Serving
 prints them; errors are `{"error": "..."}` with the HTTP code TF Serving maps each gRPC code to.
 """
 
@@ -24,10 +24,10 @@ from google.protobuf import json_format
 from grpc import StatusCode
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 
-from serving import json_tensor
-from serving.model_manager import ModelManager
-from serving.servable import SERVING_DEFAULT
-from serving.status import ServingError, truncate
+from serving.model_server import json_tensor
+from serving.model_server.model_manager import ModelManager
+from serving.model_server.servable import SERVING_DEFAULT
+from serving.model_server.status import ServingError, truncate
 
 log = logging.getLogger(__name__)
 

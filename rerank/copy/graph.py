@@ -4,7 +4,7 @@
 
 `CopywriterModule` is the graph; `serving.export.export_copywriter` writes it as a versioned TF
 Serving model (warmup request, record, models.config), `serving.export.export` writes it with the
-other stages and inside the one-call cascade, and `rerank.copywriter_eval` evaluates and times it.
+other stages and inside the one-call cascade, and `rerank.copy.evaluation` evaluates and times it.
 This module imports nothing from `serving`.
 
 Everything the copy depends on is a table in the graph: item ID -> row, user ID -> the user's
@@ -13,7 +13,7 @@ ever catalog text, so tokenizing it at export with the run's own tokenizer is ex
 graph assembles prompts by gathering and concatenating those token rows), the detokenizer (each
 byte-level BPE token's bytes; decoding is a gather and a string join), the catalog titles for
 the grounding check, and the pieces of the deterministic fallback line. Generation is the
-`copywriter.Decoder` loop, a `tf.while_loop` without XLA, so the signature runs on stock TF
+`decoding.Decoder` loop, a `tf.while_loop` without XLA, so the signature runs on stock TF
 Serving; it needs no op beyond core TensorFlow.
 
 An unknown `user_id` gets copy without liked titles; an unknown or empty item ID gets "" (so a
@@ -30,7 +30,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 import tensorflow as tf
 
-from rerank import copy_corpus, copywriter
+from rerank.copy import copywriter, decoding, grounding, templates
 from towers import data
 
 MODEL_NAME = "copywriter"
@@ -59,46 +59,23 @@ class Detokenizer(tf.Module):
         return tf.strings.strip(tf.strings.regex_replace(text, r"[\x00-\x1f]", " "))
 
 
-class TitleCheck(tf.Module):
-    """The grounding check in the graph: the catalog title ids found in each line, with the
-    passes of `copy_corpus.TitleMatcher` (RE2 here, the same semantics). Each pass wraps one
-    chunk's matches in marker characters by a global replace (text already wrapped is copied
-    through, with an empty marker pair that is then dropped); the titles are then cut out with
-    string splits, so nothing loops over rows."""
-
-    def __init__(self, matcher: copy_corpus.TitleMatcher):
-        super().__init__()
-        self.passes = matcher.passes
-        self.titles = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-            tf.constant(matcher.titles), tf.range(len(matcher.titles), dtype=tf.int32)), -1)
-
-    def __call__(self, text):
-        """text string [R] -> title ids int32 [R, (found)]."""
-        for pattern in self.passes:
-            text = tf.strings.regex_replace(text, pattern, "\\1\x01\\2\x02")
-            text = tf.strings.regex_replace(text, "\x01\x02", "")
-        pieces = tf.strings.split(text, "\x01")[:, 1:]  # each starts with a title, then \x02
-        found = tf.ragged.map_flat_values(tf.strings.regex_replace, pieces, "\x02(?s:.*)", "")
-        return tf.ragged.map_flat_values(self.titles.lookup, found)
-
-
 class CopywriterModule(tf.Module):
     """(user_id [B], item_ids [B, N]) -> copy [B, N]; `details` also returns what the check saw."""
 
-    def __init__(self, decoder: copywriter.Decoder, tokenizer, tables: copywriter.PromptTables,
+    def __init__(self, decoder: decoding.Decoder, tokenizer, tables: copywriter.PromptTables,
                  items: dict[str, data.ItemFacts], liked: dict[str, tuple[str, ...]]):
-        """`items`: the catalog's facts by ID (`copy_corpus.catalog`); `liked`: each user's liked
-        training items, best first (`copy_corpus.top_items`)."""
+        """`items`: the catalog's facts by ID (`templates.catalog`); `liked`: each user's liked
+        training items, best first (`templates.top_items`)."""
         super().__init__()
-        matcher = copy_corpus.TitleMatcher(items)
+        matcher = grounding.TitleMatcher(items)
         self.decoder, self.eos_id = decoder, tables.eos_id
         self.detokenize = Detokenizer(tokenizer, tables.slot_ids)
-        self.check = TitleCheck(matcher)
+        self.check = grounding.TitleCheck(matcher)
         self.liked_slot_ids = tf.constant(tables.slot_ids[1:], tf.int32)
         self.item_rows = _table(tables.item_ids, np.arange(len(tables.item_ids)), -1)
         users = sorted(liked)
         self.user_rows = _table(users, np.arange(1, len(users) + 1), 0)  # row 0: unknown user
-        width = copy_corpus.MAX_LIKED + 1  # one spare: the item itself is dropped from its prompt
+        width = templates.MAX_LIKED + 1  # one spare: the item itself is dropped from its prompt
         best = np.full((len(users) + 1, width), -1, np.int32)
         for row, user in enumerate(users, start=1):
             ids = [tables.row[item] for item in liked[user][:width]]
@@ -114,10 +91,10 @@ class CopywriterModule(tf.Module):
         values = [items[item] for item in tables.item_ids]
         self.item_title = tf.constant([matcher.item_title[item] for item in tables.item_ids], tf.int32)
         self.slot_titles = tf.constant(
-            [" " + copy_corpus.display_title(item.title) for item in values] + [""])  # last: none
+            [" " + grounding.display_title(item.title) for item in values] + [""])  # last: none
         self.item_fallback = tf.constant(
-            [copy_corpus.item_fallback(item, matcher) for item in values])
-        self.user_fallback = tf.constant([copy_corpus.user_fallback(item) for item in values])
+            [grounding.item_fallback(item, matcher) for item in values])
+        self.user_fallback = tf.constant([grounding.user_fallback(item) for item in values])
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, loaded=None) -> CopywriterModule:
@@ -128,10 +105,10 @@ class CopywriterModule(tf.Module):
         `serve(user_id [B], item_ids [B, N]) -> {"copy": [B, N]}` can be called inside another
         `tf.function` (the one-call cascade does, on its top-N item IDs) and saved with it."""
         record, model, tokenizer, dataset, split = loaded or copywriter.load_run(run_dir)
-        decoder = copywriter.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
-        items = copy_corpus.catalog(dataset)
+        decoder = decoding.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
+        items = templates.catalog(dataset)
         tables = copywriter.PromptTables.build(tokenizer, items)
-        liked = copy_corpus.top_items(split.train, copy_corpus.MAX_LIKED + 1, dataset.implicit)
+        liked = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
         return cls(decoder, tokenizer, tables, items, liked)
 
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
@@ -149,18 +126,18 @@ class CopywriterModule(tf.Module):
         row = tf.maximum(item_row, 0)
         liked = tf.gather(self.user_liked, self.user_rows.lookup(tf.repeat(user_id, shape[1])))
         liked = tf.ragged.boolean_mask(liked, (liked >= 0) & (liked != row[:, None]))
-        liked = liked[:, :copy_corpus.MAX_LIKED]  # [R, (<=3)] item rows
+        liked = liked[:, :templates.MAX_LIKED]  # [R, (<=3)] item rows
         ids, mask = self._prompts(row, liked)
         seed = tf.strings.to_hash_bucket_fast(tf.strings.reduce_join(
             [tf.strings.reduce_join(user_id, separator="\x1f"),
              tf.strings.reduce_join(items, separator="\x1f")], separator="\x1e"), 2**31 - 1)
         tokens, finished = self.decoder.generate(ids, mask, seed)
         slot_rows = tf.concat([row[:, None], liked.to_tensor(
-            self.items, shape=[None, copy_corpus.MAX_LIKED])], axis=1)  # [R, 4]; missing -> ""
+            self.items, shape=[None, templates.MAX_LIKED])], axis=1)  # [R, 4]; missing -> ""
         text = self.detokenize(tokens, tf.gather(self.slot_titles, slot_rows))
         # A liked-title slot the prompt does not have would leave a hole in the line.
         used = tf.reduce_any(tokens[:, :, None] == self.liked_slot_ids, axis=1)  # [R, 3]
-        slots_ok = ~tf.reduce_any(used & (tf.range(copy_corpus.MAX_LIKED)[None]
+        slots_ok = ~tf.reduce_any(used & (tf.range(templates.MAX_LIKED)[None]
                                           >= tf.cast(liked.row_lengths(), tf.int32)[:, None]), axis=1)
         present, foreign = self._grounding(text, row, liked)
         fallback = tf.strings.join([tf.gather(self.item_fallback, row), tf.where(
@@ -199,7 +176,7 @@ class CopywriterModule(tf.Module):
         titles = found.flat_values
         is_item = titles == tf.gather(tf.gather(self.item_title, row), which)
         liked_titles = tf.gather(self.item_title, liked).to_tensor(
-            -2, shape=[None, copy_corpus.MAX_LIKED])
+            -2, shape=[None, templates.MAX_LIKED])
         allowed = is_item | tf.reduce_any(titles[:, None] == tf.gather(liked_titles, which), axis=1)
         rows = tf.shape(row, out_type=which.dtype)[0]
         present = tf.math.unsorted_segment_max(tf.cast(is_item, tf.int32), which, rows) > 0

@@ -16,10 +16,11 @@ import pytest
 import tensorflow as tf
 
 from rerank import cross_encoder as ce
-from rerank import reranker_export
+from rerank import reranker_graph
 from tests.conftest import TINY_RERANKER
 from towers import cold_start
-from towers import train as towers_train
+from towers import runs
+from towers import model as towers_model
 
 USERS = ["1", "2", "no-such-user"]
 ITEMS = [["1", "50", "181", "7"], ["9", "8", "no-such-item", "6"], ["100", "1", "258", "288"]]
@@ -37,13 +38,13 @@ def reranker_run(tiny_run, tiny_bert_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def module(reranker_run):
-    return reranker_export.RerankerModule.from_run(reranker_run)
+    return reranker_graph.RerankerModule.from_run(reranker_run)
 
 
 def _expected_logits(run) -> np.ndarray:
     """The logits as training and `cascade evaluate reranker` compute them, in NumPy."""
-    retrieval, tables = towers_train.load_run(run)
-    queries, candidates = towers_train.embeddings(retrieval, tables)
+    retrieval, tables = runs.load_run(run)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
     user_row = {u: r for r, u in enumerate(tables.user_ids)}
     item_row = {i: r for r, i in enumerate(tables.item_ids)}
     cold = cold_start.popularity_query(candidates, tables.item_count)
@@ -83,7 +84,7 @@ def test_score_inside_another_function(module):
     users, items = _inputs()
     logits = tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4) / 4)
 
-    @tf.function(input_signature=[reranker_export.USER_ID, reranker_export.ITEM_IDS,
+    @tf.function(input_signature=[reranker_graph.USER_ID, reranker_graph.ITEM_IDS,
                                   tf.TensorSpec([None, None], tf.float32)])
     def outer(user_id, item_ids, retrieval_logits):
         return module.score(user_id, item_ids, retrieval_logits)
@@ -97,7 +98,7 @@ def test_score_inside_another_function(module):
 
 
 def test_saved_model_in_a_fresh_process(module, tmp_path):
-    path = reranker_export.save(module, tmp_path / "reranker" / "1")
+    path = reranker_graph.save(module, tmp_path / "reranker" / "1")
     users, items = _inputs()
     expected = module.serve(users, items)["scores"].numpy()
     script = textwrap.dedent(f"""
@@ -125,10 +126,10 @@ def test_saved_model_in_a_fresh_process(module, tmp_path):
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="must be \\[I, D\\]"):
-        reranker_export.RerankerModule(None, None, np.zeros(4), np.array(["1", "2"]),
+        reranker_graph.RerankerModule(None, None, np.zeros(4), np.array(["1", "2"]),
                                        np.zeros((3, 4)), 0.1)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        reranker_export.RerankerModule(None, None, np.zeros(4), np.array(["1"]),
+        reranker_graph.RerankerModule(None, None, np.zeros(4), np.array(["1"]),
                                        np.zeros((1, 4)), 0.0)
 
 
@@ -137,4 +138,4 @@ def test_from_run_without_reranker_names_the_command(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(ce.RERANKER_DIR))
     with pytest.raises(FileNotFoundError, match="cascade train reranker"):
-        reranker_export.RerankerModule.from_run(run)
+        reranker_graph.RerankerModule.from_run(run)

@@ -26,8 +26,8 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import model_pb2
 
-from serving.batching import Batcher
-from serving.status import ServingError
+from serving.model_server.batching import Batcher
+from serving.model_server.status import ServingError
 
 Tensors = dict[str, np.ndarray]
 SignatureDef = meta_graph_pb2.SignatureDef

@@ -20,8 +20,8 @@ from typing import Callable, Hashable
 import numpy as np
 from grpc import StatusCode
 
-from serving.server_config import BatchingParameters
-from serving.status import ServingError
+from serving.model_server.config import BatchingParameters
+from serving.model_server.status import ServingError
 
 Tensors = dict[str, np.ndarray]
 RunFunction = Callable[[Tensors], Tensors]

@@ -34,14 +34,14 @@ from tensorflow_serving.apis import get_model_metadata_pb2, model_management_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from serving import server_config
-from serving.batching import Batcher
-from serving.health import HealthService
-from serving.model_manager import ModelManager
-from serving.rest import RestApi, RestServer
-from serving.servable import tensor_proto
-from serving.server_config import BatchingParameters, ServerConfigError, TlsConfig
-from serving.status import ServingError, truncate
+from serving.model_server import config as server_config
+from serving.model_server.batching import Batcher
+from serving.model_server.health import HealthService
+from serving.model_server.model_manager import ModelManager
+from serving.model_server.rest import RestApi, RestServer
+from serving.model_server.servable import tensor_proto
+from serving.model_server.config import BatchingParameters, ServerConfigError, TlsConfig
+from serving.model_server.status import ServingError, truncate
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m serving.server ...`, the same as `cascade serve ...`."""
+    """`python -m serving.model_server.server ...`, the same as `cascade serve ...`."""
     parser = argparse.ArgumentParser(prog="cascade serve", description=__doc__.split("\n\n")[0])
     server_config.add_arguments(parser)
     args = parser.parse_args(argv)
