@@ -39,8 +39,7 @@ def shape(request, movielens_dir, tiny_bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"shape-{name}")
     folder = getattr(shapes, name)(movielens_dir, root / "data", conftest.TINY_ROWS)
     run, models = root / "run", root / "models"
-    flags = [] if name == "implicit" else TINY_FLAGS  # implicit: the defaults, as a user would
-    assert cli.main(["train", "retrieval", "--data", str(folder), "--run", str(run), *flags]) == 0
+    assert cli.main(["train", "retrieval", "--data", str(folder), "--run", str(run), *TINY_FLAGS]) == 0
     cross_encoder.train_reranker(run, checkpoint=tiny_bert_dir, verbose=0,
                                  config=cross_encoder.RerankerConfig(**conftest.TINY_RERANKER))
     copywriter.train_copywriter(run, dataclasses.replace(conftest.tiny_copywriter_config(), epochs=1),
@@ -64,7 +63,7 @@ def test_every_user_and_item_in_the_files_is_answered(shape):
     train_users, train_items = set(split.train.user_id), set(split.train.item_id)
     users, items = dataset.user_ids(), dataset.item_ids()
     towers = _serve(models / "query_tower" / "1", user_id=list(users))["embedding"]
-    assert towers.shape == (len(users), 16 if name != "implicit" else 64)
+    assert towers.shape == (len(users), 16)
     np.testing.assert_allclose(np.linalg.norm(towers, axis=1), 1.0, atol=1e-5)
     candidates = _serve(models / "candidate_tower" / "1", item_id=list(items))["embedding"]
     new_items = [r for r, i in enumerate(items) if i not in train_items]
