@@ -35,9 +35,10 @@ import tf_keras as keras
 
 from rerank import checkpoint as checkpoints
 from rerank import negatives, pairs, ranking
+from rerank.copy import templates
 from rerank import tokenizer as tokenizers
 from rerank.config import RerankerConfig
-from towers import features, files, metrics
+from towers import data, features, files, metrics
 from towers import model as towers_model
 from towers import retrieval_eval, runs
 from towers import train as towers_train
@@ -191,18 +192,24 @@ def new_encoder(base: str | os.PathLike, config: RerankerConfig, pretrained: boo
 # Training
 
 
+def liked_rating(dataset: data.Dataset) -> float | None:
+    """The rating from which a history item counts as liked, a possible reason for copy: the copy
+    corpus's (4 of 5 stars on explicit feedback); every item on implicit feedback."""
+    return None if dataset.implicit else templates.HIGH_RATING
+
+
 def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.ndarray,
              ease: np.ndarray | None = None, steps: int = 400) -> dict[str, float]:
     """Sets w_r, w_p and w_e by the listwise loss over each group's whole top-K with no BERT term
     (three parameters, seconds): the point BERT fine-tuning starts from, and an ablation.
-    `popularity` is [I], `ease` [U, I] in the rows of `groups.user_row`."""
+    `popularity` is [I]; `ease` [P, K], the EASE score of each group's candidates."""
     terms = [(encoder.retrieval_weight, groups.retrieval)]  # each weight with its [P, K] feature
     if encoder.popularity_feature:
         terms.append((encoder.popularity_weight, popularity[groups.candidates]))
     if encoder.ease_feature:
         if ease is None:
             raise ValueError("the encoder has an EASE term: pass the EASE scores")
-        terms.append((encoder.ease_weight, ease[groups.user_row[:, None], groups.candidates]))
+        terms.append((encoder.ease_weight, ease))
     weights = [weight for weight, _ in terms]
     values = [tf.constant(value, tf.float32) for _, value in terms]
     allowed = tf.constant(groups.negative | (np.arange(groups.candidates.shape[1])
@@ -307,11 +314,12 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     encoder = new_encoder(base, config)
     ease_l2 = config.ease_l2 if config.ease_feature else None
     texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
-                            config.history_titles, ease_l2)
+                                  config.history_titles, ease_l2, config.ease_neighbours,
+                                  liked_rating(dataset))
     reranker = Reranker(encoder, texts, tokenizers.PairTokenizer.from_directory(base),
                         config.max_length)
-    ease = texts.ease_rows(tables.user_ids)  # [U, I] in the rows of the tables (and the groups)
-    head = fit_head(encoder, groups, texts.arrays["popularity"], ease)
+    head = fit_head(encoder, groups, texts.arrays["popularity"], texts.ease_pairs(
+        tables.user_ids[groups.user_row], tables.item_ids[groups.candidates]))
 
     rng = np.random.default_rng(config.seed)
     val_users = np.unique(users[validation:])
@@ -324,7 +332,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     top = check.top
     head_only = head_scores(encoder, np.take_along_axis(scores[check.user_rows], top, 1),
                             texts.arrays["popularity"][top],
-                            np.take_along_axis(ease[check.user_rows], top, 1))
+                            texts.ease_pairs(tables.user_ids[check.user_rows], tables.item_ids[top]))
     baselines = {"retrieval": check.metrics(scores),
                  "head": check.metrics(ranking.rows_replaced(
                      scores, check.user_rows, ranking.reordered(scores[check.user_rows], top, head_only)))}
@@ -352,7 +360,9 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     # Test-time texts for every ID of the run's own tables (the shadow's have the same IDs).
     run_tables = features.FeatureTables.load(run / runs.TABLES_FILE)
     pairs.PairTexts.build(dataset, train_rows, run_tables.user_ids, run_tables.item_ids,
-                    config.history_titles, ease_l2).save(out / TEXTS_FILE)
+                          config.history_titles, ease_l2, config.ease_neighbours,
+                          liked_rating(dataset)
+                          ).save(out / TEXTS_FILE)
     files.write_atomic(out / CONFIG_FILE, json.dumps(
         {"checkpoint": str(checkpoint or checkpoints.MINILM_NAME), **dataclasses.asdict(config)},
         indent=2).encode())

@@ -9,8 +9,9 @@ of the run's feature tables has a text, those without a training interaction too
 text alone, the item's text), so new users and new items are scored. Only training rows are read,
 and the pair is truncated longest-first to `max_length` tokens, so the newest titles survive.
 
-`PairTexts` holds, as lookup tables inside the exported graphs, each user's context, each item's
-text and log(1 + training count), and the EASE score of (user, item).
+`PairTexts` holds, as lookup tables inside the exported graphs, each user's context and training
+history, each item's text and log(1 + training count), and the bounded EASE weights, from which
+the EASE score of (user, item) is summed over the user's history.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pathlib
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
+import scipy.sparse
 import tensorflow as tf
 
 from rerank.config import RerankerConfig
@@ -62,22 +64,39 @@ def candidate_texts(dataset: data.Dataset, item_ids: np.ndarray) -> np.ndarray:
 
 
 class PairTexts(tf.Module):
-    """In-graph tables: user_id -> context text, item_id -> candidate text and log(1 + count),
-    (user_id, item_id) -> EASE score (`ease` [U, I], rows `user_ids`, columns `item_ids`)."""
+    """In-graph tables: user_id -> context text and training history (item rows, ragged),
+    item_id -> candidate text and log(1 + count), and the bounded EASE weights
+    (`peers.ItemNeighbours`: (source item row, target item row) -> weight, I x k entries), so the
+    EASE score of (user, item) is the sum of the weights from the user's history. Nothing is
+    sized users x items."""
 
     def __init__(self, user_ids: np.ndarray, contexts: np.ndarray, item_ids: np.ndarray,
-                 item_texts: np.ndarray, popularity: np.ndarray, ease: np.ndarray | None = None,
-                 name: str | None = None):
+                 item_texts: np.ndarray, popularity: np.ndarray,
+                 history_values: np.ndarray | None = None, history_splits: np.ndarray | None = None,
+                 neighbour_index: np.ndarray | None = None,
+                 neighbour_weight: np.ndarray | None = None,
+                 history_liked: np.ndarray | None = None, name: str | None = None):
         super().__init__(name=name)
         user_ids, item_ids = np.asarray(user_ids, str), np.asarray(item_ids, str)
-        ease = (np.zeros((len(user_ids), len(item_ids)), np.float32) if ease is None
-                else np.asarray(ease, np.float32))
-        if ease.shape != (len(user_ids), len(item_ids)):
-            raise ValueError(f"ease {ease.shape} must be [users, items] = "
-                             f"[{len(user_ids)}, {len(item_ids)}]")
+        if history_values is None:  # no EASE term: empty histories, no weights
+            history_values = np.zeros(0, np.int32)
+            history_splits = np.zeros(len(user_ids) + 1, np.int64)
+            neighbour_index = np.zeros((len(item_ids), 0), np.int32)
+            neighbour_weight = np.zeros((len(item_ids), 0), np.float32)
+        if history_liked is None:  # every history item counts as liked (implicit feedback)
+            history_liked = np.ones(len(history_values), bool)
+        if len(history_splits) != len(user_ids) + 1 or neighbour_index.shape[0] != len(item_ids):
+            raise ValueError(f"history splits {len(history_splits)} must be users + 1 = "
+                             f"{len(user_ids) + 1}, neighbours {neighbour_index.shape} [items, k] "
+                             f"with items = {len(item_ids)}")
         self.arrays = dict(user_ids=user_ids, contexts=np.asarray(contexts, str),
                            item_ids=item_ids, item_texts=np.asarray(item_texts, str),
-                           popularity=np.asarray(popularity, np.float32), ease=ease)
+                           popularity=np.asarray(popularity, np.float32),
+                           history_values=np.asarray(history_values, np.int32),
+                           history_splits=np.asarray(history_splits, np.int64),
+                           neighbour_index=np.asarray(neighbour_index, np.int32),
+                           neighbour_weight=np.asarray(neighbour_weight, np.float32),
+                           history_liked=np.asarray(history_liked, bool))
         table = lambda keys, values, default: tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, values), default)
         # An unknown user is read as a context with no user features and no history.
@@ -86,43 +105,114 @@ class PairTexts(tf.Module):
         self.popularity = table(item_ids, self.arrays["popularity"], 0.0)
         self.user_row = table(user_ids, np.arange(len(user_ids), dtype=np.int32), -1)
         self.item_row = table(item_ids, np.arange(len(item_ids), dtype=np.int32), -1)
-        self.ease = tf.constant(ease)  # [U, I]; 6 MB on MovieLens-100K
+        self.items = len(item_ids)
+        self.users = len(user_ids)
+        self.history_values = tf.constant(self.arrays["history_values"])
+        splits = self.arrays["history_splits"]
+        self.history_splits = tf.constant(np.append(splits, splits[-1]))  # last row: empty
+        self.history_liked = tf.constant(self.arrays["history_liked"])
+        self.item_id = tf.constant(np.append(item_ids, ""))  # row -> ID; the last: none
+        index, weight = self.arrays["neighbour_index"], self.arrays["neighbour_weight"]
+        keys = (np.repeat(np.arange(len(item_ids), dtype=np.int64), index.shape[1]) * len(item_ids)
+                + index.ravel())
+        self.weight = table(tf.constant(keys, tf.int64), tf.constant(weight.ravel()), 0.0)
+
+    def neighbours(self) -> peers.ItemNeighbours:
+        return peers.ItemNeighbours(self.arrays["neighbour_index"], self.arrays["neighbour_weight"])
+
+    def history(self, user_ids: np.ndarray) -> scipy.sparse.csr_matrix:
+        """Binary CSR [len(user_ids), I]: each user's training items (an unknown user: none)."""
+        row = {u: r for r, u in enumerate(self.arrays["user_ids"])}
+        splits, values = self.arrays["history_splits"], self.arrays["history_values"]
+        rows = [row.get(str(u), -1) for u in user_ids]
+        pieces = [values[splits[r]:splits[r + 1]] if r >= 0 else values[:0] for r in rows]
+        lengths = np.array([len(piece) for piece in pieces], np.int64)
+        indices = np.concatenate(pieces) if pieces else values[:0]
+        return scipy.sparse.csr_matrix(
+            (np.ones(len(indices), np.float32), indices, np.concatenate([[0], np.cumsum(lengths)])),
+            shape=(len(rows), self.items))
+
+    def _history_of(self, user_ids: tf.Tensor) -> tf.RaggedTensor:
+        """int32 [N, (h)]: the history item rows of each user (none for an unknown user)."""
+        history = tf.RaggedTensor.from_row_splits(self.history_values, self.history_splits)
+        users = self.user_row.lookup(user_ids)
+        return tf.gather(history, tf.where(users >= 0, users, self.users))
+
+    def contributions(self, user_ids: tf.Tensor, item_ids: tf.Tensor) -> tuple[tf.RaggedTensor,
+                                                                                 tf.RaggedTensor]:
+        """(history item rows int32 [N, (h)], each one's EASE weight towards the pair's item
+        float32 [N, (h)]): the terms whose sum is `ease_score`."""
+        history = self._history_of(user_ids)
+        items = self.item_row.lookup(item_ids)
+        keys = (tf.cast(history, tf.int64) * self.items
+                + tf.cast(items, tf.int64)[:, None])
+        weights = tf.ragged.map_flat_values(self.weight.lookup, keys)
+        return history, weights * tf.cast(items >= 0, tf.float32)[:, None]
+
+    def reasons(self, user_ids: tf.Tensor, item_ids: tf.Tensor, count: int = 2) -> tf.Tensor:
+        """string [N, count]: the IDs of the user's liked history items whose EASE weight towards
+        the pair's item is largest, largest first, only positive ones ("" where fewer qualify).
+        The EASE term is a sum over history items, so each one's share of the item's final score
+        is exactly w_e times its weight: these are the history items that raised it most."""
+        history, weights = self.contributions(user_ids, item_ids)
+        liked = tf.gather(tf.RaggedTensor.from_row_splits(self.history_liked, self.history_splits),
+                          tf.where(self.user_row.lookup(user_ids) >= 0,
+                                   self.user_row.lookup(user_ids), self.users))
+        eligible = liked & (weights > 0)
+        scores = tf.where(eligible, weights, -np.inf).to_tensor(-np.inf)  # [N, h]
+        rows = history.to_tensor(self.items)
+        pad = tf.maximum(count - tf.shape(scores)[1], 0)
+        scores = tf.pad(scores, [[0, 0], [0, pad]], constant_values=-np.inf)
+        rows = tf.pad(rows, [[0, 0], [0, pad]], constant_values=self.items)
+        best, order = tf.math.top_k(scores, k=count)  # ties: the lower item row first
+        chosen = tf.where(best > -np.inf, tf.gather(rows, order, batch_dims=1), self.items)
+        return tf.gather(self.item_id, chosen)
 
     def ease_score(self, user_ids: tf.Tensor, item_ids: tf.Tensor) -> tf.Tensor:
         """string [N], string [N] -> float32 [N]; 0 for an unknown user or item (no history)."""
-        users, items = self.user_row.lookup(user_ids), self.item_row.lookup(item_ids)
-        known = (users >= 0) & (items >= 0)
-        index = tf.stack([tf.maximum(users, 0), tf.maximum(items, 0)], axis=-1)
-        return tf.where(known, tf.gather_nd(self.ease, index), 0.0)
+        return tf.reduce_sum(self.contributions(user_ids, item_ids)[1], axis=1)
 
-    def ease_rows(self, user_ids: np.ndarray) -> np.ndarray:
-        """float32 [len(user_ids), I]: the EASE rows of `user_ids` (zeros for an unknown user)."""
-        row = {u: r for r, u in enumerate(self.arrays["user_ids"])}
-        ease = np.concatenate([self.arrays["ease"], np.zeros((1, len(self.arrays["item_ids"])),
-                                                             np.float32)])
-        return ease[[row.get(str(u), -1) for u in user_ids]]
+    def ease_pairs(self, user_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """float32 [N, K]: the EASE score of user `user_ids[n]` for each of `item_ids[n]` [N, K]
+        (item IDs), in batches of users (numpy, for training and evaluation)."""
+        column = {i: c for c, i in enumerate(self.arrays["item_ids"])}
+        items = np.vectorize(lambda i: column.get(str(i), -1), otypes=[np.int64])(item_ids)
+        scores = self.neighbours().pair_scores(self.history(user_ids), np.maximum(items, 0))
+        return np.where(items >= 0, scores, 0.0).astype(np.float32)
 
     @classmethod
     def build(cls, dataset: data.Dataset, rows: data.Interactions, user_ids: np.ndarray,
               item_ids: np.ndarray, history_titles: int,
-              ease_l2: float | None = RerankerConfig.ease_l2) -> PairTexts:
-        """Contexts, popularity and EASE scores from `rows` (training rows only), texts from the
-        dataset's files, for every one of `user_ids` and `item_ids` (the run's feature tables',
-        with or without training rows); `ease_l2=None` leaves the EASE table at zero."""
+              ease_l2: float | None = RerankerConfig.ease_l2,
+              ease_neighbours: int = RerankerConfig.ease_neighbours,
+              liked_rating: float | None = None) -> PairTexts:
+        """Contexts, popularity, histories and EASE weights from `rows` (training rows only),
+        texts from the dataset's files, for every one of `user_ids` and `item_ids` (the run's
+        feature tables', with or without training rows); `ease_l2=None`: no EASE term. A history
+        item is liked (a possible reason) when its best rating is at least `liked_rating`
+        (`None`: every one, as for implicit feedback)."""
         user_ids = np.asarray(user_ids).astype(str)
         contexts = user_contexts(dataset, rows, user_ids, history_titles)
         item_ids = np.asarray(item_ids).astype(str)
         count = dict(zip(*np.unique(rows.item_id.astype(str), return_counts=True)))
-        ease = None
+        ease = {}
         if ease_l2 is not None:
             user_row = {u: r for r, u in enumerate(user_ids)}
             item_row = {i: r for r, i in enumerate(item_ids)}
-            seen = np.zeros((len(user_ids), len(item_ids)), bool)
-            seen[[user_row[u] for u in rows.user_id], [item_row[i] for i in rows.item_id]] = True
-            ease = peers.ease_scores(seen, ease_l2)
+            seen = peers.seen_matrix(np.array([user_row[u] for u in rows.user_id.astype(str)]),
+                                     np.array([item_row[i] for i in rows.item_id.astype(str)]),
+                                     len(user_ids), len(item_ids))
+            seen.sort_indices()
+            neighbours = peers.ease_neighbours(seen, ease_l2, ease_neighbours)
+            liked = (np.ones(seen.nnz, bool) if liked_rating is None
+                     else _best_ratings(rows, user_row, item_row, seen) >= liked_rating)
+            ease = dict(history_values=seen.indices.astype(np.int32),
+                        history_splits=seen.indptr.astype(np.int64),
+                        neighbour_index=neighbours.index, neighbour_weight=neighbours.weight,
+                        history_liked=liked)
         return cls(user_ids, np.array([contexts[u] for u in user_ids]), item_ids,
                    candidate_texts(dataset, item_ids),
-                   np.log1p([count.get(i, 0) for i in item_ids]).astype(np.float32), ease)
+                   np.log1p([count.get(i, 0) for i in item_ids]).astype(np.float32), **ease)
 
     def save(self, path: str | os.PathLike) -> None:
         path = pathlib.Path(path)
@@ -135,3 +225,15 @@ class PairTexts(tf.Module):
     def load(cls, path: str | os.PathLike) -> PairTexts:
         with np.load(path, allow_pickle=False) as arrays:
             return cls(**{key: arrays[key] for key in arrays.files})
+
+
+def _best_ratings(rows: data.Interactions, user_row: dict, item_row: dict,
+                  seen: scipy.sparse.csr_matrix) -> np.ndarray:
+    """float32 [nnz]: each (user, item) entry of `seen` (CSR order)'s best rating in `rows`."""
+    order = np.lexsort((rows.rating, [item_row[i] for i in rows.item_id.astype(str)],
+                        [user_row[u] for u in rows.user_id.astype(str)]))
+    best = {}
+    for row in order:  # ascending rating within a pair: the last write is the best
+        best[(user_row[str(rows.user_id[row])], item_row[str(rows.item_id[row])])] = rows.rating[row]
+    users = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+    return np.array([best[(u, i)] for u, i in zip(users, seen.indices)], np.float32)

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 
 from rerank import cross_encoder as ce
-from rerank import pairs, ranking
+from rerank import ranking
 from towers import metrics, peers
 from towers import retrieval_eval, runs
 from towers import model as towers_model
@@ -80,8 +80,7 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     seconds = time.perf_counter() - started
     popularity = reranker.texts.popularity.lookup(
         ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
-    ease = np.take_along_axis(reranker.texts.ease_rows(tables.user_ids[user_rows]),
-                              _columns(reranker.texts, tables.item_ids)[top], axis=1)
+    ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
     head = ce.head_scores(reranker.encoder, np.take_along_axis(logits[user_rows], top, 1),
                           popularity, ease)
     for depth in sorted(depths):
@@ -100,12 +99,6 @@ def reranker_l2(run: pathlib.Path) -> float:
     """The EASE l2 the run's re-ranker was trained with (the config default for older runs)."""
     record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
     return float(record.get("ease_l2", ce.RerankerConfig.ease_l2))
-
-
-def _columns(texts: pairs.PairTexts, item_ids: np.ndarray) -> np.ndarray:
-    """int [I]: the column of each of `item_ids` in the texts' EASE table."""
-    column = {i: c for c, i in enumerate(texts.arrays["item_ids"])}
-    return np.array([column[str(i)] for i in item_ids])
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:

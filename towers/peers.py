@@ -4,10 +4,14 @@
 - implicit ALS (Hu, Koren & Volinsky 2008) from the `implicit` package, 64 factors.
 - EASE (Steck 2019, "Embarrassingly Shallow Autoencoders"): an item-item linear model with a
   closed form, B = I - P diag(1 / diag(P)) for P = (X'X + l2 I)^-1, scores X B. On MovieLens-100K
-  it is the strongest peer (README), and the re-ranker uses its score as a feature.
+  it is the strongest peer (README), and the re-ranker uses its score as a feature, bounded:
+  `ItemNeighbours` keeps each item's `k` largest weights by magnitude (`ease_neighbours`), so the
+  term inside the exported graphs has I x k entries, not users x items or items x items.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import scipy.sparse
@@ -40,12 +44,86 @@ def ease_item_weights(seen: np.ndarray, l2: float = 500.0) -> np.ndarray:
     if not l2 > 0:
         raise ValueError(f"EASE l2 must be positive, got {l2}")
     x = np.asarray(seen, np.float64)
-    precision = np.linalg.inv(x.T @ x + l2 * np.eye(x.shape[1]))
+    return _ease_from_gram(x.T @ x, l2).astype(np.float32)
+
+
+def _ease_from_gram(gram: np.ndarray, l2: float) -> np.ndarray:
+    """B from the item-item Gram matrix X'X (float64 [I, I]): -P / diag(P), zero diagonal."""
+    if not l2 > 0:
+        raise ValueError(f"EASE l2 must be positive, got {l2}")
+    precision = np.linalg.inv(gram + l2 * np.eye(gram.shape[0]))
     weights = -precision / np.diag(precision)[None, :]
     np.fill_diagonal(weights, 0.0)
-    return weights.astype(np.float32)
+    return weights
 
 
 def ease_scores(seen: np.ndarray, l2: float = 500.0) -> np.ndarray:
     """[U, I] EASE scores: each user's seen items times the item weights."""
     return np.asarray(seen, np.float32) @ ease_item_weights(seen, l2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemNeighbours:
+    """A sparse item-item weight matrix W [I, I]: row j holds source item j's `k` largest weights
+    by magnitude, on target items `index[j]`. A user's score for item i is the sum of W[j, i] over
+    the items j of their history, so each history item's share of it is exact (`contributions`)."""
+
+    index: np.ndarray  # int32 [I, k] target item rows
+    weight: np.ndarray  # float32 [I, k]
+
+    @property
+    def items(self) -> int:
+        return int(self.index.shape[0])
+
+    def matrix(self) -> scipy.sparse.csr_matrix:
+        """W as a CSR matrix [I, I]."""
+        items, k = self.index.shape
+        return scipy.sparse.csr_matrix(
+            (self.weight.ravel(), self.index.ravel(), np.arange(0, items * k + 1, k)),
+            shape=(items, items))
+
+    def scores(self, history: scipy.sparse.csr_matrix) -> np.ndarray:
+        """float32 [N, I]: the users' scores for every item (`history` [N, I] binary rows); call it
+        on batches of users, its size is N x I."""
+        return np.asarray((history @ self.matrix()).todense(), np.float32)
+
+    def pair_scores(self, history: scipy.sparse.csr_matrix, items: np.ndarray,
+                    batch: int = 1024) -> np.ndarray:
+        """float32 [N, K]: the score of user n (`history` row n) for item rows `items[n]` [N, K],
+        in batches of users, so memory is batch x I."""
+        out = np.zeros(items.shape, np.float32)
+        weights = self.matrix()
+        for start in range(0, items.shape[0], batch):
+            rows = slice(start, start + batch)
+            block = np.asarray((history[rows] @ weights).todense(), np.float32)
+            out[rows] = np.take_along_axis(block, items[rows], axis=1)
+        return out
+
+
+def seen_matrix(user_rows: np.ndarray, item_rows: np.ndarray, users: int,
+                items: int) -> scipy.sparse.csr_matrix:
+    """Binary CSR [users, items] of (user row, item row) pairs, repeats counted once: its size is
+    the number of interactions."""
+    matrix = scipy.sparse.csr_matrix(
+        (np.ones(len(user_rows), np.float32), (np.asarray(user_rows), np.asarray(item_rows))),
+        shape=(users, items))
+    matrix.data[:] = 1.0  # duplicates were summed
+    return matrix
+
+
+def ease_neighbours(seen: scipy.sparse.spmatrix, l2: float = 500.0, k: int = 200) -> ItemNeighbours:
+    """EASE weights kept to each item's `k` largest by magnitude. On MovieLens-100K (1,682 items)
+    EASE alone scores HR@10 0.1767 dense and 0.1747 with k = 200 (README). The fit itself inverts
+    one dense I x I matrix, so this is for catalogs up to a few tens of thousands of items."""
+    seen = scipy.sparse.csr_matrix(seen, dtype=np.float32)
+    items = seen.shape[1]
+    gram = np.asarray((seen.T @ seen).todense(), np.float64)
+    weights = _ease_from_gram(gram, l2)
+    del gram
+    k = max(1, min(k, items))
+    index = (np.argpartition(-np.abs(weights), k - 1, axis=1)[:, :k] if k < items
+             else np.tile(np.arange(items), (items, 1)))
+    # A stable order within each row (by target item), so the same data gives the same arrays.
+    index = np.sort(index, axis=1)
+    return ItemNeighbours(index.astype(np.int32),
+                          np.take_along_axis(weights, index, axis=1).astype(np.float32))

@@ -104,7 +104,7 @@ GENRE_WORDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "unknown": NO_CATEGORY_WORDS,
 }
 GENERIC_NOUNS = ("pick", "find", "favorite")  # noun phrasings of another category: `jazz pick`
-_NOUNS = ("film", "movie", "picture", "feature", "flick", "gem", "treat", "pick", "outing",
+NOUNS = ("film", "movie", "picture", "feature", "flick", "gem", "treat", "pick", "outing",
           "crowd-pleaser", "watch", "ride")
 
 # Sentence frames. {T}: the item's title; {L}, {L2}: liked titles; {ag}/{g}: category phrase with
@@ -351,7 +351,7 @@ def category_phrase(item: data.ItemFacts, rng: random.Random) -> tuple[str, str]
     elif rng.random() < 0.5:
         phrase = rng.choice(rng.choice(words)[1])
     else:
-        phrase = f"{rng.choice(rng.choice(words)[0])} {rng.choice(_NOUNS)}"
+        phrase = f"{rng.choice(rng.choice(words)[0])} {rng.choice(NOUNS)}"
     return phrase, article(phrase)
 
 

@@ -135,27 +135,45 @@ def test_pair_text_uses_training_rows_only(movielens, tiny_split):
     count = dict(zip(*np.unique(fit_rows.item_id.astype(str), return_counts=True)))
     np.testing.assert_allclose(texts.arrays["popularity"],
                                np.log1p([count.get(i, 0) for i in texts.arrays["item_ids"]]))
-    # The EASE table is the peer's scores on the fit rows alone, rows and columns as the IDs.
+    # The EASE term is the peer's weights on the fit rows alone, each item's 200 largest kept,
+    # summed over each user's fit-row history.
     user_row = {u: r for r, u in enumerate(texts.arrays["user_ids"])}
     item_row = {i: r for r, i in enumerate(texts.arrays["item_ids"])}
-    seen = np.zeros(texts.arrays["ease"].shape, bool)
+    seen = np.zeros((len(user_row), len(item_row)), bool)
     seen[[user_row[u] for u in fit_rows.user_id], [item_row[i] for i in fit_rows.item_id]] = True
-    np.testing.assert_allclose(texts.arrays["ease"], peers.ease_scores(seen, ce.RerankerConfig.ease_l2),
-                               rtol=1e-5, atol=1e-6)
+    dense = peers.ease_item_weights(seen, ce.RerankerConfig.ease_l2)
+    keep = np.argsort(-np.abs(dense), axis=1, kind="stable")[:, :ce.RerankerConfig.ease_neighbours]
+    pruned = np.zeros_like(dense)
+    np.put_along_axis(pruned, keep, np.take_along_axis(dense, keep, 1), 1)
+    users = np.array(["1", "13", "405", "new-user"])
+    items = np.tile(texts.arrays["item_ids"][:40], (4, 1))
+    expected = np.zeros((4, 40), np.float32)
+    expected[:3] = (seen @ pruned)[[user_row[u] for u in users[:3]], :40]
+    np.testing.assert_allclose(texts.ease_pairs(users, items), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ease_lookup_in_graph_and_unknown_ids():
-    texts = pairs.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
-                         np.array(["x", "y", "z"]), np.zeros(3),
-                         np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]))
-    scores = texts.ease_score(tf.constant(["8", "7", "new-user", "7"]),
-                              tf.constant(["3", "1", "1", "999"])).numpy()
-    np.testing.assert_allclose(scores, [0.6, 0.1, 0.0, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(texts.ease_rows(np.array(["8", "new-user"])),
-                               [[0.4, 0.5, 0.6], [0.0, 0.0, 0.0]], rtol=1e-6)
-    with pytest.raises(ValueError, match=r"ease \(2, 2\) must be \[users, items\] = \[2, 3\]"):
+    """Histories: user 7 has items 1, 3; user 8 has item 2. Weights W[source, target] by hand:
+    W[1->2] = 0.5, W[3->2] = -0.25, W[2->1] = 2, W[2->3] = 0.1 (rows 0, 1, 2 = items 1, 2, 3)."""
+    texts = pairs.PairTexts(
+        np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
+        np.array(["x", "y", "z"]), np.zeros(3),
+        history_values=np.array([0, 2, 1]), history_splits=np.array([0, 2, 3]),
+        neighbour_index=np.array([[1, 2], [0, 2], [1, 0]]),
+        neighbour_weight=np.array([[0.5, 0.0], [2.0, 0.1], [-0.25, 0.0]]))
+    users = ["7", "8", "8", "new-user", "7", "7"]
+    items = ["2", "1", "3", "1", "999", "1"]
+    expected = [0.5 - 0.25, 2.0, 0.1, 0.0, 0.0, 0.0]
+    scores = texts.ease_score(tf.constant(users), tf.constant(items)).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    np.testing.assert_allclose(texts.ease_pairs(np.array(users), np.array(items)[:, None])[:, 0],
+                               expected, rtol=1e-6)
+    history, weights = texts.contributions(tf.constant(["7"]), tf.constant(["2"]))
+    assert history.to_list() == [[0, 2]] and weights.to_list() == [[0.5, -0.25]]
+    with pytest.raises(ValueError, match=r"history splits 2 must be users \+ 1 = 3"):
         pairs.PairTexts(np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3"]),
-                     np.array(["x", "y", "z"]), np.zeros(3), np.zeros((2, 2)))
+                        np.array(["x", "y", "z"]), np.zeros(3), np.array([0]), np.array([0, 1]),
+                        np.zeros((3, 1)), np.zeros((3, 1)))
 
 
 def test_groups_hold_training_positives_and_never_test_items(tiny_split):
@@ -324,3 +342,40 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     scores = reloaded(dict(user_id=tf.constant([new_user]), item_ids=tf.constant([[new_item, "1"]]),
                            retrieval_score=tf.constant([[0.0, 0.0]]))).numpy()
     assert np.isfinite(scores).all()
+
+
+def test_reasons_are_the_liked_history_items_that_raise_the_score_most():
+    """User 7 has items 1, 2, 3 (item 2 not liked), user 8 item 2. Weights towards item 4 (row
+    3): from 1: 0.2, from 2: 0.9 (not liked), from 3: 0.5; towards item 1: from 2: 2.0, from 3:
+    -0.4. Expected by hand: (7, 4) -> 3 then 1 (2 is larger but not liked); (7, 1) -> none (3's
+    weight is negative, 2 not liked); (8, 1) -> 2; unknown user or item -> none."""
+    texts = pairs.PairTexts(
+        np.array(["7", "8"]), np.array(["a", "b"]), np.array(["1", "2", "3", "4"]),
+        np.array(["w", "x", "y", "z"]), np.zeros(4),
+        history_values=np.array([0, 1, 2, 1]), history_splits=np.array([0, 3, 4]),
+        neighbour_index=np.array([[3, 1], [3, 0], [3, 0], [0, 1]]),
+        neighbour_weight=np.array([[0.2, 0.0], [0.9, 2.0], [0.5, -0.4], [0.0, 0.0]]),
+        history_liked=np.array([True, False, True, True]))
+    reasons = texts.reasons(tf.constant(["7", "7", "8", "new-user", "7"]),
+                            tf.constant(["4", "1", "1", "4", "999"])).numpy().astype(str)
+    np.testing.assert_array_equal(reasons, [["3", "1"], ["", ""], ["2", ""], ["", ""], ["", ""]])
+    one = texts.reasons(tf.constant(["7"]), tf.constant(["4"]), count=1).numpy().astype(str)
+    np.testing.assert_array_equal(one, [["3"]])
+
+
+def test_liked_history_items_are_those_rated_at_least_the_threshold(movielens, tiny_split):
+    """`history_liked` marks each (user, item) of the history whose best training rating is at
+    least the threshold, checked against the rows directly."""
+    rows = tiny_split.train
+    texts = pairs.PairTexts.build(movielens, rows, np.unique(rows.user_id), np.unique(rows.item_id),
+                                  2, liked_rating=4.0)
+    best = {}
+    for user, item, rating in zip(rows.user_id, rows.item_id, rows.rating):
+        best[(user, item)] = max(best.get((user, item), 0.0), rating)
+    arrays = texts.arrays
+    splits = arrays["history_splits"]
+    for row, user in enumerate(arrays["user_ids"][:50]):
+        for position in range(splits[row], splits[row + 1]):
+            item = arrays["item_ids"][arrays["history_values"][position]]
+            assert arrays["history_liked"][position] == (best[(user, item)] >= 4.0), (user, item)
+    assert 0 < arrays["history_liked"].mean() < 1

@@ -20,9 +20,9 @@ def planted_groups(count: int = 1500, size: int = 8, seed: int = 0):
     popularity = rng.normal(size=items).astype(np.float32)  # [I] one feature per item row
     candidates = np.array([rng.choice(items, size, replace=False) for _ in range(count)], np.int32)
     retrieval = rng.normal(size=(count, size)).astype(np.float32)
-    ease = rng.normal(size=(count, items)).astype(np.float32)  # [U, I], user row = group
+    ease = rng.normal(size=(count, size)).astype(np.float32)  # [P, K]: each candidate's EASE score
     logits = (PLANTED["retrieval_weight"] * retrieval + PLANTED["popularity_weight"]
-              * popularity[candidates] + PLANTED["ease_weight"] * ease[np.arange(count)[:, None], candidates])
+              * popularity[candidates] + PLANTED["ease_weight"] * ease)
     probability = np.exp(logits - logits.max(axis=1, keepdims=True))
     probability /= probability.sum(axis=1, keepdims=True)
     positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
@@ -36,7 +36,7 @@ def planted_groups(count: int = 1500, size: int = 8, seed: int = 0):
 def test_fit_head_recovers_planted_weights():
     """The fit lands on the planted (0.5, 1.5, 0.0) and gives popularity the largest weight.
     Catches: a feature paired with another term's weight (popularity's values under the EASE
-    weight), EASE gathered from the wrong user or candidate rows, the positive's label misplaced
+    weight), the positive's label misplaced
     (then nothing is learned and the weights stay at the start, 1, 0, 0), a loss with the wrong
     sign, or the allowed mask inverted (scoring only the masked-out columns)."""
     groups, popularity, ease = planted_groups()
@@ -59,7 +59,8 @@ def test_fit_head_ignores_candidates_that_are_not_negatives():
     # The blocked columns get their own item rows, so no positive shares their popularity.
     rows = popularity.size + np.arange(len(groups))
     popularity = np.concatenate([popularity, np.full(len(groups), 20.0, np.float32)])
-    ease = np.concatenate([ease, np.zeros((ease.shape[0], len(groups)), np.float32)], axis=1)
+    ease = ease.copy()
+    ease[np.arange(len(groups)), blocked] = 0.0
     candidates = groups.candidates.copy()
     candidates[np.arange(len(groups)), blocked] = rows
     groups = negatives.Groups(groups.user_row, candidates, groups.retrieval, groups.positive, negative)

@@ -98,3 +98,33 @@ def test_ease_beats_popularity_on_the_benchmark(benchmark_rows):
     popularity = _hit_rate_by_hand(np.broadcast_to(counts, seen.shape), seen, users, items)
     assert popularity == pytest.approx(0.091, abs=0.0005)  # docs/evaluation.md's popularity peer
     assert by_hand >= 1.6 * popularity, (by_hand, popularity)
+
+
+def test_ease_neighbours_keep_each_rows_largest_weights_by_magnitude():
+    """The bounded EASE term against the dense weights pruned by hand: each source item keeps its
+    k weights of largest magnitude (negative ones too), and scores are sums over the history.
+    Catches: pruning columns instead of rows, dropping negative weights, a CSR built transposed,
+    or pair scores gathered from the wrong rows."""
+    rng = np.random.default_rng(3)
+    seen = rng.random((30, 12)) < 0.35
+    dense = peers.ease_item_weights(seen, 2.0)
+    neighbours = peers.ease_neighbours(peers.seen_matrix(*np.nonzero(seen), 30, 12), 2.0, k=4)
+    pruned = np.zeros_like(dense)
+    for row in range(12):
+        keep = np.argsort(-np.abs(dense[row]), kind="stable")[:4]
+        pruned[row, keep] = dense[row, keep]
+    np.testing.assert_allclose(neighbours.matrix().toarray(), pruned, atol=1e-5)
+    assert (pruned < 0).any()  # the case where magnitude, not sign, decides
+    history = peers.seen_matrix(*np.nonzero(seen), 30, 12)
+    np.testing.assert_allclose(neighbours.scores(history), seen @ pruned, atol=1e-5)
+    items = rng.integers(0, 12, (30, 5))
+    np.testing.assert_allclose(neighbours.pair_scores(history, items, batch=7),
+                               np.take_along_axis(seen @ pruned, items, 1), atol=1e-5)
+    # k >= items keeps the dense weights.
+    full = peers.ease_neighbours(history, 2.0, k=50)
+    np.testing.assert_allclose(full.matrix().toarray(), dense, atol=1e-5)
+
+
+def test_seen_matrix_counts_repeats_once():
+    matrix = peers.seen_matrix(np.array([0, 0, 1]), np.array([2, 2, 0]), 2, 3)
+    np.testing.assert_array_equal(matrix.toarray(), [[0, 0, 1], [1, 0, 0]])
