@@ -64,7 +64,7 @@ def necessity(run_dir: str | os.PathLike, pairs_wanted: int = 1000, served: int 
         for position in range(served):
             if reasons[u, position]:
                 cases.append((u, position, reasons[u, position], "reason"))
-                if liked[user]:
+                if len(liked[user]):
                     cases.append((u, position, str(rng.choice(liked[user])), "random liked"))
         if sum(kind == "reason" for *_, kind in cases) >= pairs_wanted:
             break

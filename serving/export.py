@@ -212,6 +212,8 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
                                             retrieval.config.temperature, n), {"user_id": users})
     modules = {name: modules[name] for name in STAGES if name in wanted}
     version = version or next_version(base, modules)
+    if {"copywriter", "cascade"} & set(wanted):
+        copywriter.salt.assign(version)  # the same lines from `copywriter` and `cascade`
     record = {"run_dir": str(run.resolve()), "version": version,
               "index": index_kind, "k": k, "n": n, "embedding_dim": int(candidates.shape[1]),
               "num_items": len(tables.item_ids), "num_users": len(tables.user_ids),
@@ -237,13 +239,15 @@ def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.Path
                       module: graph.CopywriterModule | None = None) -> pathlib.Path:
     """Writes `<model_base_path>/copywriter/<version>/` (staging directory, then one rename) with
     its warmup request, and lists it in `models.config`; returns the version directory.
-    `module`: one already built from `run_dir`, to save building it again."""
+    `module`: one already built from `run_dir`, to save building it again (its salt is set to
+    the version)."""
     from rerank.copy import graph
 
     name = graph.MODEL_NAME
     base = pathlib.Path(model_base_path).resolve()
     module = module or graph.CopywriterModule.from_run(run_dir)
     version = version or next_version(base, [name])
+    module.salt.assign(version)  # each version samples its own lines
     users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
     items = list(module.item_ids[:3])  # the catalog's first three, in ID order
     warmup = warmup_request(name, "user_id", [*users, "unknown-user"])

@@ -18,6 +18,18 @@ from rerank.config import CopywriterConfig
 from rerank.copy.copywriter import CopywriterError
 
 
+UNIFORM_BUCKETS = 2**24  # every multiple of 2^-24 in [0, 1) is exact in float32
+
+
+def uniforms(keys: tf.Tensor, steps: int) -> tf.Tensor:
+    """keys string [R] -> float32 [R, steps] in [0, 1): a fingerprint hash of (key, step), one
+    draw per row and step that depends on nothing but the key (stateless random ops take one
+    seed for the whole batch, so a row's draw would depend on the rows beside it)."""
+    suffixes = "\x1f" + tf.strings.as_string(tf.range(steps))  # [steps]
+    hashed = tf.strings.to_hash_bucket_fast(keys[:, None] + suffixes[None], UNIFORM_BUCKETS)
+    return tf.cast(hashed, tf.float32) * (1.0 / UNIFORM_BUCKETS)
+
+
 class Decoder(tf.Module):
     """Sampling from GPT-2 weights in plain TF ops: one forward pass over the left-padded prompts
     fills a key/value cache, then a `tf.while_loop` feeds one token per step, attending to the
@@ -28,7 +40,9 @@ class Decoder(tf.Module):
     one, with far fewer ops, about 1 ms, which is what fits 10 lines in 150 ms. The weights are
     copied into plain variables, so the SavedModel needs neither Keras nor transformers.
     Sampling: repetition penalty on the tokens generated so far (never on the prompt, whose
-    titles the copy must repeat), temperature, top-k, then top-p within the top k.
+    titles the copy must repeat), temperature, top-k, then top-p within the top k; the draw is
+    an inverse CDF of a uniform hashed from the row's key and the step (`uniforms`), so a row
+    writes the same tokens alone or in any batch.
     """
 
     def __init__(self, model, config: CopywriterConfig, eos_id: int):
@@ -100,27 +114,41 @@ class Decoder(tf.Module):
         x, caches = self._forward(x, [(empty, empty)] * len(self.blocks), (1.0 - allowed) * -1e9)
         return tf.matmul(x[:, -1], self.wte, transpose_b=True), caches, positions[:, -1]
 
-    def sample(self, logits, generated, seed):
-        """One token per row [R] from logits [R, V]; `generated` [R, V] marks tokens written."""
+    def sample(self, logits, generated, uniform):
+        """One token per row [R] from logits [R, V] by inverse CDF: the filtered distribution's
+        tokens are laid out in token-id order on [0, 1) and `uniform` [R] picks one, so a row's
+        draw depends on its own logits and uniform alone; `generated` [R, V] marks tokens
+        written. Id order, not probability order: two nearly tied tokens whose order flips with
+        a last-bit difference of the logits (a row alone or beside longer prompts) keep their
+        places, and the draw moves only if the uniform lies within that difference of a boundary."""
         config = self.config
         penalized = tf.where(logits > 0, logits / config.repetition_penalty,
                              logits * config.repetition_penalty)
         logits = tf.where(generated > 0, penalized, logits) / config.temperature
         top, indices = tf.math.top_k(logits, k=min(config.top_k, int(self.wte.shape[0])))
-        before = tf.cumsum(tf.nn.softmax(top), axis=-1, exclusive=True)
-        top = tf.where(before < config.top_p, top, -1e9)  # the most likely token always stays
-        choice = tf.random.stateless_categorical(top, 1, seed=seed, dtype=tf.int32)
-        return tf.gather(indices, choice[:, 0], batch_dims=1)
+        probabilities = tf.nn.softmax(top)  # [R, k], most likely first
+        kept = tf.cumsum(probabilities, axis=-1, exclusive=True) < config.top_p  # >= 1 token
+        order = tf.argsort(indices, axis=-1)  # [R, k], token-id order
+        tokens = tf.gather(indices, order, batch_dims=1)
+        cumulative = tf.cumsum(tf.gather(tf.where(kept, probabilities, 0.0), order, batch_dims=1),
+                               axis=-1)
+        total = cumulative[:, -1:]
+        # Below the total, so the draw lands on a token of positive probability.
+        target = tf.minimum(uniform[:, None] * total, tf.math.nextafter(total, 0.0))
+        choice = tf.reduce_sum(tf.cast(cumulative <= target, tf.int32), axis=1)
+        return tf.gather(tokens, choice, batch_dims=1)
 
-    def generate(self, ids, mask, seed):
-        """ids, mask int32 [R, P] (prompts padded on the left), seed int64 scalar ->
-        (tokens int32 [R, T<=max_new_tokens], EOS after the end; finished bool [R])."""
+    def generate(self, ids, mask, keys):
+        """ids, mask int32 [R, P] (prompts padded on the left), keys string [R] (each row's
+        randomness, see `uniforms`) -> (tokens int32 [R, T<=max_new_tokens], EOS after the end;
+        finished bool [R])."""
         config, eos = self.config, self.eos_id
         rows, prompt_length = tf.shape(ids)[0], tf.shape(ids)[1]
         tf.debugging.assert_less_equal(
             prompt_length + config.max_new_tokens, self.max_positions,
             message="prompt plus max_new_tokens exceeds the model's n_positions")
         logits, caches, position = self.prompt_logits(ids, mask)
+        draws = uniforms(keys, config.max_new_tokens)  # [R, max_new_tokens]
         key_bias = (1.0 - tf.cast(mask, tf.float32)) * -1e9  # [R, S]
         vocab = tf.shape(self.wte)[0]
         generated = tf.zeros([rows, vocab])
@@ -129,7 +157,7 @@ class Decoder(tf.Module):
         flat = [tensor for pair in caches for tensor in pair]
 
         def step(i, logits, generated, finished, position, key_bias, tokens, *flat):
-            token = self.sample(logits, generated, tf.stack([seed, tf.cast(i, tf.int64)]))
+            token = self.sample(logits, generated, draws[:, i])
             token = tf.where(finished, eos, token)
             tokens = tokens.write(i, token)
             finished = finished | (token == eos)

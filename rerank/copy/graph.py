@@ -17,8 +17,10 @@ the grounding check, and the pieces of the deterministic fallback line. Generati
 Serving; it needs no op beyond core TensorFlow.
 
 An unknown `user_id` gets copy without liked titles; an unknown or empty item ID gets "" (so a
-ragged request can be padded with ""). The sampling seed is a hash of the request, so the same
-request gets the same copy.
+ragged request can be padded with ""). Each line's sampling randomness is a hash of (user ID,
+item ID, `salt`) alone, the salt being the export version (`serving.export` sets it before saving;
+0 otherwise), so a user's line for an item is the same in any request of one export: alone, in a
+batch of users, at any position, and inside the one-call cascade.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class CopywriterModule(tf.Module):
         self.item_fallback = tf.constant(
             [grounding.item_fallback(item, matcher) for item in values])
         self.user_fallback = tf.constant([grounding.user_fallback(item) for item in values])
+        # Part of every line's sampling key: the export version, so each export draws its own lines.
+        self.salt = tf.Variable(0, dtype=tf.int64, trainable=False, name="salt")
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, loaded=None) -> CopywriterModule:
@@ -128,10 +132,9 @@ class CopywriterModule(tf.Module):
         liked = tf.ragged.boolean_mask(liked, (liked >= 0) & (liked != row[:, None]))
         liked = liked[:, :templates.MAX_LIKED]  # [R, (<=3)] item rows
         ids, mask = self._prompts(row, liked)
-        seed = tf.strings.to_hash_bucket_fast(tf.strings.reduce_join(
-            [tf.strings.reduce_join(user_id, separator="\x1f"),
-             tf.strings.reduce_join(items, separator="\x1f")], separator="\x1e"), 2**31 - 1)
-        tokens, finished = self.decoder.generate(ids, mask, seed)
+        keys = tf.strings.join([tf.repeat(user_id, shape[1]), items, tf.strings.as_string(
+            self.salt)], separator="\x1f")  # [R]: the line's randomness, whatever else is asked
+        tokens, finished = self.decoder.generate(ids, mask, keys)
         slot_rows = tf.concat([row[:, None], liked.to_tensor(
             self.items, shape=[None, templates.MAX_LIKED])], axis=1)  # [R, 4]; missing -> ""
         text = self.detokenize(tokens, tf.gather(self.slot_titles, slot_rows))

@@ -293,7 +293,7 @@ def test_decoder_matches_transformers_greedy():
     prompts = [[5, 6, 7, 8], [9, 10]]
     ids = tf.constant([[5, 6, 7, 8], [0, 0, 9, 10]])
     mask = tf.constant([[1, 1, 1, 1], [0, 0, 1, 1]])
-    tokens, _ = tf.function(decoder.generate)(ids, mask, tf.constant(1, tf.int64))
+    tokens, _ = tf.function(decoder.generate)(ids, mask, tf.constant(["a", "b"]))
     for row, prompt in enumerate(prompts):
         sequence = list(prompt)
         for _ in range(tokens.shape[1]):
@@ -341,6 +341,7 @@ def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_pat
     items = templates.catalog(dataset)
     path = export.export_copywriter(run, tmp_path / "models")
     assert path == tmp_path / "models" / "copywriter" / "1"
+    assert tf.saved_model.load(str(path)).salt.numpy() == 1  # the version salts the sampling key
     assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
     assert "copywriter" in (tmp_path / "models" / "models.config").read_text()
     users = [str(split.train.user_id[0]), "not-a-user"]

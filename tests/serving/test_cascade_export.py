@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as parquet
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
@@ -105,6 +106,61 @@ def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_exp
     np.testing.assert_array_equal(cascade["copy"].numpy(), copy.numpy())
     labels = [[catalog[i.decode()].label() for i in row] for row in cascade["item_ids"].numpy()]
     assert cascade["titles"].numpy().astype(str).tolist() == labels
+
+
+def test_a_users_line_for_an_item_is_the_same_in_every_request(tiny_cascade_export, truth,
+                                                                tmp_path):
+    """Issue #15 ("the same line everywhere"): a user's line for each of their cascade items is
+    byte-identical from `cascade` beside 39 other users and alone, from `copywriter` asked for
+    that item alone and with other users in the request and the item at another position, and
+    from `cascade batch` (Beam, the `cascade` signature in batches). Catches sampling randomness
+    drawn from the whole request or the row's position (the seed this replaced), and a salt that
+    differs between the two models of one export. The user compared is the one with the most
+    sampled lines (not the fallback, which would match by construction); at least two."""
+    from serving import batch
+
+    catalog, _, liked = truth
+    cascade_model = tf.saved_model.load(str(tiny_cascade_export / "cascade" / "1"))
+    copywriter_model = tf.saved_model.load(str(tiny_cascade_export / "copywriter" / "1"))
+    # One export, one salt: the version, in both models.
+    assert cascade_model.copywriter.salt.numpy() == copywriter_model.salt.numpy() == 1
+    cascade = cascade_model.signatures[export.SIGNATURE]
+    copywriter = copywriter_model.signatures[export.SIGNATURE]
+    users = [str(user) for user in range(1, 41)]
+    among = cascade(user_id=tf.constant(users))
+    matcher = grounding.TitleMatcher(catalog)
+
+    def sampled(user: str, items, lines) -> int:
+        count = 0
+        for item, line in zip(items.astype(str), lines.astype(str)):
+            allowed = [i for i in liked.get(user, ()) if i != item][:templates.MAX_LIKED]
+            count += line != grounding.fallback_line(
+                catalog[item], [catalog[allowed[0]]] if allowed else [], matcher)
+        return count
+    counts = [sampled(user, among["item_ids"].numpy()[b], among["copy"].numpy()[b])
+              for b, user in enumerate(users)]
+    row = int(np.argmax(counts))
+    user, items, lines = users[row], among["item_ids"].numpy()[row], among["copy"].numpy()[row]
+    assert counts[row] >= 2, "every line is a fallback line: the comparison would hold anyway"
+
+    alone = cascade(user_id=tf.constant([user]))
+    np.testing.assert_array_equal(alone["item_ids"].numpy()[0], items)
+    np.testing.assert_array_equal(alone["copy"].numpy()[0], lines)
+    before, after = users[row - 1], users[(row + 1) % len(users)]
+    other = next(i for i in catalog if i not in items.astype(str))
+    shifted = np.roll(items, 2)  # every item at another position, beside other users' requests
+    several = copywriter(user_id=tf.constant([before, user, after]), item_ids=tf.constant(
+        [[*items[::-1], ""], [other, *shifted], [*shifted, other]]))["copy"].numpy()
+    out = tmp_path / "batch"
+    batch.run_batch(tiny_cascade_export, "cascade", [before, user, "nobody", after], out)
+    table = parquet.read_table(sorted(out.glob("*.parquet"))).to_pylist()
+    batched = {r["user_id"]: r for r in table}
+    assert batched[user]["item_ids"] == items.astype(str).tolist()
+    for n, item in enumerate(items):
+        single = copywriter(user_id=tf.constant([user]), item_ids=tf.constant([[item]]))["copy"]
+        assert single.numpy()[0, 0] == lines[n], item
+        assert several[1, 1 + (n + 2) % len(items)] == lines[n], item
+        assert batched[user]["copy"][n] == lines[n].decode(), item
 
 
 @pytest.mark.parametrize("index_kind", ["bruteforce", "scann"])
