@@ -348,7 +348,8 @@ for example in templates.build_corpus(dataset, split.train, 4, seed=7):
     print("  template:", example.template)
     print("  copy:    ", example.target)'''),
         md("## Generate copy for one user's films\n\n`CopywriterModule` is the exported graph: "
-           "`details` returns the served line and what the check found."),
+           "`details` returns the served line, the reasons it cites (the user's liked films whose "
+           "item-item weight raised the film's score most) and what the checks found."),
         code('''\
 module = graph.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, dataset, split))
 by_user = {}
@@ -357,13 +358,13 @@ for user, item in zip(split.test.user_id, split.test.item_id):
 user = "42" if "42" in by_user else max(by_user, key=lambda u: len(by_user[u]))
 items = by_user[user][:5]
 out = module.details(tf.constant([user]), tf.constant([items]))
-lines = ["| film | served copy | generated | title present | other title | fallback |",
+lines = ["| film | reasons | served copy | generated | frame and facts hold | fallback |",
          "|---|---|---|---|---|---|"]
 for n, item in enumerate(items):
     served, generated = (out[key].numpy()[0, n].decode() for key in ("copy", "generated"))
-    lines.append(f"| {facts[item].label()} | {served} | {generated} | "
-                 f"{bool(out['title_present'].numpy()[0, n])} | "
-                 f"{bool(out['other_title'].numpy()[0, n])} | {served != generated} |")
+    reasons = [facts[r.decode()].label() for r in out["reasons"].numpy()[0, n] if r]
+    lines.append(f"| {facts[item].label()} | {'; '.join(reasons) or '-'} | {served} | {generated} | "
+                 f"{bool(out['claims_hold'].numpy()[0, n])} | {served != generated} |")
 display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
         md("## Grounding statistics\n\n`evaluation.evaluate_copywriter` writes copy for "
            "(user, item) pairs of the test split and checks every line again in Python. It "

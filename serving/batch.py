@@ -192,7 +192,8 @@ def _write(records, staging: pathlib.Path, output_format: str, schema) -> None:
 
 
 def parquet_schema(signature):
-    """One column per signature output: [B] -> a scalar, [B, K] -> a list, strings or floats."""
+    """One column per signature output: [B] -> a scalar, [B, K] -> a list, [B, N, 2] -> a list of
+    lists (`reasons`), strings or floats."""
     import pyarrow
     import tensorflow as tf
 
@@ -201,7 +202,9 @@ def parquet_schema(signature):
     fields = [("user_id", pyarrow.string())]
     for name, spec in sorted(signature.structured_outputs.items()):
         kind = kinds[spec.dtype]
-        fields.append((name, pyarrow.list_(kind) if spec.shape.rank == 2 else kind))
+        for _ in range(max(spec.shape.rank - 1, 0)):
+            kind = pyarrow.list_(kind)
+        fields.append((name, kind))
     return pyarrow.schema(fields)
 
 
@@ -228,9 +231,12 @@ def _plain(value):
 def _to_example(record: dict) -> bytes:
     import tensorflow as tf
 
+    def flat(value) -> list:  # row-major: a [N, 2] output becomes 2N values
+        return [v for part in value for v in flat(part)] if isinstance(value, list) else [value]
+
     feature = {}
     for name, value in record.items():
-        values = value if isinstance(value, list) else [value]
+        values = flat(value)
         if values and isinstance(values[0], float):
             feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
         elif values and isinstance(values[0], int):

@@ -5,7 +5,7 @@
     models/candidate_tower/<version>/  item_id [B] -> embedding [B, D]
     models/retrieval/<version>/        user_id [B] -> item_ids [B, K], scores [B, K]
     models/reranker/<version>/         user_id [B], item_ids [B, M] -> scores [B, M]
-    models/copywriter/<version>/       user_id [B], item_ids [B, N] -> copy [B, N]
+    models/copywriter/<version>/       user_id [B], item_ids [B, N] -> copy [B, N], reasons [B, N, 2]
     models/cascade/<version>/          user_id [B] -> item_ids, titles, scores, retrieval_scores,
                                        copy, each [B, N]: the whole cascade in one Predict call
     models/batching_parameters.txt     TF Serving batching parameters sized for this machine
@@ -147,10 +147,11 @@ class CascadeModule(tf.Module):
         scores = self.reranker.score(user_id, candidates, retrieval_scores * self.inverse_temperature)
         best = tf.math.top_k(scores, k=self.n)  # ties keep the retrieval order
         item_ids = tf.gather(candidates, best.indices, batch_dims=1)
+        copy = self.copywriter.serve(user_id, item_ids)
         return {"item_ids": item_ids, "titles": self.titles.lookup(item_ids),
                 "scores": best.values,
                 "retrieval_scores": tf.gather(retrieval_scores, best.indices, batch_dims=1),
-                "copy": self.copywriter.serve(user_id, item_ids)["copy"]}
+                "copy": copy["copy"], "reasons": copy["reasons"]}
 
 
 def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
@@ -248,7 +249,7 @@ def export_copywriter(run_dir: str | os.PathLike, model_base_path: str | os.Path
     module = module or graph.CopywriterModule.from_run(run_dir)
     version = version or next_version(base, [name])
     module.salt.assign(version)  # each version samples its own lines
-    users = [user for user in ("1", "2") if module.user_rows.lookup(tf.constant(user)) > 0]
+    users = [user for user in ("1", "2") if module.reasons.user_row.lookup(tf.constant(user)) >= 0]
     items = list(module.item_ids[:3])  # the catalog's first three, in ID order
     warmup = warmup_request(name, "user_id", [*users, "unknown-user"])
     warmup.predict_log.request.inputs["item_ids"].CopyFrom(

@@ -62,6 +62,8 @@ def answers(user_ids: list[str], outputs: dict, titles: dict[str, str] | None, t
                 row["retrieval_score"] = float(outputs["retrieval_scores"][b][j])
             if "copy" in outputs:
                 row["copy"] = text(outputs["copy"][b][j])
+            if "reasons" in outputs:
+                row["reasons"] = [text(r) for r in outputs["reasons"][b][j] if text(r)]
             rows.append(row)
         result[user] = rows
     return result

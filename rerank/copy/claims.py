@@ -115,8 +115,7 @@ def frame_patterns() -> list[FramePattern]:
     """Every frame of the corpus as an anchored pattern over the checked text (titles as slot
     tokens, leading space removed)."""
     out = []
-    for frame in (*templates.FRAMES_NONE, *templates.FRAMES_ONE, *templates.FRAMES_TWO,
-                  *templates.FRAMES_THREE):
+    for frame in (*templates.FRAMES_NONE, *templates.FRAMES_ONE, *templates.FRAMES_TWO):
         kinds: list[str] = []
         body = _expand(frame, kinds)
         groups = re.compile(body).groups

@@ -123,10 +123,10 @@ class PromptTables:
                    tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(list(templates.SLOTS)),
                    {item: row for row, item in enumerate(items)})
 
-    def longest_prompt(self, liked: dict[str, tuple[str, ...]]) -> int:
-        """An upper bound on the length of any prompt served with the users' `liked` items."""
-        pieces = max((sum(sorted(len(self.liked[0][self.row[item]]) for item in items)
-                          [-templates.MAX_LIKED:]) for items in liked.values()), default=0)
+    def longest_prompt(self) -> int:
+        """An upper bound on the length of any served prompt: any items of the catalog can be an
+        item's reasons, so the longest liked piece at each position."""
+        pieces = sum(max(map(len, position), default=0) for position in self.liked)
         return len(self.head) + pieces + max(map(len, self.film))
 
     def prompt(self, item_id: str, liked) -> list[int]:
@@ -264,8 +264,7 @@ def train_copywriter(run_dir: str | os.PathLike, config: CopywriterConfig = Copy
              else build_model(config, len(tokenizer), tokenizer.eos_token_id))
     if len(tokenizer) > model.config.vocab_size:  # slot tokens added to a checkpoint's tokenizer
         model.resize_token_embeddings(len(tokenizer))
-    served = tables.longest_prompt(
-        templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit))
+    served = tables.longest_prompt()
     longest = max(max(len(ids) for ids, _ in encoded), served + config.max_new_tokens)
     if longest > model.config.n_positions:
         raise CopywriterError(f"corpus lines and served prompts plus max_new_tokens take up to "

@@ -23,18 +23,21 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 import tensorflow as tf
 
-from rerank.copy import copywriter, evaluation, graph, grounding, templates
+from rerank.copy import claims, copywriter, evaluation, graph, grounding, templates
 from towers import data
 from towers import runs
 
 
-def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 10,
-                        timing_calls: int = 20) -> dict:
+def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 20,
+                        timing_calls: int = 20, necessity_pairs: int | None = None) -> dict:
     """Copy for `pairs` (user, item) pairs of the run's test split, written by the served
     graph, checked again in Python: grounding before and after the check, hallucinated titles,
     distinct-1/2, held-out perplexity, and latency of the graph saved as a SavedModel (the
-    served signature) for one line and for one user's 10 items. Records the result in
-    `metrics.json` and returns it."""
+    served signature) for one line and for one user's 10 items; the claims of the generated lines
+    that do not hold, by type, from the independent scan (`claims.find_claims`), and malformed
+    lines (no frame); the share of served lines that are the fallback; and, when the run has a
+    re-ranker, the probability of necessity of the cited reasons (`rerank.faithfulness`, on
+    `necessity_pairs`, default `pairs`). Records the result in `metrics.json` and returns it."""
     run = pathlib.Path(run_dir)
     loaded = copywriter.load_run(run)
     record, model, tokenizer, dataset, split = loaded
@@ -48,18 +51,27 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         rows += [{key: value[n] for key, value in out.items()} for n in range(len(batch))]
     items = templates.catalog(dataset)
     matcher = grounding.TitleMatcher(items)
-    best = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
+    vocabulary = claims.claim_vocabulary(items.values())
     lines = []
     for (user, item), row in zip(chosen, rows):
-        liked = tuple(i for i in best.get(user, ()) if i != item)[:templates.MAX_LIKED]
+        liked = tuple(r.decode() for r in row["candidate_reasons"] if r)  # the prompt's titles
+        cited = tuple(r.decode() for r in row["reasons"] if r)
         generated, served = row["generated"].decode(), row["copy"].decode()
         present, foreign = matcher.check(generated, item, liked)
-        lines.append({"user_id": user, "item_id": item, "liked": liked, "generated": generated,
-                      "copy": served, "present": present, "foreign": foreign,
-                      "finished": bool(row["finished"]), "slots_ok": bool(row["slots_ok"]),
+        facts = grounding.spoken(items[item], matcher)
+        wrong = claims.find_claims(generated, facts, [items[i] for i in liked], vocabulary)
+        served_wrong = claims.find_claims(served, facts, [items[i] for i in cited], vocabulary)
+        lines.append({"user_id": user, "item_id": item, "liked": liked, "reasons": cited,
+                      "generated": generated, "copy": served, "present": present,
+                      "foreign": foreign, "finished": bool(row["finished"]),
+                      "slots_ok": bool(row["slots_ok"]),
+                      "malformed": not claims.check_template(row["skeleton"].decode(), facts)[0],
+                      **{f"wrong_{kind}": bool(found) for kind, found in wrong.items()},
+                      "served_claim_error": any(served_wrong.values()),
+                      "fallback": served != generated,
                       "graph_agrees": (present, bool(foreign)) == (
                           bool(row["title_present"]), bool(row["other_title"])),
-                      "served_grounded": matcher.check(served, item, liked) == (True, [])})
+                      "served_grounded": matcher.check(served, item, cited) == (True, [])})
 
     def rate(key):
         return round(float(np.mean([bool(line[key]) for line in lines])), 4)
@@ -82,6 +94,12 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         "served_generated": round(float(np.mean(
             [line["copy"] == line["generated"] for line in lines])), 4),
         "grounded_after_check": rate("served_grounded"),
+        "malformed_before_check": rate("malformed"),
+        "wrong_year_before_check": rate("wrong_year"),
+        "wrong_era_before_check": rate("wrong_era"),
+        "wrong_category_before_check": rate("wrong_category"),
+        "served_claim_errors": rate("served_claim_error"),
+        "fallback_share": rate("fallback"),
         "graph_check_agrees_with_python": rate("graph_agrees"),
         "distinct_1": round(evaluation.distinct_n([line["generated"] for line in lines], 1), 4),
         "distinct_2": round(evaluation.distinct_n([line["generated"] for line in lines], 2), 4),
@@ -95,8 +113,13 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         # (versions, warmup, models.config): the same graph, so the same latency.
         tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
         result["latency_ms"] = _latency(saved, split.test, timing_calls)
-    result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "generated", "copy")}
+    result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "reasons",
+                                                      "generated", "copy")}
                           for line in lines[:examples]]
+    if (run / "reranker").is_dir():
+        from rerank import faithfulness
+
+        result["reasons_necessity"] = faithfulness.necessity(run, necessity_pairs or pairs)
     runs.update_metrics(run, {"evaluation": result}, copywriter.SUBDIR)
     return result
 
@@ -132,17 +155,27 @@ def format_report(result: dict) -> str:
     """The evaluation as a Markdown table and the example lines, for the CLI to print."""
     keys = ("pairs", "grounded_before_check", "title_present", "hallucinated_title",
             "other_catalog_title", "slots_ok", "finished", "served_generated",
-            "grounded_after_check", "graph_check_agrees_with_python", "distinct_1", "distinct_2",
+            "grounded_after_check", "malformed_before_check", "wrong_year_before_check",
+            "wrong_era_before_check", "wrong_category_before_check", "served_claim_errors",
+            "fallback_share", "graph_check_agrees_with_python", "distinct_1", "distinct_2",
             "served_distinct_2", "heldout_perplexity")
     lines = ["| metric | value |", "|---|---|"] + [f"| {key} | {result[key]} |" for key in keys
                                                   if key in result]  # older records lack some
     lines += [f"| latency ms ({name}) | {value} |"
               for name, value in result.get("latency_ms", {}).items()]
+    necessity = result.get("reasons_necessity")
+    if necessity:
+        lines.append(f"| reasons: probability of necessity ({necessity['pairs']} pairs) | "
+                     f"{necessity['reason']['pn']} |")
+        lines.append(f"| random liked title: probability of necessity | "
+                     f"{necessity['random liked']['pn']} |")
+        lines.append(f"| served items with a reason | {necessity['coverage']} |")
     lines.append("")
     for example in result.get("examples", []):
-        lines.append(f"- user {example['user_id']}, item {example['item_id']}: {example['copy']}"
-                     + ("" if example["copy"] == example["generated"]
-                        else f"  (fallback; generated: {example['generated']})"))
+        reasons = ", ".join(example.get("reasons", ())) or "none"
+        lines.append(f"- user {example['user_id']}, item {example['item_id']} (reasons: {reasons}): "
+                     f"{example['copy']}" + ("" if example["copy"] == example["generated"]
+                                             else f"  (fallback; generated: {example['generated']})"))
     return "\n".join(lines)
 
 

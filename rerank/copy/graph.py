@@ -26,13 +26,16 @@ batch of users, at any position, and inside the one-call cascade.
 from __future__ import annotations
 
 import os
+import pathlib
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
 import tensorflow as tf
 
-from rerank.copy import copywriter, decoding, grounding, templates
+from rerank import pairs
+from rerank.config import RerankerConfig
+from rerank.copy import claims, copywriter, decoding, grounding, templates
 from towers import data
 
 MODEL_NAME = "copywriter"
@@ -65,24 +68,19 @@ class CopywriterModule(tf.Module):
     """(user_id [B], item_ids [B, N]) -> copy [B, N]; `details` also returns what the check saw."""
 
     def __init__(self, decoder: decoding.Decoder, tokenizer, tables: copywriter.PromptTables,
-                 items: dict[str, data.ItemFacts], liked: dict[str, tuple[str, ...]]):
-        """`items`: the catalog's facts by ID (`templates.catalog`); `liked`: each user's liked
-        training items, best first (`templates.top_items`)."""
+                 items: dict[str, data.ItemFacts], reasons: pairs.PairTexts):
+        """`items`: the catalog's facts by ID (`templates.catalog`); `reasons`: the re-ranker's
+        tables, whose item-item term names each item's reasons (`PairTexts.reasons`)."""
         super().__init__()
         matcher = grounding.TitleMatcher(items)
         self.decoder, self.eos_id = decoder, tables.eos_id
         self.detokenize = Detokenizer(tokenizer, tables.slot_ids)
         self.check = grounding.TitleCheck(matcher)
+        self.claims = claims.ClaimCheck([grounding.spoken(items[item], matcher)
+                                         for item in tables.item_ids])
+        self.reasons = reasons
         self.liked_slot_ids = tf.constant(tables.slot_ids[1:], tf.int32)
         self.item_rows = _table(tables.item_ids, np.arange(len(tables.item_ids)), -1)
-        users = sorted(liked)
-        self.user_rows = _table(users, np.arange(1, len(users) + 1), 0)  # row 0: unknown user
-        width = templates.MAX_LIKED + 1  # one spare: the item itself is dropped from its prompt
-        best = np.full((len(users) + 1, width), -1, np.int32)
-        for row, user in enumerate(users, start=1):
-            ids = [tables.row[item] for item in liked[user][:width]]
-            best[row, :len(ids)] = ids
-        self.user_liked = tf.constant(best)
         self.head = tf.constant(tables.head, tf.int32)
         # [position * items + item row, (tokens)]: a liked title's piece depends on its position.
         self.liked_tokens = tf.ragged.constant(
@@ -112,12 +110,12 @@ class CopywriterModule(tf.Module):
         decoder = decoding.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
         items = templates.catalog(dataset)
         tables = copywriter.PromptTables.build(tokenizer, items)
-        liked = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
-        return cls(decoder, tokenizer, tables, items, liked)
+        return cls(decoder, tokenizer, tables, items, reason_tables(run_dir, dataset, split))
 
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
     def serve(self, user_id, item_ids):
-        return {"copy": self.details(user_id, item_ids)["copy"]}
+        details = self.details(user_id, item_ids)
+        return {"copy": details["copy"], "reasons": details["reasons"]}
 
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
     def details(self, user_id, item_ids):
@@ -128,33 +126,46 @@ class CopywriterModule(tf.Module):
         items = tf.reshape(item_ids, [-1])  # R = B * N rows
         item_row = self.item_rows.lookup(items)
         row = tf.maximum(item_row, 0)
-        liked = tf.gather(self.user_liked, self.user_rows.lookup(tf.repeat(user_id, shape[1])))
-        liked = tf.ragged.boolean_mask(liked, (liked >= 0) & (liked != row[:, None]))
-        liked = liked[:, :templates.MAX_LIKED]  # [R, (<=3)] item rows
+        users = tf.repeat(user_id, shape[1])
+        reason_ids = self.reasons.reasons(users, items, templates.MAX_LIKED)  # [R, 2] best first
+        liked = self.item_rows.lookup(reason_ids)
+        liked = tf.ragged.boolean_mask(liked, liked >= 0)  # [R, (<=2)] item rows
         ids, mask = self._prompts(row, liked)
         keys = tf.strings.join([tf.repeat(user_id, shape[1]), items, tf.strings.as_string(
             self.salt)], separator="\x1f")  # [R]: the line's randomness, whatever else is asked
         tokens, finished = self.decoder.generate(ids, mask, keys)
         slot_rows = tf.concat([row[:, None], liked.to_tensor(
-            self.items, shape=[None, templates.MAX_LIKED])], axis=1)  # [R, 4]; missing -> ""
+            self.items, shape=[None, templates.MAX_LIKED])], axis=1)  # [R, 3]; missing -> ""
         text = self.detokenize(tokens, tf.gather(self.slot_titles, slot_rows))
+        # The same line with titles as slot tokens: what the frame and fact check reads.
+        skeleton = self.detokenize(tokens, tf.tile(tf.constant([claims.SLOT_TEXT]),
+                                                   [tf.shape(tokens)[0], 1]))
         # A liked-title slot the prompt does not have would leave a hole in the line.
-        used = tf.reduce_any(tokens[:, :, None] == self.liked_slot_ids, axis=1)  # [R, 3]
-        slots_ok = ~tf.reduce_any(used & (tf.range(templates.MAX_LIKED)[None]
-                                          >= tf.cast(liked.row_lengths(), tf.int32)[:, None]), axis=1)
+        used = tf.reduce_any(tokens[:, :, None] == self.liked_slot_ids, axis=1)  # [R, 2]
+        has = tf.range(templates.MAX_LIKED)[None] < tf.cast(liked.row_lengths(), tf.int32)[:, None]
+        slots_ok = ~tf.reduce_any(used & ~has, axis=1)
         present, foreign = self._grounding(text, row, liked)
+        well_formed, claims_hold = self.claims(skeleton, row)
         fallback = tf.strings.join([tf.gather(self.item_fallback, row), tf.where(
             liked.row_lengths() > 0,
             tf.gather(self.user_fallback, liked.to_tensor(0, shape=[None, 1])[:, 0]), "")])
-        served = tf.where(present & ~foreign & finished & slots_ok, text, fallback)
+        generated = present & ~foreign & finished & slots_ok & claims_hold
+        served = tf.where(generated, text, fallback)
         served = tf.where(item_row >= 0, served, "")
+        # The reasons the served line cites: the generated line's liked slots, or the fallback's
+        # first title.
+        cited = tf.where(generated[:, None], used & has,
+                         (tf.range(templates.MAX_LIKED)[None] == 0) & has)
+        cited_ids = tf.where(cited & (item_row >= 0)[:, None], reason_ids, "")
 
         def grid(values):
-            return tf.reshape(values, shape)
-        return {"copy": grid(served), "generated": grid(text), "title_present": grid(present),
+            return tf.reshape(values, tf.concat([shape, tf.shape(values)[1:]], axis=0))
+        return {"copy": grid(served), "reasons": grid(cited_ids), "generated": grid(text),
+                "skeleton": grid(skeleton), "title_present": grid(present),
                 "other_title": grid(foreign), "finished": grid(finished),
-                "slots_ok": grid(slots_ok),
-                "known_item": grid(item_row >= 0)}
+                "slots_ok": grid(slots_ok), "well_formed": grid(well_formed),
+                "claims_hold": grid(claims_hold), "fallback": grid(~generated),
+                "known_item": grid(item_row >= 0), "candidate_reasons": grid(reason_ids)}
 
     def _prompts(self, row, liked):
         """Token ids and mask [R, P], prompts padded on the left with EOS."""
@@ -185,6 +196,21 @@ class CopywriterModule(tf.Module):
         present = tf.math.unsorted_segment_max(tf.cast(is_item, tf.int32), which, rows) > 0
         foreign = tf.math.unsorted_segment_max(tf.cast(~allowed, tf.int32), which, rows) > 0
         return present, foreign
+
+
+def reason_tables(run_dir: str | os.PathLike, dataset: data.Dataset,
+                  split: data.Split) -> pairs.PairTexts:
+    """The tables whose item-item term names the reasons: the run's re-ranker's own (so the
+    reasons are those of the served ranking), else built from the training rows with the
+    re-ranker's defaults (a run without a re-ranker)."""
+    from rerank import cross_encoder
+
+    path = pathlib.Path(run_dir) / cross_encoder.RERANKER_DIR / cross_encoder.TEXTS_FILE
+    if path.exists():
+        return pairs.PairTexts.load(path)
+    return pairs.PairTexts.build(dataset, split.train, dataset.user_ids(), dataset.item_ids(), 0,
+                                 RerankerConfig.ease_l2, RerankerConfig.ease_neighbours,
+                                 cross_encoder.liked_rating(dataset))
 
 
 def _table(keys, values, default: int) -> tf.lookup.StaticHashTable:

@@ -2,14 +2,16 @@
 
 How the corpus is made. Every example is one (user, item) interaction of the run's split's
 *training* rows; nothing from the test split is read. The prompt holds only facts: the item's
-title, year and categories (`data.ItemFacts`, from the dataset card's `text` fields), and two or
-three titles the user liked in training data, drawn from their eight best, never the item
-itself; about one prompt in twelve has no liked titles, as an unknown user's has at serving time
-(which uses the user's best three). "Liked" is a rating of 4 or more (MovieLens: 4 or 5 stars),
-best first by rating, then most recent, then item ID; on implicit feedback (every rating 1) it is
-the user's newest interactions. The target is one line of copy written from that prompt by
-templates: 71 sentence frames (21 without the user's titles, 32 with one, 13 with two, 5 with
-three), whose slots are filled from pools of phrasings: the categories (adjective and noun forms
+title, year and categories (`data.ItemFacts`, from the dataset card's `text` fields), and one or
+two titles the user liked in training data, drawn from their eight best, never the item itself;
+about one prompt in twelve has no liked titles, as an unknown user's has at serving time. At
+serving time the prompt's titles are the item's reasons, best first: the user's liked history
+items whose item-item weight raised its final score most (`rerank.pairs.PairTexts.reasons`), and a
+frame that cites one title cites the first. "Liked" is a rating of 4 or more (MovieLens: 4 or 5
+stars), best first by rating, then most recent, then item ID; on implicit feedback (every rating
+1) it is the user's newest interactions. The target is one line of copy written from that prompt
+by templates: 66 sentence frames (21 without the user's titles, 32 with one, 13 with two), whose
+slots are filled from pools of phrasings: the categories (adjective and noun forms
 of one or two of the item's categories: 2-5 of each for a MovieLens genre, `GENRE_WORDS`, the
 lower-cased category word itself for any other), the year (15 forms such as `from 1995`,
 `released in 1995`, and the era, `mid-'90s`; left out when unknown), verbs and connecting
@@ -46,7 +48,8 @@ from towers import data
 
 HIGH_RATING = 4.0  # "liked" on explicit feedback (MovieLens: 4 or 5 stars); implicit: any row
 LIKED_POOL = 8  # training prompts draw their liked titles from the user's best this many
-MAX_LIKED = 3  # titles in a prompt; serving uses the user's best MAX_LIKED
+MAX_LIKED = 2  # titles in a prompt: serving cites the reasons, the (up to) two history items
+# that raise the item's final score most (`rerank.pairs.PairTexts.reasons`)
 NO_LIKED_RATE = 1 / 12  # share of training prompts without liked titles (cold-start users)
 PROMPT_HEAD = "Liked:"
 # The prompt's words before the item's title and its categories, for any catalog: the words the
@@ -57,7 +60,7 @@ MAX_DRAWS = 20  # draws of one corpus line that may fail the grounding check bef
 # Slot tokens: the copy names titles through these, and serving puts the title (with its leading
 # space) in their place, so a title is never spelled by the model (see the module docstring).
 TITLE_SLOT = "<|title|>"
-LIKED_SLOTS = ("<|liked1|>", "<|liked2|>", "<|liked3|>")
+LIKED_SLOTS = ("<|liked1|>", "<|liked2|>")
 SLOTS = (TITLE_SLOT, *LIKED_SLOTS)
 
 # Adjective and noun phrasings of an item with no category the copy may say.
@@ -109,7 +112,7 @@ NOUNS = ("film", "movie", "picture", "feature", "flick", "gem", "treat", "pick",
 
 # Sentence frames. {T}: the item's title; {L}, {L2}: liked titles; {ag}/{g}: category phrase with
 # and without article; {y}: " from 1995"-style year phrase (empty when the year is unknown);
-# {py}: " (1995)"; {era}: "mid-'90s "; {L3}: a third liked title; the rest are phrasing pools.
+# {py}: " (1995)"; {era}: "mid-'90s "; the rest are phrasing pools.
 FRAMES_NONE = (
     "{T}{py} is {ag} worth {seeing}.",
     "Discover {T}, {ag}{y}.",
@@ -181,13 +184,6 @@ FRAMES_TWO = (
     "You {liked} {L} and {L2}; {verb} {T}{py} next.",
     "{T} is {ag}{y} with a bit of {L} and a dash of {L2}.",
     "Picked from your love of {L} and {L2}: {T}{py}.",
-)
-FRAMES_THREE = (
-    "{L}, {L2}, {L3}... and next, {T}{py}.",
-    "For the fan of {L}, {L2} and {L3}: {T}, {ag}{y}.",
-    "If {L}, {L2} and {L3} are on your shelf, {T} belongs there too.",
-    "{Loved} {L}, {L2} and {L3}? {Verb} {T}{py}.",
-    "{T}{py} joins {L}, {L2} and {L3} on your list.",
 )
 YEARS = (" from {0}", " released in {0}", " made in {0}", " that opened in {0}",
          " first screened in {0}", " dating from {0}", " of {0} vintage", " that premiered in {0}",
@@ -310,10 +306,11 @@ def write_copy(item: data.ItemFacts, liked: list[data.ItemFacts], rng: random.Ra
     item's categories are the ones the copy may say (`spoken`)."""
     # Titles cost one token each to decode, and add the most variety: use liked titles often.
     draw = rng.random()
-    frames = (FRAMES_NONE if not liked else FRAMES_THREE if len(liked) >= 3 and draw < 0.2
-              else FRAMES_TWO if len(liked) >= 2 and draw < 0.55 else FRAMES_ONE)
+    frames = (FRAMES_NONE if not liked else FRAMES_TWO if len(liked) >= 2 and draw < 0.55
+              else FRAMES_ONE)
     frame = rng.choice(frames)
-    first, second, third = [*rng.sample(range(len(liked)), len(liked)), None, None, None][:3]
+    # The prompt's titles come best reason first: a frame citing one title cites the first.
+    first, second = [*range(len(liked)), None, None][:2]
     slots = {name: rng.choice(pool) for name, pool in POOLS.items()}
     phrase, with_article = category_phrase(item, rng)
     known = item.year != data.UNKNOWN_YEAR
@@ -324,8 +321,7 @@ def write_copy(item: data.ItemFacts, liked: list[data.ItemFacts], rng: random.Ra
         py=f" ({item.year})" if known else "", era=f"{era(item.year)} " if known else "",
         aeg=article(f"{era(item.year)} {phrase}" if known else phrase),
         L=LIKED_SLOTS[first] if first is not None else "",
-        L2=LIKED_SLOTS[second] if second is not None else "",
-        L3=LIKED_SLOTS[third] if third is not None else "")
+        L2=LIKED_SLOTS[second] if second is not None else "")
     line = frame.format(**slots).format(**slots)  # a pool entry ({Because}) has an {L} of its own
     # Every title in a frame follows a space (the line itself follows "Copy:" and one), and the
     # slot token stands for that space too.
@@ -382,7 +378,7 @@ def build_corpus(dataset: data.Dataset, train: data.Interactions, size: int,
     for row in rows[:size]:
         user, item_id = str(train.user_id[row]), str(train.item_id[row])
         pool = [other for other in best.get(user, ()) if other != item_id]
-        count = 0 if rng.random() < NO_LIKED_RATE else rng.choice((2, 3))
+        count = 0 if rng.random() < NO_LIKED_RATE else rng.choice((1, 2))
         liked = rng.sample(pool, min(count, len(pool)))
         item = items[item_id]
         liked_items = [items[i] for i in liked]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rerank.copy import copywriter, decoding, evaluation, graph, grounding, templates
+from rerank.copy import claims, copywriter, decoding, evaluation, graph, grounding, templates
 from serving import export
 from tests.conftest import tiny_copywriter_config
 from towers import data, runs
@@ -36,6 +36,7 @@ print(json.dumps({
     "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_input_signature[1].items()},
     "outputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_outputs.items()},
     "copy": [[s.decode() for s in row] for row in result["copy"].numpy()],
+    "reasons": [[[s.decode() for s in pair] for pair in row] for row in result["reasons"].numpy()],
     "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("rerank", "towers", "serving", "transformers", "tf_keras")),
 }))
 """
@@ -318,21 +319,41 @@ def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
     present, foreign = module._grounding(texts, rows, liked)
     assert present.numpy().tolist() == [True, True, False, False]
     assert foreign.numpy().tolist() == [False, True, True, False]
-    # Served copy: generated when it passes, else the fallback; every line grounded.
+    # Served copy: generated when it passes every check, else the fallback; every line grounded,
+    # its reasons the liked history items with the largest positive weights towards the item.
     users = list(templates.top_items(split.train))[:3]
     chosen = [list(split.test.item_id[:4])] * 3
     out = module.details(tf.constant(users), tf.constant(chosen))
-    best = templates.top_items(split.train, templates.MAX_LIKED + 1)
     for b, user in enumerate(users):
         for n, item in enumerate(chosen[b]):
             served = out["copy"][b, n].numpy().decode()
-            liked_ids = tuple(i for i in best[user] if i != item)[:templates.MAX_LIKED]
+            liked_ids = _reasons_by_hand(module.reasons, user, item)
+            assert [r.decode() for r in out["candidate_reasons"][b, n].numpy() if r] == liked_ids
+            facts = grounding.spoken(items[item], matcher)
+            frame_ok, wrong = claims.check_template(out["skeleton"][b, n].numpy().decode(), facts)
             ok = bool(out["title_present"][b, n] and not out["other_title"][b, n]
-                      and out["finished"][b, n] and out["slots_ok"][b, n])
+                      and out["finished"][b, n] and out["slots_ok"][b, n]) and frame_ok and not wrong
             expected = out["generated"][b, n].numpy().decode() if ok else grounding.fallback_line(
                 items[item], [items[liked_ids[0]]] if liked_ids else [], matcher)
             assert served == expected
             assert matcher.check(served, item, liked_ids) == (True, [])
+            cited = [r.decode() for r in out["reasons"][b, n].numpy() if r]
+            assert set(cited) <= set(liked_ids)
+            for reason in liked_ids:  # the line names exactly the reasons it returns
+                title = grounding.display_title(items[reason].title)
+                assert (title in served) == (reason in cited), (served, cited)
+
+
+def _reasons_by_hand(texts, user: str, item: str) -> list[str]:
+    """The user's liked history items with positive weight towards `item`, largest first."""
+    arrays = texts.arrays
+    row = list(arrays["user_ids"]).index(user)
+    span = slice(arrays["history_splits"][row], arrays["history_splits"][row + 1])
+    column = list(arrays["item_ids"]).index(item)
+    weights = texts.neighbours().matrix()[:, column].toarray().ravel()
+    history = arrays["history_values"][span][arrays["history_liked"][span]]
+    ranked = sorted(((weights[j], j) for j in history if weights[j] > 0), key=lambda p: (-p[0], p[1]))
+    return [str(arrays["item_ids"][j]) for _, j in ranked[:templates.MAX_LIKED]]
 
 
 def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_path):
@@ -356,15 +377,15 @@ def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_pat
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["modules"] == []
     assert out["inputs"] == {"user_id": ["string", [None]], "item_ids": ["string", [None, None]]}
-    assert out["outputs"] == {"copy": ["string", [None, None]]}
+    assert out["outputs"] == {"copy": ["string", [None, None]],
+                              "reasons": ["string", [None, None, 2]]}
     assert out["copy"][0][2] == "" and out["copy"][1][1] == ""
     matcher = grounding.TitleMatcher(items)
-    best = templates.top_items(split.train, templates.MAX_LIKED + 1)
     for b, user in enumerate(users):
         for n, item in enumerate(chosen[b]):
             if item in items:
-                liked = tuple(i for i in best.get(user, ()) if i != item)[:templates.MAX_LIKED]
-                assert matcher.check(out["copy"][b][n], item, liked) == (True, [])
+                cited = [r for r in out["reasons"][b][n] if r]
+                assert matcher.check(out["copy"][b][n], item, cited) == (True, [])
 
 
 def test_local_gpt2_directory_loads_and_fine_tunes(tiny_run, tmp_path):
@@ -412,7 +433,7 @@ def test_local_gpt2_directory_loads_and_fine_tunes(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     result = copywriter.train_copywriter(run, config, checkpoint=keras_dir, verbose=0)
     # Fine-tuned with the four slot tokens added to its vocabulary.
-    assert result["parameters"] == model.count_params() + 4 * 32
+    assert result["parameters"] == model.count_params() + len(templates.SLOTS) * 32
     assert result["checkpoint"] == str(keras_dir)
 
 

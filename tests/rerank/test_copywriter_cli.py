@@ -59,11 +59,13 @@ def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
     dataset, split = runs.run_data(cli_run)
     catalog = templates.catalog(dataset)
     matcher = grounding.TitleMatcher(catalog)
-    best = templates.top_items(split.train, templates.MAX_LIKED + 1, dataset.implicit)
+    reasons = graph.reason_tables(cli_run, dataset, split)
     for example in evaluation["examples"]:
         user, item = example["user_id"], example["item_id"]
-        liked = tuple(i for i in best.get(user, ()) if i != item)[:templates.MAX_LIKED]
+        liked = tuple(r.decode() for r in reasons.reasons(tf.constant([user]), tf.constant([item]),
+                                                          templates.MAX_LIKED).numpy()[0] if r)
         assert tuple(example["liked"]) == liked
+        assert set(example["reasons"]) <= set(liked)
         if example["copy"] == example["generated"]:
             assert matcher.check(example["generated"], item, liked) == (True, []), example
         else:
@@ -73,7 +75,8 @@ def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
     assert evaluation["graph_check_agrees_with_python"] == 1.0
     assert 0 <= evaluation["hallucinated_title"] <= 1 and evaluation["heldout_perplexity"] > 1
     assert set(evaluation["latency_ms"]) >= {"single_line", "ten_lines_one_user"}
-    assert len(evaluation["examples"]) == 10
+    assert len(evaluation["examples"]) == 20
+    assert evaluation["served_claim_errors"] == 0.0
     table = (cli_run / "copywriter" / "evaluation.md").read_text()
     assert f"| grounded_after_check | {evaluation['grounded_after_check']} |" in table
     assert table.strip() in printed

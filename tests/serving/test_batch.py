@@ -103,7 +103,8 @@ def test_cascade_batch_for_all_943_users_equals_what_the_server_answers(tiny_cas
     assert (summary["users_read"], summary["users_written"], summary["users_failed"]) == (943, 943, 0)
     table = parquet.read_table(sorted(out.glob("recommendations-*.parquet"))).to_pylist()
     assert len(table) == 943 and {r["user_id"] for r in table} == set(users)
-    assert set(table[0]) == {"user_id", "item_ids", "titles", "scores", "retrieval_scores", "copy"}
+    assert set(table[0]) == {"user_id", "item_ids", "titles", "scores", "retrieval_scores", "copy",
+                            "reasons"}
     by_user = {r["user_id"]: r for r in table}
     options = server.ServerOptions(server_config.config_for_base_path(tiny_cascade_export), port=0,
                                    rest_api_port=0)
