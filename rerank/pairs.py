@@ -224,6 +224,9 @@ class PairTexts(tf.Module):
     @classmethod
     def load(cls, path: str | os.PathLike) -> PairTexts:
         with np.load(path, allow_pickle=False) as arrays:
+            if "ease" in arrays.files:  # the dense users x items table of earlier versions
+                raise ValueError(f"{path}: written by an earlier Cascade (a dense EASE table); "
+                                 "train the re-ranker again: cascade train reranker --run RUN")
             return cls(**{key: arrays[key] for key in arrays.files})
 
 

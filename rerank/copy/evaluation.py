@@ -37,7 +37,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     that do not hold, by type, from the independent scan (`claims.find_claims`), and malformed
     lines (no frame); the share of served lines that are the fallback; and, when the run has a
     re-ranker, the probability of necessity of the cited reasons (`rerank.faithfulness`, on
-    `necessity_pairs`, default `pairs`). Records the result in `metrics.json` and returns it."""
+    `necessity_pairs`, default `pairs`; 0 leaves it out). Records the result in `metrics.json` and returns it."""
     run = pathlib.Path(run_dir)
     loaded = copywriter.load_run(run)
     record, model, tokenizer, dataset, split = loaded
@@ -116,7 +116,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "reasons",
                                                       "generated", "copy")}
                           for line in lines[:examples]]
-    if (run / "reranker").is_dir():
+    if (run / "reranker").is_dir() and necessity_pairs != 0:
         from rerank import faithfulness
 
         result["reasons_necessity"] = faithfulness.necessity(run, necessity_pairs or pairs)

@@ -121,7 +121,7 @@ def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path
     shutil.copytree(tiny_cascade_run, run)
     retrieval_eval.evaluate_run(run, with_peers=False)
     rerank_eval.evaluate_reranker(run, with_als=False)
-    evaluation.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2)
+    evaluation.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2, necessity_pairs=0)
     retrieval, tables = runs.load_run(run)
     queries, candidates = towers_model.embeddings(retrieval, tables)
     index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen,
