@@ -135,8 +135,12 @@ class PairTexts(tf.Module):
     def _history_of(self, user_ids: tf.Tensor) -> tf.RaggedTensor:
         """int32 [N, (h)]: the history item rows of each user (none for an unknown user)."""
         history = tf.RaggedTensor.from_row_splits(self.history_values, self.history_splits)
+        return tf.gather(history, self._history_rows(user_ids))
+
+    def _history_rows(self, user_ids: tf.Tensor) -> tf.Tensor:
+        """int32 [N]: each user's row of the history tables; the last, empty row when unknown."""
         users = self.user_row.lookup(user_ids)
-        return tf.gather(history, tf.where(users >= 0, users, self.users))
+        return tf.where(users >= 0, users, self.users)
 
     def contributions(self, user_ids: tf.Tensor, item_ids: tf.Tensor) -> tuple[tf.RaggedTensor,
                                                                                  tf.RaggedTensor]:
@@ -156,8 +160,7 @@ class PairTexts(tf.Module):
         is exactly w_e times its weight: these are the history items that raised it most."""
         history, weights = self.contributions(user_ids, item_ids)
         liked = tf.gather(tf.RaggedTensor.from_row_splits(self.history_liked, self.history_splits),
-                          tf.where(self.user_row.lookup(user_ids) >= 0,
-                                   self.user_row.lookup(user_ids), self.users))
+                          self._history_rows(user_ids))
         eligible = liked & (weights > 0)
         scores = tf.where(eligible, weights, -np.inf).to_tensor(-np.inf)  # [N, h]
         rows = history.to_tensor(self.items)

@@ -34,7 +34,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import numpy as np
 import tensorflow as tf
 
-from rerank.copy import templates
+from rerank.copy import grounding, templates
 from towers import data
 
 # The slot tokens as the checked text holds them (`Detokenizer` with these as slot text).
@@ -55,12 +55,8 @@ class FramePattern:
     rewrite: str  # MATCHED + "g:\\1;y:\\2;..." (RE2 rewrites reach \\9 at most)
 
 
-def _escape(text: str) -> str:
-    return re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", text)
-
-
 def _alternation(options) -> str:
-    return "(?:" + "|".join(_escape(option) for option in sorted(options, key=lambda o: (-len(o), o))) + ")"
+    return "(?:" + "|".join(grounding.escape(option) for option in sorted(options, key=lambda o: (-len(o), o))) + ")"
 
 
 def _years() -> str:
@@ -74,14 +70,14 @@ def _years() -> str:
 
 def _expand(frame: str, kinds: list[str]) -> str:
     """The regex of `frame`; each fact group's kind appended to `kinds` in group order."""
-    liked = "(?:" + "|".join(_escape(slot) for slot in templates.LIKED_SLOTS) + ")"
+    liked = "(?:" + "|".join(grounding.escape(slot) for slot in templates.LIKED_SLOTS) + ")"
     out = []
     for literal, field, _, _ in string.Formatter().parse(frame):
-        out.append(_escape(literal))
+        out.append(grounding.escape(literal))
         if field is None:
             continue
         if field == "T":
-            out.append(_escape(templates.TITLE_SLOT))
+            out.append(grounding.escape(templates.TITLE_SLOT))
         elif field in ("L", "L2", "L3"):
             out.append(liked)
         elif field == "py":
@@ -174,8 +170,6 @@ def find_claims(line: str, item: data.ItemFacts, cited: list[data.ItemFacts],
     the facts of the titles the line may cite; `vocabulary` every category word of the catalog
     (`claim_vocabulary`). Types: `year` (a four-digit year other than the item's), `era` (an era
     other than the item's), `category` (a category word none of the item's categories has)."""
-    from rerank.copy import grounding
-
     text = line
     for title in sorted({grounding.display_title(i.title) for i in (item, *cited)}, key=len,
                         reverse=True):

@@ -131,7 +131,7 @@ class CopywriterModule(tf.Module):
         liked = self.item_rows.lookup(reason_ids)
         liked = tf.ragged.boolean_mask(liked, liked >= 0)  # [R, (<=2)] item rows
         ids, mask = self._prompts(row, liked)
-        keys = tf.strings.join([tf.repeat(user_id, shape[1]), items, tf.strings.as_string(
+        keys = tf.strings.join([users, items, tf.strings.as_string(
             self.salt)], separator="\x1f")  # [R]: the line's randomness, whatever else is asked
         tokens, finished = self.decoder.generate(ids, mask, keys)
         slot_rows = tf.concat([row[:, None], liked.to_tensor(

@@ -116,13 +116,18 @@ def _compiled(pattern: str) -> re.Pattern:
     return re.compile(pattern, re.ASCII)
 
 
+def escape(text: str) -> str:
+    """`text` as a literal in a pattern that RE2 and Python's `re` read alike."""
+    return re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", text)
+
+
 def pass_pattern(titles) -> str:
     """Group 1: text already wrapped in markers; group 2: one of `titles`, longest first, with
     `\b` where a title starts or ends with an ASCII letter or digit (RE2 and `re.ASCII` agree
     on what that is)."""
     parts = []
     for title in sorted(titles, key=lambda t: (-len(t), t)):
-        escaped = re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", title)
+        escaped = escape(title)
         start = r"\b" if re.match(r"\w", title[0], re.ASCII) else ""
         end = r"\b" if re.match(r"\w", title[-1], re.ASCII) else ""
         parts.append(f"{start}{escaped}{end}")
