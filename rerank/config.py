@@ -59,5 +59,8 @@ class CopywriterConfig:
     top_p: float = 0.95
     repetition_penalty: float = 1.3  # on tokens already generated, never on the prompt's
     max_new_tokens: int = 40  # p95 of corpus copy lines is 29 tokens
+    # Samples drawn per line, in one batch: the first that passes every check is served, the
+    # factual fallback only when none does (rejection sampling against the graph's own check).
+    attempts: int = 2
     jit_compile: bool = True  # XLA for the train step only (measured: see README); never exported
     seed: int = 42

@@ -84,6 +84,7 @@ class CrossEncoder(keras.Model):
         self.ease_weight = self.add_weight(
             name="ease_weight", shape=(), initializer="zeros", trainable=ease_feature)
 
+    @tf.autograph.experimental.do_not_convert  # see Reranker.call
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """`input_ids` etc. int32 [N, T]; `retrieval_score`, `popularity`, `ease` float32 [N]
         -> [N]."""
@@ -110,6 +111,9 @@ class Reranker(keras.Model):
         self.encoder, self.texts, self.tokenizer = encoder, texts, tokenizer
         self.max_length = max_length
 
+    # No Python control flow on tensors in here, BERT's or ours: autograph's rewrite of the
+    # transformers code only cost time (about 10 s of every trace on 2 cores).
+    @tf.autograph.experimental.do_not_convert
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         item_ids = inputs["item_ids"]  # [B, M]
         shape = tf.shape(item_ids)

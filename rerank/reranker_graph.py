@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from rerank import cross_encoder as ce
 from towers import cold_start
-from towers import runs
+from towers import runs, saving
 from towers import model as towers_model
 
 MODEL_NAME = "reranker"
@@ -95,6 +95,6 @@ class RerankerModule(tf.Module):
 def save(module: RerankerModule, path: str | os.PathLike) -> pathlib.Path:
     """Writes the module as a SavedModel with `serve` as `serving_default`."""
     path = pathlib.Path(path)
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    saving.save(module, path, {"serving_default": module.serve})
     return path
 

@@ -47,7 +47,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_server import config as server_config
-from towers import cold_start, data, features, index, runs
+from towers import cold_start, data, features, index, runs, saving
 from towers import model as towers_model
 
 if TYPE_CHECKING:
@@ -316,7 +316,7 @@ def save_version(module: tf.Module, model_dir: pathlib.Path, version: int,
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f"{model_dir.name}-{version}-", dir=staging_root))
     try:
-        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve}, options=options)
+        saving.save(module, staging, {SIGNATURE: module.serve}, options)
         extra = staging / "assets.extra"
         extra.mkdir()
         with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from rerank.copy import claims, copywriter, evaluation, graph, grounding, templates
 from towers import data
-from towers import runs
+from towers import runs, saving
 
 
 def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples: int = 20,
@@ -68,7 +68,8 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
                       "malformed": not claims.check_template(row["skeleton"].decode(), facts)[0],
                       **{f"wrong_{kind}": bool(found) for kind, found in wrong.items()},
                       "served_claim_error": any(served_wrong.values()),
-                      "fallback": served != generated,
+                      "fallback": int(row["attempt"]) < 0,
+                      "resampled": int(row["attempt"]) > 0,
                       "graph_agrees": (present, bool(foreign)) == (
                           bool(row["title_present"]), bool(row["other_title"])),
                       "served_grounded": matcher.check(served, item, cited) == (True, [])})
@@ -93,6 +94,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         "slots_ok": rate("slots_ok"),
         "served_generated": round(float(np.mean(
             [line["copy"] == line["generated"] for line in lines])), 4),
+        "served_resampled": rate("resampled"),
         "grounded_after_check": rate("served_grounded"),
         "malformed_before_check": rate("malformed"),
         "wrong_year_before_check": rate("wrong_year"),
@@ -111,7 +113,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     with tempfile.TemporaryDirectory() as saved:
         # The signature `serving.export.export_copywriter` writes, without the serving layout
         # (versions, warmup, models.config): the same graph, so the same latency.
-        tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+        saving.save(module, saved, {"serving_default": module.serve})
         result["latency_ms"] = _latency(saved, split.test, timing_calls)
     result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "reasons",
                                                       "generated", "copy")}
@@ -155,7 +157,7 @@ def format_report(result: dict) -> str:
     """The evaluation as a Markdown table and the example lines, for the CLI to print."""
     keys = ("pairs", "grounded_before_check", "title_present", "hallucinated_title",
             "other_catalog_title", "slots_ok", "finished", "served_generated",
-            "grounded_after_check", "malformed_before_check", "wrong_year_before_check",
+            "served_resampled", "grounded_after_check", "malformed_before_check", "wrong_year_before_check",
             "wrong_era_before_check", "wrong_category_before_check", "served_claim_errors",
             "fallback_share", "graph_check_agrees_with_python", "distinct_1", "distinct_2",
             "served_distinct_2", "heldout_perplexity")
@@ -175,7 +177,7 @@ def format_report(result: dict) -> str:
         reasons = ", ".join(example.get("reasons", ())) or "none"
         lines.append(f"- user {example['user_id']}, item {example['item_id']} (reasons: {reasons}): "
                      f"{example['copy']}" + ("" if example["copy"] == example["generated"]
-                                             else f"  (fallback; generated: {example['generated']})"))
+                                             else f"  (first sample, rejected: {example['generated']})"))
     return "\n".join(lines)
 
 

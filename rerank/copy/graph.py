@@ -13,7 +13,8 @@ ever catalog text, so tokenizing it at export with the run's own tokenizer is ex
 graph assembles prompts by gathering and concatenating those token rows), the detokenizer (each
 byte-level BPE token's bytes; decoding is a gather and a string join), the catalog titles for
 the grounding check, and the pieces of the deterministic fallback line. Generation is the
-`decoding.Decoder` loop, a `tf.while_loop` without XLA, so the signature runs on stock TF
+`decoding.Decoder` loop over `attempts` samples per line in one batch (the first sample that
+passes every check is served, the fallback line only when none does), a `tf.while_loop` without XLA, so the signature runs on stock TF
 Serving; it needs no op beyond core TensorFlow.
 
 An unknown `user_id` gets copy without liked titles; an unknown or empty item ID gets "" (so a
@@ -119,7 +120,8 @@ class CopywriterModule(tf.Module):
 
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
     def details(self, user_id, item_ids):
-        """The served copy and, per line, the generated text and the check's findings."""
+        """The served copy and, per line, the first sample's text and the check's findings on it,
+        and `attempt`: which sample is served (0, 1, ...; -1 when the fallback is)."""
         shape = tf.shape(item_ids)
         tf.debugging.assert_equal(tf.shape(user_id)[0], shape[0],
                                   message="user_id and item_ids must have the same batch size")
@@ -133,30 +135,44 @@ class CopywriterModule(tf.Module):
         ids, mask = self._prompts(row, liked)
         keys = tf.strings.join([users, items, tf.strings.as_string(
             self.salt)], separator="\x1f")  # [R]: the line's randomness, whatever else is asked
-        tokens, finished = self.decoder.generate(ids, mask, keys)
-        slot_rows = tf.concat([row[:, None], liked.to_tensor(
-            self.items, shape=[None, templates.MAX_LIKED])], axis=1)  # [R, 3]; missing -> ""
+        # Every sample of every line in one decoding batch, attempt-major: rows [a * R + r].
+        attempts = self.decoder.config.attempts
+        keys = tf.concat([keys] + [keys + f"\x1f{a}" for a in range(1, attempts)], axis=0)
+        tokens, finished = self.decoder.generate(
+            tf.tile(ids, [attempts, 1]), tf.tile(mask, [attempts, 1]), keys)
+        row_a, liked_a = tf.tile(row, [attempts]), tf.concat([liked] * attempts, axis=0)
+        slot_rows = tf.concat([row_a[:, None], liked_a.to_tensor(
+            self.items, shape=[None, templates.MAX_LIKED])], axis=1)  # [A*R, 3]; missing -> ""
         text = self.detokenize(tokens, tf.gather(self.slot_titles, slot_rows))
         # The same line with titles as slot tokens: what the frame and fact check reads.
         skeleton = self.detokenize(tokens, tf.tile(tf.constant([claims.SLOT_TEXT]),
                                                    [tf.shape(tokens)[0], 1]))
         # A liked-title slot the prompt does not have would leave a hole in the line.
-        used = tf.reduce_any(tokens[:, :, None] == self.liked_slot_ids, axis=1)  # [R, 2]
-        has = tf.range(templates.MAX_LIKED)[None] < tf.cast(liked.row_lengths(), tf.int32)[:, None]
+        used = tf.reduce_any(tokens[:, :, None] == self.liked_slot_ids, axis=1)  # [A*R, 2]
+        has = tf.range(templates.MAX_LIKED)[None] < tf.cast(liked_a.row_lengths(), tf.int32)[:, None]
         slots_ok = ~tf.reduce_any(used & ~has, axis=1)
-        present, foreign = self._grounding(text, row, liked)
-        well_formed, claims_hold = self.claims(skeleton, row)
+        present, foreign = self._grounding(text, row_a, liked_a)
+        well_formed, claims_hold = self.claims(skeleton, row_a)
+        passed = present & ~foreign & finished & slots_ok & claims_hold  # [A*R]
+        attempt, chosen = first_passing(passed, attempts)
+        rows = tf.shape(row)[0]
+        generated = attempt >= 0
         fallback = tf.strings.join([tf.gather(self.item_fallback, row), tf.where(
             liked.row_lengths() > 0,
             tf.gather(self.user_fallback, liked.to_tensor(0, shape=[None, 1])[:, 0]), "")])
-        generated = present & ~foreign & finished & slots_ok & claims_hold
-        served = tf.where(generated, text, fallback)
+        served = tf.where(generated, tf.gather(text, chosen), fallback)
         served = tf.where(item_row >= 0, served, "")
-        # The reasons the served line cites: the generated line's liked slots, or the fallback's
+        # The reasons the served line cites: the served sample's liked slots, or the fallback's
         # first title.
-        cited = tf.where(generated[:, None], used & has,
+        has = has[:rows]
+        cited = tf.where(generated[:, None], tf.gather(used, chosen) & has,
                          (tf.range(templates.MAX_LIKED)[None] == 0) & has)
         cited_ids = tf.where(cited & (item_row >= 0)[:, None], reason_ids, "")
+        # What the checks saw is reported for each line's first sample (attempt 0): the model's
+        # own error rates before any check or resampling.
+        text, skeleton, present, foreign, finished, slots_ok, well_formed, claims_hold = (
+            value[:rows] for value in (text, skeleton, present, foreign, finished, slots_ok,
+                                       well_formed, claims_hold))
 
         def grid(values):
             return tf.reshape(values, tf.concat([shape, tf.shape(values)[1:]], axis=0))
@@ -165,6 +181,7 @@ class CopywriterModule(tf.Module):
                 "other_title": grid(foreign), "finished": grid(finished),
                 "slots_ok": grid(slots_ok), "well_formed": grid(well_formed),
                 "claims_hold": grid(claims_hold), "fallback": grid(~generated),
+                "attempt": grid(attempt),
                 "known_item": grid(item_row >= 0), "candidate_reasons": grid(reason_ids)}
 
     def _prompts(self, row, liked):
@@ -211,6 +228,16 @@ def reason_tables(run_dir: str | os.PathLike, dataset: data.Dataset,
     return pairs.PairTexts.build(dataset, split.train, dataset.user_ids(), dataset.item_ids(), 0,
                                  RerankerConfig.ease_l2, RerankerConfig.ease_neighbours,
                                  cross_encoder.liked_rating(dataset))
+
+
+def first_passing(passed: tf.Tensor, attempts: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """passed bool [A * R] (attempt-major: row a * R + r is line r's sample a) -> (attempt int32
+    [R]: the first sample of each line that passed, -1 when none did; chosen int32 [R]: the row
+    of that sample, or of sample 0 when none passed)."""
+    passes = tf.reshape(passed, [attempts, -1])  # [A, R]
+    first = tf.argmax(tf.cast(passes, tf.int32), axis=0, output_type=tf.int32)  # 0 when none
+    attempt = tf.where(tf.reduce_any(passes, axis=0), first, -1)
+    return attempt, first * tf.shape(passes)[1] + tf.range(tf.shape(passes)[1])
 
 
 def _table(keys, values, default: int) -> tf.lookup.StaticHashTable:

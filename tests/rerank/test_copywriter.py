@@ -333,15 +333,37 @@ def test_grounding_check_and_fallback_in_the_graph(tiny_copy_run, tiny_split):
             frame_ok, wrong = claims.check_template(out["skeleton"][b, n].numpy().decode(), facts)
             ok = bool(out["title_present"][b, n] and not out["other_title"][b, n]
                       and out["finished"][b, n] and out["slots_ok"][b, n]) and frame_ok and not wrong
-            expected = out["generated"][b, n].numpy().decode() if ok else grounding.fallback_line(
+            # The first sample is served when it passes; else a later sample that passes (none
+            # of whose claims is false); else the fallback.
+            attempt = int(out["attempt"][b, n])
+            assert (attempt == 0) == ok
+            fallback = grounding.fallback_line(
                 items[item], [items[liked_ids[0]]] if liked_ids else [], matcher)
-            assert served == expected
+            if attempt == 0:
+                assert served == out["generated"][b, n].numpy().decode()
+            elif attempt < 0:
+                assert served == fallback
+            else:
+                assert served != fallback and not any(claims.find_claims(
+                    served, facts, [items[i] for i in liked_ids],
+                    claims.claim_vocabulary(items.values())).values())
             assert matcher.check(served, item, liked_ids) == (True, [])
             cited = [r.decode() for r in out["reasons"][b, n].numpy() if r]
             assert set(cited) <= set(liked_ids)
             for reason in liked_ids:  # the line names exactly the reasons it returns
                 title = grounding.display_title(items[reason].title)
                 assert (title in served) == (reason in cited), (served, cited)
+
+
+def test_the_first_sample_that_passes_is_served():
+    """Three lines, two samples each (attempt-major): the second sample of line 0, the first of
+    line 1 (its second passes too), none of line 2 (the fallback; row of its first sample)."""
+    passed = tf.constant([False, True, False, True, True, False])
+    attempt, chosen = graph.first_passing(passed, 2)
+    assert attempt.numpy().tolist() == [1, 0, -1]
+    assert chosen.numpy().tolist() == [3, 1, 2]
+    attempt, chosen = graph.first_passing(tf.constant([False, True]), 1)
+    assert attempt.numpy().tolist() == [-1, 0] and chosen.numpy().tolist() == [0, 1]
 
 
 def _reasons_by_hand(texts, user: str, item: str) -> list[str]:

