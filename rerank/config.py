@@ -57,7 +57,7 @@ class CopywriterConfig:
     # Decoding chosen on 1,000 (user, item) pairs of the training split (never the test split),
     # ML-100K: temperature / top-k / samples per line -> share of lines served as the fallback,
     # distinct-2 of served lines: 1.0/40/2 -> 0.7%, 0.420; 1.3/80/3 -> 0.9%, 0.452;
-    # 1.4/80/4 -> 1.5%, 0.460; 1.45/80/4 -> 2.4%, 0.467 (`rerank.copy.evaluation.sweep_decoding`).
+    # 1.4/80/4 -> 1.5%, 0.460; 1.45/80/4 -> 2.4%, 0.467 (`cascade evaluate copywriter --sweep`).
     temperature: float = 1.4
     top_k: int = 80
     top_p: float = 0.95

@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_copy.add_argument("--pairs", type=int, default=1000,
                                help="(user, item) pairs of the test split (default: %(default)s)")
     evaluate_copy.add_argument("--out", help="Markdown report (default: RUN/copywriter/evaluation.md)")
+    evaluate_copy.add_argument("--sweep", action="store_true",
+                               help="instead: fallback share and distinct-2 for each decoding "
+                               "setting on training-split pairs (how the defaults were chosen)")
     evaluate_copy.set_defaults(handler=_evaluate_copywriter)
     evaluate_reranker = evaluate.add_parser("reranker", help="re-ranked top 50/100 vs retrieval and ALS")
     evaluate_reranker.add_argument("--run", required=True, help=RUN_HELP)
@@ -346,6 +349,9 @@ def _evaluate_copywriter(args) -> None:
     from rerank.copy import copywriter, evaluation
     from towers import files
 
+    if args.sweep:
+        print(evaluation.format_sweep(evaluation.sweep_decoding(args.run, pairs=args.pairs)))
+        return
     result = evaluation.evaluate_copywriter(args.run, pairs=args.pairs)
     report = evaluation.format_report(result)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / copywriter.SUBDIR / "evaluation.md")

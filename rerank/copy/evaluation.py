@@ -181,6 +181,45 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+DECODING_GRID = ((1.0, 40, 2), (1.3, 80, 3), (1.4, 80, 4), (1.45, 80, 4))
+
+
+def sweep_decoding(run_dir: str | os.PathLike, grid=DECODING_GRID, pairs: int = 1000,
+                   seed: int = 1) -> list[dict]:
+    """Each (temperature, top_k, attempts) of `grid` on `pairs` (user, item) pairs of the
+    training split, never the test split (the defaults are chosen here): the share of lines
+    whose first sample passes every check, the share served as the fallback, and distinct-2 of
+    the first samples and of the served lines."""
+    record, model, tokenizer, dataset, split = copywriter.load_run(run_dir)
+    chosen = benchmark_pairs(split.train, pairs, seed)
+    rows = []
+    for temperature, top_k, attempts in grid:
+        settings = {**record, "temperature": temperature, "top_k": top_k, "attempts": attempts}
+        module = graph.CopywriterModule.from_run(
+            run_dir, (settings, model, tokenizer, dataset, split))
+        first, served, attempt = [], [], []
+        for start in range(0, len(chosen), 100):
+            batch = chosen[start:start + 100]
+            out = module.details(tf.constant([u for u, _ in batch]),
+                                 tf.constant([[i] for _, i in batch]))
+            first += [line.decode() for line in out["generated"].numpy()[:, 0]]
+            served += [line.decode() for line in out["copy"].numpy()[:, 0]]
+            attempt += out["attempt"].numpy()[:, 0].tolist()
+        attempt = np.array(attempt)
+        rows.append({"temperature": temperature, "top_k": top_k, "attempts": attempts,
+                     "first_sample_passes": round(float(np.mean(attempt == 0)), 4),
+                     "fallback_share": round(float(np.mean(attempt < 0)), 4),
+                     "distinct_2_first_sample": round(distinct_n(first, 2), 4),
+                     "served_distinct_2": round(distinct_n(served, 2), 4)})
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    return "\n".join(["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+                     + ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows])
+
+
 def distinct_n(lines: list[str], n: int) -> float:
     """Distinct-n: unique word n-grams over all n-grams of `lines` (whitespace words)."""
     grams = [tuple(words[i:i + n]) for words in (line.split() for line in lines)
