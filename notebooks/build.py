@@ -349,7 +349,8 @@ for example in templates.build_corpus(dataset, split.train, 4, seed=7):
     print("  copy:    ", example.target)'''),
         md("## Generate copy for one user's films\n\n`CopywriterModule` is the exported graph: "
            "`details` returns the served line, the reasons it cites (the user's liked films whose "
-           "item-item weight raised the film's score most) and what the checks found."),
+           "item-item weight raised the film's score most), the first sample and what the "
+           "checks found in it, and which sample was served (the first of four that passes)."),
         code('''\
 module = graph.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, dataset, split))
 by_user = {}
@@ -358,13 +359,14 @@ for user, item in zip(split.test.user_id, split.test.item_id):
 user = "42" if "42" in by_user else max(by_user, key=lambda u: len(by_user[u]))
 items = by_user[user][:5]
 out = module.details(tf.constant([user]), tf.constant([items]))
-lines = ["| film | reasons | served copy | generated | frame and facts hold | fallback |",
+lines = ["| film | reasons | served copy | first sample | its frame and facts hold | served sample |",
          "|---|---|---|---|---|---|"]
 for n, item in enumerate(items):
     served, generated = (out[key].numpy()[0, n].decode() for key in ("copy", "generated"))
     reasons = [facts[r.decode()].label() for r in out["reasons"].numpy()[0, n] if r]
+    attempt = int(out["attempt"].numpy()[0, n])  # -1: no sample passed, the factual line
     lines.append(f"| {facts[item].label()} | {'; '.join(reasons) or '-'} | {served} | {generated} | "
-                 f"{bool(out['claims_hold'].numpy()[0, n])} | {served != generated} |")
+                 f"{bool(out['claims_hold'].numpy()[0, n])} | {attempt if attempt >= 0 else 'fallback'} |")
 display(Markdown(f"user {user}\\n\\n" + "\\n".join(lines)))'''),
         md("## Grounding statistics\n\n`evaluation.evaluate_copywriter` writes copy for "
            "(user, item) pairs of the test split and checks every line again in Python. It "

@@ -128,7 +128,8 @@ def tiny_copywriter_config():
 
     return copywriter.CopywriterConfig(
         n_layer=1, n_embd=32, n_head=2, n_positions=320, vocab_size=400, corpus_size=400, epochs=3,
-        batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12, jit_compile=False)
+        batch_size=32, learning_rate=1e-2, warmup_steps=2, max_new_tokens=12, jit_compile=False,
+        attempts=2)
 
 
 @pytest.fixture(scope="session")

@@ -198,19 +198,31 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
             assert matcher.check(line, item, allowed) == (True, []), line
 
 
-def test_cascade_over_grpc_and_rest_through_the_client(tiny_cascade_export, capsys):
+def test_cascade_over_grpc_and_rest_through_the_client(tiny_cascade_export, tmp_path, capsys):
+    """`cascade recommend` over gRPC and REST from `cascade serve` answers what it answers loading
+    the export itself in a new process, as `make demo` runs it: there the CLI must register the
+    tokenizer ops itself (a test process that imported tensorflow_text elsewhere would hide a
+    CLI that does not)."""
+    script = ("import sys; from serving import cli; sys.exit(cli.main(['recommend', "
+              f"'--model-base-path', {str(tiny_cascade_export)!r}, '--model', 'cascade', "
+              "'--user', '1', '--user', 'nobody', '--json']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[2])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    local_answer = json.loads(result.stdout[result.stdout.index("{"):])
+    assert set(local_answer) == {"1", "nobody"}
+    assert all(len(rows) == 5 and all(r["copy"] for r in rows) for rows in local_answer.values())
     options = server.ServerOptions(server_config.config_for_base_path(tiny_cascade_export), port=0,
                                    rest_api_port=0)
     with server.Server(options).start() as running:
         answers = []
         for flags in (["--server", f"127.0.0.1:{running.grpc_port}", "--wait", "60"],
-                      ["--rest", f"http://127.0.0.1:{running.rest_port}"],
-                      ["--model-base-path", str(tiny_cascade_export)]):
+                      ["--rest", f"http://127.0.0.1:{running.rest_port}"]):
             assert cli.main(["recommend", "--model", "cascade", "--user", "1", "--user", "nobody",
                              "--json", *flags]) == 0
             answers.append(json.loads(capsys.readouterr().out))
-    grpc_answer, rest_answer, local_answer = answers
-    for answer in (grpc_answer, rest_answer):
+    for answer in answers:
         for user in ("1", "nobody"):
             assert [r["item_id"] for r in answer[user]] == [r["item_id"] for r in local_answer[user]]
             assert [r["copy"] for r in answer[user]] == [r["copy"] for r in local_answer[user]]
@@ -223,19 +235,3 @@ def test_cascade_needs_both_stages_and_a_sane_n(tiny_run, tiny_cascade_run, tmp_
     with pytest.raises(export.ExportError, match="n=30"):
         export.export(tiny_cascade_run, tmp_path / "b", k=20, n=30)
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*/1"))
-
-
-def test_recommend_loads_the_cascade_in_a_fresh_process(tiny_cascade_export, tmp_path):
-    """`cascade recommend --model cascade` in a new process, as `make demo` runs it: the CLI must
-    register the tokenizer ops itself (a test process that imported tensorflow_text elsewhere
-    would hide a CLI that does not)."""
-    script = ("import sys; from serving import cli; sys.exit(cli.main(['recommend', "
-              f"'--model-base-path', {str(tiny_cascade_export)!r}, '--model', 'cascade', "
-              "'--user', '1', '--user', 'nobody', '--json']))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[2])})
-    assert result.returncode == 0, result.stderr[-2000:]
-    answer = json.loads(result.stdout[result.stdout.index("{"):])
-    assert set(answer) == {"1", "nobody"}
-    assert all(len(rows) == 5 and all(r["copy"] for r in rows) for rows in answer.values())

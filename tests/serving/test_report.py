@@ -128,12 +128,28 @@ def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path
                                     run / "bench", synthetic_items=2000)
     monkeypatch.setattr(rerank_bench, "SINGLE_CALLS", 3)  # timings are the benchmark's, not ours
     monkeypatch.setattr(rerank_bench, "BATCH_CALLS", 1)
-    bench = rerank_bench.run_reranker_benchmark(run, run / "bench", lengths=(16,), quality_users=6)
-    # Every variant measured, trained length and bfloat16 included, on the sampled users.
-    assert [row["name"] for row in bench["variants"]] == ["T=16", "T=32 (trained)", "T=32 bfloat16"]
+    bench = rerank_bench.run_reranker_benchmark(run, run / "bench", lengths=(), quality_users=6)
+    # Every variant measured, the trained length and bfloat16, on the sampled users.
+    assert [row["name"] for row in bench["variants"]] == ["T=32 (trained)", "T=32 bfloat16"]
     assert bench["quality_sample"]["users"] == 6
     assert "| T=32 (trained) |" in (run / "bench" / "reranker.md").read_text()
-    load_bench.run_serve_benchmark(tiny_export, run / "bench", concurrency=(1, 2), requests=6)
+    # `cascade bench serve`: what it measures and writes (not how fast). Catches: a level or mode
+    # left out, requests lost or counted twice, the JSON, Markdown and plot not written from the
+    # same rows, the paired run not pairing every request.
+    bench_dir = run / "bench"
+    served = load_bench.run_serve_benchmark(tiny_export, bench_dir, concurrency=(1, 4), requests=12)
+    rows = {(r["mode"], r["concurrency"]): r for r in served["rows"]}
+    assert set(rows) == {(m, c) for m in load_bench.MODES for c in (1, 4)}
+    assert all(row["requests"] == 12 for row in rows.values())
+    assert json.loads((bench_dir / "serve.json").read_text())["rows"] == json.loads(
+        json.dumps(served["rows"]))
+    table = (bench_dir / "serve.md").read_text()
+    assert "| retrieval | grpc+batching | 4 |" in table
+    # The paired overhead: one in-process and one gRPC call per request, same users.
+    [paired] = served["paired"]
+    assert paired["model"] == "retrieval" and paired["pairs"] == 12
+    assert "| retrieval | 12 |" in table
+    assert _is_png(bench_dir / "serve.png")
 
     written = report.build_report(run)
     assert written["missing"] == {}
