@@ -3,7 +3,9 @@
 A dataset is a folder holding `<name>.inter` (required), `<name>.item` and `<name>.user`
 (optional), tab-separated with a `field:type` header (types `token`, `token_seq`, `float`,
 `float_seq`, any column order), or the pre-split `<name>.train.inter` / `<name>.test.inter`
-(optional `<name>.valid.inter`). An optional card, `<name>.yaml` or `<name>.json`, renames fields,
+(optional `<name>.valid.inter`). Interactions may come as Parquet instead, under the same names
+with `.parquet` appended (`<name>.inter.parquet`, `<name>.train.inter.parquet`...), the same field
+names, types from the Parquet schema. An optional card, `<name>.yaml` or `<name>.json`, renames fields,
 declares which item/user fields are features and of what kind, the positive threshold of explicit
 ratings, and the text templates the language stages read (`docs/data.md`). Every stage reads the
 dataset through `Dataset`, so no stage names one dataset's fields.
@@ -23,7 +25,7 @@ from towers import protocols
 from towers.card import (DEFAULT_KIND, FEATURE_KINDS, Card, Feature,  # noqa: F401 (data.Feature)
                          load_card, render, template_fields)
 from towers.files import (AtomicFile, DataError, Field, id_key,  # noqa: F401 (data.DataError)
-                          parse_number, read_atomic)
+                          parse_number, read_atomic, read_parquet)
 
 TITLE_FIELDS = ("title", "movie_title", "name")
 UNKNOWN_YEAR = "unknown"
@@ -257,7 +259,8 @@ def dataset_name(path: pathlib.Path) -> str:
     """The `<name>` of the folder's `<name>.inter` (or `<name>.train.inter`)."""
     if not path.is_dir():
         raise DataError(f"{path}: not a folder; --data takes a folder of RecBole atomic files")
-    names = {p.name[:-len(".inter")] for p in path.glob("*.inter")}
+    names = {p.name[:-len(".inter")] for p in path.glob("*.inter")} | {
+        p.name[:-len(".inter.parquet")] for p in path.glob("*.inter.parquet")}
     plain = {n for n in names if not n.endswith(tuple(f".{s}" for s in SPLIT_SUFFIXES))}
     split = {n.rsplit(".", 1)[0] for n in names if n.endswith(".train")}
     found = sorted(plain | split)
@@ -285,7 +288,7 @@ def load(path: str | os.PathLike, card: str | os.PathLike | Card | None = None) 
     users = _side_table(path / f"{name}.user", card.user_id, card, "user")
     _check_card(card, items, users, path, name)
 
-    split_files = {s: path / f"{name}.{s}.inter" for s in SPLIT_SUFFIXES}
+    split_files = {s: _inter_file(path, f"{name}.{s}") for s in SPLIT_SUFFIXES}
     if split_files["train"].exists():
         if not split_files["test"].exists():
             raise DataError(f"{split_files['test']}: file not found; a pre-split dataset needs "
@@ -312,15 +315,24 @@ def load(path: str | os.PathLike, card: str | os.PathLike | Card | None = None) 
         presplit = Split(train, test, "pre-split", len(valid) if valid is not None else 0)
         interactions, lines = Interactions.concat([train, test]), None
     else:
-        interactions, implicit, has_time, lines = _interactions(path / f"{name}.inter", card)
+        interactions, implicit, has_time, lines = _interactions(_inter_file(path, name), card)
         presplit = None
     if not len(interactions):
         raise DataError(f"{path}: no interactions")
     return Dataset(name, path, card, interactions, items, users, presplit, implicit, has_time, lines)
 
 
+def _inter_file(path: pathlib.Path, stem: str) -> pathlib.Path:
+    """`<stem>.inter`, or `<stem>.inter.parquet` when that is the one there (never both)."""
+    text, parquet = path / f"{stem}.inter", path / f"{stem}.inter.parquet"
+    if text.exists() and parquet.exists():
+        raise DataError(f"{path}: both {text.name} and {parquet.name}; keep one of them")
+    return parquet if parquet.exists() else text
+
+
 def _interactions(file: pathlib.Path, card: Card) -> tuple[Interactions, bool, bool, np.ndarray]:
-    atomic = read_atomic(file, card.seq_separator)
+    atomic = (read_parquet(file) if file.name.endswith(".parquet")
+              else read_atomic(file, card.seq_separator))
     names = [f.name for f in atomic.fields]
     for role in ("user_id", "item_id"):
         field = getattr(card, role)

@@ -98,6 +98,64 @@ def read_atomic(path: str | os.PathLike, seq_separator: str = " ") -> AtomicFile
     return AtomicFile(path, fields, columns, lines)
 
 
+def read_parquet(path: str | os.PathLike) -> AtomicFile:
+    """Reads a Parquet file as an atomic file: each column's type comes from its Parquet type
+    (strings and integers -> token, floating point -> float, lists of those -> token_seq /
+    float_seq). Columns are converted whole by Arrow, never a Python object per value except
+    the token strings themselves. `lines` holds row numbers (1 = the first row), so errors name
+    `file:row`. Nulls read as empty: "" for a token (which an ID field refuses), NaN for a float."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    fields, columns = [], {}
+    for name, column in zip(table.column_names, table.columns):
+        kind = _parquet_kind(column.type)
+        if kind is None:
+            raise DataError(f"{path}: column {name!r} has Parquet type {column.type}; expected "
+                            "strings or integers (token), floating point (float), or lists of "
+                            "those (token_seq, float_seq)")
+        fields.append(Field(name, kind))
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if kind == "token":
+            columns[name] = np.array(column.cast(pa.string()).fill_null("").to_pylist(), dtype=object)
+        elif kind == "float":
+            columns[name] = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        else:
+            values = column.to_pylist()
+            out = np.empty(len(values), dtype=object)
+            if kind == "token_seq":
+                out[:] = [tuple(str(v) for v in row) if row else () for row in values]
+            else:
+                out[:] = [np.array([math.nan if v is None else v for v in row], np.float64)
+                          if row else np.zeros(0) for row in values]
+            columns[name] = out
+    return AtomicFile(path, tuple(fields), columns, np.arange(1, table.num_rows + 1, dtype=np.int64))
+
+
+def _parquet_kind(arrow_type) -> str | None:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) \
+            or pa.types.is_integer(arrow_type):
+        return "token"
+    if pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
+        return "float"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        inner = _parquet_kind(arrow_type.value_type)
+        return {"token": "token_seq", "float": "float_seq"}.get(inner)
+    return None
+
+
 def _typed(values: list[str], field: Field, path: pathlib.Path, lines: np.ndarray,
            separator: str) -> np.ndarray:
     if field.type == "token":

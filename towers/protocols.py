@@ -106,18 +106,32 @@ def cold_items_order(rows, test_share: float,
 
 def write_split(dataset, split, out: str | os.PathLike) -> pathlib.Path:
     """Writes `<name>.train.inter` and `<name>.test.inter` (plus the item/user files and card) to
-    `out`: the source's own lines and header, so any RecBole-format tool reads the same rows.
+    `out`: the source's own lines and header, so any RecBole-format tool reads the same rows
+    (from a Parquet source, `<name>.train.inter.parquet` and `.test.inter.parquet`, its rows).
     Each file is written to a temporary name and renamed into place."""
     if split.train_index is None or dataset.lines is None:
         raise files.DataError(f"{dataset.path}: already pre-split; nothing to write")
     out = pathlib.Path(out)
     if out.resolve() == dataset.path.resolve():
         raise files.DataError(f"{out}: write the split to another folder than the dataset's own")
-    lines = (dataset.path / f"{dataset.name}.inter").read_text(encoding="utf-8").split("\n")
-    for part, index in (("train", split.train_index), ("test", split.test_index)):
-        chosen = [lines[number - 1].rstrip("\r") for number in dataset.lines[index]]
-        payload = "\n".join([lines[0].rstrip("\r"), *chosen]) + "\n"
-        files.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
+    parts = (("train", split.train_index), ("test", split.test_index))
+    source = dataset.path / f"{dataset.name}.inter.parquet"
+    if source.exists():  # Parquet in, Parquet out: the source's rows, every column as it was
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(source)
+        out.mkdir(parents=True, exist_ok=True)
+        for part, index in parts:
+            target = out / f"{dataset.name}.{part}.inter.parquet"
+            staging = target.with_name(f".{target.name}.tmp")
+            pq.write_table(table.take(dataset.lines[index] - 1), staging)  # lines: 1-based rows
+            os.replace(staging, target)
+    else:
+        lines = (dataset.path / f"{dataset.name}.inter").read_text(encoding="utf-8").split("\n")
+        for part, index in parts:
+            chosen = [lines[number - 1].rstrip("\r") for number in dataset.lines[index]]
+            payload = "\n".join([lines[0].rstrip("\r"), *chosen]) + "\n"
+            files.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
     # The side files and the card the dataset was loaded with (a `--card` from elsewhere too).
     copies = [dataset.path / f"{dataset.name}{suffix}" for suffix in (".item", ".user")]
     copies += [dataset.card.source] if dataset.card.source is not None else []

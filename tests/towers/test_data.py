@@ -362,3 +362,71 @@ def test_split_reproduces_the_popularity_peer(benchmark_rows):
     result = metrics.evaluate(peers.popularity_scores(seen), users, items, seen)
     assert round(result["hit_rate@10"], 3) == 0.091
     assert round(result["hit_rate@100"], 3) == 0.413  # 0.4126
+
+
+def _parquet_copy(source, out, name="ml-100k"):
+    """The folder's `.inter` as `.inter.parquet`, typed as a data team would write it (integer
+    IDs, float32 ratings, int64 timestamps); the item and user files and the card as they are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from towers import files
+
+    atomic = files.read_atomic(source / f"{name}.inter")
+    out.mkdir()
+    pq.write_table(pa.table({
+        "item_id": pa.array(atomic.columns["item_id"].astype(np.int32)),  # any column order
+        "user_id": pa.array(atomic.columns["user_id"].astype(np.int64)),
+        "rating": pa.array(atomic.columns["rating"].astype(np.float32)),
+        "timestamp": pa.array(atomic.columns["timestamp"].astype(np.int64))}),
+        out / f"{name}.inter.parquet")
+    for suffix in ("item", "user", "yaml"):
+        (out / f"{name}.{suffix}").write_bytes((source / f"{name}.{suffix}").read_bytes())
+    return out
+
+
+def test_parquet_interactions_are_the_atomic_files_rows(tiny_data_dir, tmp_path):
+    """`<name>.inter.parquet` loads the same rows, split the same way, as `<name>.inter`; a split
+    of it is written as Parquet and reloads as the atomic file's split does."""
+    from towers import protocols
+
+    text = data.load(tiny_data_dir)
+    parquet = data.load(_parquet_copy(tiny_data_dir, tmp_path / "parquet"))
+    for field in ("user_id", "item_id", "rating", "timestamp"):
+        np.testing.assert_array_equal(getattr(parquet.interactions, field),
+                                      getattr(text.interactions, field), err_msg=field)
+    assert (parquet.implicit, parquet.has_time) == (False, True)
+    expected, got = text.split("random"), parquet.split("random")
+    np.testing.assert_array_equal(got.test_index, expected.test_index)
+    for folder, dataset, split in ((tmp_path / "a", text, expected), (tmp_path / "b", parquet, got)):
+        protocols.write_split(dataset, split, folder)
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.inter.parquet")) == [
+        "ml-100k.test.inter.parquet", "ml-100k.train.inter.parquet"]
+    a, b = data.load(tmp_path / "a").split(), data.load(tmp_path / "b").split()
+    assert b.protocol == "pre-split"
+    for part in ("train", "test"):
+        np.testing.assert_array_equal(getattr(b, part).item_id, getattr(a, part).item_id)
+        np.testing.assert_array_equal(getattr(b, part).timestamp, getattr(a, part).timestamp)
+
+
+def test_bad_parquet_is_named(tiny_data_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = _parquet_copy(tiny_data_dir, tmp_path / "both")
+    (folder / "ml-100k.inter").write_bytes((tiny_data_dir / "ml-100k.inter").read_bytes())
+    with pytest.raises(data.DataError, match="both ml-100k.inter and ml-100k.inter.parquet"):
+        data.load(folder)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"user_id": ["1", "2"], "item_id": ["5", "6"],
+                             "seen": pa.array([True, False])}), bad / "x.inter.parquet")
+    with pytest.raises(data.DataError, match=r"x.inter.parquet: column 'seen' has Parquet type bool"):
+        data.load(bad)
+    pq.write_table(pa.table({"user_id": ["1", None, "3"], "item_id": ["5", "6", "7"]}),
+                   bad / "x.inter.parquet")
+    with pytest.raises(data.DataError, match=r"x.inter.parquet:2: field 'user_id' is empty"):
+        data.load(bad)
+    (bad / "x.inter.parquet").write_bytes(b"not parquet")
+    with pytest.raises(data.DataError, match="x.inter.parquet: not a readable Parquet file"):
+        data.load(bad)
