@@ -372,10 +372,13 @@ def _required_floats(atomic: AtomicFile, name: str, dtype: type) -> np.ndarray:
     field = atomic.field(name)
     column = atomic.columns[name]
     if field.type == "token":
-        out = np.empty(len(column), np.float64)
-        for row, value in enumerate(column):
-            out[row] = parse_number(value, atomic.path, atomic.lines[row], Field(name, "float"))
-        column = out
+        try:  # one conversion of the whole column; row by row only to name a bad value
+            column = column.astype(np.float64)
+        except ValueError:
+            out = np.empty(len(column), np.float64)
+            for row, value in enumerate(column):
+                out[row] = parse_number(value, atomic.path, atomic.lines[row], Field(name, "float"))
+            column = out
     elif field.type != "float":
         raise DataError(f"{atomic.path}:1: field {name!r} must be float, is {field.type}")
     missing = np.flatnonzero(np.isnan(column))
