@@ -304,6 +304,10 @@ def _evaluate_retrieval(args) -> None:
     table = retrieval_eval.evaluate_run(args.run, with_peers=not args.no_peers)
     print(retrieval_eval.protocol_line(args.run))
     print(retrieval_eval.format_table(table))
+    new_items = retrieval_eval.evaluate_new_items(args.run)
+    if new_items is not None:  # e.g. --split cold-items: the new-arrivals shelf
+        print()
+        print(retrieval_eval.format_new_items(new_items))
 
 
 def _train_reranker(args) -> None:
