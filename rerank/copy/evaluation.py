@@ -68,6 +68,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
                       "malformed": not claims.check_template(row["skeleton"].decode(), facts)[0],
                       **{f"wrong_{kind}": bool(found) for kind, found in wrong.items()},
                       "served_claim_error": any(served_wrong.values()),
+                      "attempt": int(row["attempt"]),
                       "fallback": int(row["attempt"]) < 0,
                       "resampled": int(row["attempt"]) > 0,
                       "graph_agrees": (present, bool(foreign)) == (
@@ -116,7 +117,7 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
         saving.save(module, saved, {"serving_default": module.serve})
         result["latency_ms"] = _latency(saved, split.test, timing_calls)
     result["examples"] = [{key: line[key] for key in ("user_id", "item_id", "liked", "reasons",
-                                                      "generated", "copy")}
+                                                      "generated", "copy", "attempt")}
                           for line in lines[:examples]]
     if (run / "reranker").is_dir() and necessity_pairs != 0:
         from rerank import faithfulness
@@ -176,8 +177,9 @@ def format_report(result: dict) -> str:
     for example in result.get("examples", []):
         reasons = ", ".join(example.get("reasons", ())) or "none"
         lines.append(f"- user {example['user_id']}, item {example['item_id']} (reasons: {reasons}): "
-                     f"{example['copy']}" + ("" if example["copy"] == example["generated"]
-                                             else f"  (first sample, rejected: {example['generated']})"))
+                     f"{example['copy']}" + ("" if example.get("attempt", 0) == 0 else
+                                             f"  ({'fallback' if example['attempt'] < 0 else 'sample ' + str(example['attempt'] + 1)}; "
+                                             f"first sample, rejected: {example['generated']})"))
     return "\n".join(lines)
 
 

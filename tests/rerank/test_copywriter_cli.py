@@ -9,7 +9,7 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from rerank.copy import copywriter, graph, grounding, templates
+from rerank.copy import copywriter, evaluation, graph, grounding, templates
 from serving import cli
 from towers import runs
 
@@ -66,11 +66,15 @@ def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
                                                           templates.MAX_LIKED).numpy()[0] if r)
         assert tuple(example["liked"]) == liked
         assert set(example["reasons"]) <= set(liked)
-        if example["copy"] == example["generated"]:
+        if example["attempt"] == 0:  # the first sample, served as generated
+            assert example["copy"] == example["generated"]
             assert matcher.check(example["generated"], item, liked) == (True, []), example
-        else:
+        elif example["attempt"] < 0:  # no sample passed
             assert example["copy"] == grounding.fallback_line(
                 catalog[item], [catalog[i] for i in liked], matcher), example
+        else:  # a later sample
+            assert example["copy"] != example["generated"]
+            assert matcher.check(example["copy"], item, liked) == (True, []), example
     assert evaluation["served_generated"] <= evaluation["grounded_before_check"]
     assert evaluation["graph_check_agrees_with_python"] == 1.0
     assert 0 <= evaluation["hallucinated_title"] <= 1 and evaluation["heldout_perplexity"] > 1
@@ -80,6 +84,20 @@ def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):
     table = (cli_run / "copywriter" / "evaluation.md").read_text()
     assert f"| grounded_after_check | {evaluation['grounded_after_check']} |" in table
     assert table.strip() in printed
+
+
+def test_decoding_sweep_on_training_pairs(cli_run):
+    """A line's first sample does not depend on how many samples are drawn (its key is the one a
+    single sample uses), so the first-sample figures agree across settings that differ only in
+    samples, and with one sample every line whose sample fails falls back."""
+    rows = evaluation.sweep_decoding(cli_run, grid=((1.0, 40, 1), (1.0, 40, 3)), pairs=16)
+    one, three = rows
+    assert one["first_sample_passes"] == three["first_sample_passes"]
+    assert one["distinct_2_first_sample"] == three["distinct_2_first_sample"]
+    assert one["fallback_share"] == round(1 - one["first_sample_passes"], 4)
+    table = evaluation.format_sweep(rows)
+    assert table.splitlines()[0].startswith("| temperature | top_k | attempts |")
+    assert len(table.splitlines()) == 4
 
 
 def test_train_copywriter_has_no_data_flag(tiny_run):
