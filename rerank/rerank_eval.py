@@ -95,6 +95,60 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     return table
 
 
+def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10,
+                       record: bool = True) -> dict | None:
+    """The new-arrivals shelf re-ranked: for the test interactions with items that have no
+    training row (None when there are none), hit rate@k when each user is shown only the new
+    items, ranked by retrieval, by the re-ranker's top `depth` of them, and by the same without
+    the BERT term (the ablation that says what the cross-encoder adds). Written to
+    `metrics.json` under `reranker.test.new_items`."""
+    run = pathlib.Path(run_dir)
+    reranker = ce.load_reranker(run)
+    logits, users, items, seen, tables = test_inputs(run)
+    trained = set(runs.run_data(run)[1].train.item_id)
+    new = np.array([item not in trained for item in tables.item_ids.astype(str)])
+    wanted = new[items]
+    if not wanted.any():
+        return None
+    shelf = np.where(new[None, :], logits, -np.inf)  # old items can never reach the shelf
+    depth = min(depth, int(new.sum()))  # users have no training row with a new item
+    user_rows = np.unique(users[wanted])
+    top, final = rerank_scores(reranker, shelf, seen, user_rows, tables.user_ids, tables.item_ids,
+                               depth)
+    retrieval = np.take_along_axis(logits[user_rows], top, 1)
+    popularity = reranker.texts.popularity.lookup(
+        ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
+    ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
+    head = ce.head_scores(reranker.encoder, retrieval, popularity, ease)
+    hit_rate = lambda scores: round(metrics.evaluate(scores, users[wanted], items[wanted], seen,
+                                                     (k,))[f"hit_rate@{k}"], 5)
+    result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()), "depth": depth,
+              f"shelf_hit_rate@{k}": {
+                  "retrieval": hit_rate(shelf),
+                  "reranked": hit_rate(ranking.rows_replaced(
+                      shelf, user_rows, ranking.reordered(shelf[user_rows], top, final))),
+                  "head_only": hit_rate(ranking.rows_replaced(
+                      shelf, user_rows, ranking.reordered(shelf[user_rows], top, head)))}}
+    if record:
+        runs.update_metrics(run, {"test": {"new_items": result}}, "reranker")
+    return result
+
+
+def format_new_items(result: dict, k: int = 10) -> str:
+    shelf = result[f"shelf_hit_rate@{k}"]
+    base = shelf["retrieval"]
+    lines = [f"New-arrivals shelf ({result['new_items']:,} items without a training row; "
+             f"{result['test_rows']:,} test interactions with them; the re-ranker reorders each "
+             f"user's top {result['depth']} of them):", "",
+             f"| shelf ranking | hit rate@{k} | vs retrieval |", "|---|---|---|"]
+    labels = {"retrieval": "retrieval alone", "head_only": "re-ranked without BERT (scalar terms)",
+              "reranked": "re-ranked (cross-encoder)"}
+    for name in ("retrieval", "head_only", "reranked"):
+        ratio = f"{shelf[name] / base:.2f}x" if base else "-"
+        lines.append(f"| {labels[name]} | {shelf[name]:.4f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def reranker_l2(run: pathlib.Path) -> float:
     """The EASE l2 the run's re-ranker was trained with (the config default for older runs)."""
     record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())

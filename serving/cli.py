@@ -327,6 +327,10 @@ def _evaluate_reranker(args) -> None:
     print(retrieval_eval.protocol_line(args.run))
     print(rerank_eval.format_table(rerank_eval.evaluate_reranker(args.run,
                                                                  with_als=not args.no_peers)))
+    new_items = rerank_eval.evaluate_new_items(args.run)
+    if new_items is not None:  # e.g. --split cold-items
+        print()
+        print(rerank_eval.format_new_items(new_items))
 
 
 def _bench_reranker(args) -> None:
