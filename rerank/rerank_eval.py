@@ -129,8 +129,11 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
                       shelf, user_rows, ranking.reordered(shelf[user_rows], top, final))),
                   "head_only": hit_rate(ranking.rows_replaced(
                       shelf, user_rows, ranking.reordered(shelf[user_rows], top, head)))}}
-    if record:
-        runs.update_metrics(run, {"test": {"new_items": result}}, "reranker")
+    if record:  # beside the test table `evaluate_reranker` wrote, if any
+        path = run / runs.METRICS_FILE
+        current = json.loads(path.read_text()).get("reranker", {}) if path.exists() else {}
+        runs.update_metrics(run, {"test": {**current.get("test", {}), "new_items": result}},
+                            "reranker")
     return result
 
 

@@ -75,7 +75,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -
             f"hit_rate@{k}": metrics.evaluate(scores, users[wanted], items[wanted], seen,
                                               (k,))[f"hit_rate@{k}"],
             f"new_share@{k}": float(new[top].mean())}
-    runs.update_metrics(run, {"test": {"new_items": result}})
+    runs.update_metrics(run, {"new_items": result}, "test")  # beside the test table
     return result
 
 
