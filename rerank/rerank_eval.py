@@ -78,11 +78,7 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     top, final = rerank_scores(reranker, logits, seen, user_rows, tables.user_ids, tables.item_ids,
                                deepest)
     seconds = time.perf_counter() - started
-    popularity = reranker.texts.popularity.lookup(
-        ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
-    ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
-    head = ce.head_scores(reranker.encoder, np.take_along_axis(logits[user_rows], top, 1),
-                          popularity, ease)
+    head = _head_scores(reranker, logits, user_rows, top, tables)
     for depth in sorted(depths):
         part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
         table[f"head@{depth}"] = evaluate(ranking.rows_replaced(
@@ -105,8 +101,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)
     logits, users, items, seen, tables = test_inputs(run)
-    trained = set(runs.run_data(run)[1].train.item_id)
-    new = np.array([item not in trained for item in tables.item_ids.astype(str)])
+    new = retrieval_eval.new_item_mask(tables, runs.run_data(run)[1])
     wanted = new[items]
     if not wanted.any():
         return None
@@ -115,11 +110,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
     user_rows = np.unique(users[wanted])
     top, final = rerank_scores(reranker, shelf, seen, user_rows, tables.user_ids, tables.item_ids,
                                depth)
-    retrieval = np.take_along_axis(logits[user_rows], top, 1)
-    popularity = reranker.texts.popularity.lookup(
-        ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
-    ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
-    head = ce.head_scores(reranker.encoder, retrieval, popularity, ease)
+    head = _head_scores(reranker, logits, user_rows, top, tables)
     hit_rate = lambda scores: round(metrics.evaluate(scores, users[wanted], items[wanted], seen,
                                                      (k,))[f"hit_rate@{k}"], 5)
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()), "depth": depth,
@@ -130,10 +121,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
                   "head_only": hit_rate(ranking.rows_replaced(
                       shelf, user_rows, ranking.reordered(shelf[user_rows], top, head)))}}
     if record:  # beside the test table `evaluate_reranker` wrote, if any
-        path = run / runs.METRICS_FILE
-        current = json.loads(path.read_text()).get("reranker", {}) if path.exists() else {}
-        runs.update_metrics(run, {"test": {**current.get("test", {}), "new_items": result}},
-                            "reranker")
+        runs.update_metrics(run, {"new_items": result}, ("reranker", "test"))
     return result
 
 
@@ -150,6 +138,16 @@ def format_new_items(result: dict, k: int = 10) -> str:
         ratio = f"{shelf[name] / base:.2f}x" if base else "-"
         lines.append(f"| {labels[name]} | {shelf[name]:.4f} | {ratio} |")
     return "\n".join(lines)
+
+
+def _head_scores(reranker: ce.Reranker, logits: np.ndarray, user_rows: np.ndarray,
+                 top: np.ndarray, tables) -> np.ndarray:
+    """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation)."""
+    popularity = reranker.texts.popularity.lookup(
+        ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
+    ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
+    return ce.head_scores(reranker.encoder, np.take_along_axis(logits[user_rows], top, 1),
+                          popularity, ease)
 
 
 def reranker_l2(run: pathlib.Path) -> float:

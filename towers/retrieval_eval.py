@@ -53,8 +53,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -
     run = pathlib.Path(run_dir)
     retrieval, tables = runs.load_run(run)
     dataset, split = runs.run_data(run)
-    trained = set(split.train.item_id)
-    new = np.array([item not in trained for item in tables.item_ids.astype(str)])
+    new = new_item_mask(tables, split)
     users, items, seen = test_rows(tables, split.test)
     wanted = new[items]
     if not wanted.any():
@@ -77,6 +76,12 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -
             f"new_share@{k}": float(new[top].mean())}
     runs.update_metrics(run, {"new_items": result}, "test")  # beside the test table
     return result
+
+
+def new_item_mask(tables: features.FeatureTables, split: data.Split) -> np.ndarray:
+    """bool [I]: the items of the run's tables without a training row in `split`."""
+    trained = set(split.train.item_id)
+    return np.array([item not in trained for item in tables.item_ids.astype(str)])
 
 
 def category_profile_scores(dataset: data.Dataset, tables: features.FeatureTables,

@@ -74,9 +74,14 @@ def load_run(run_dir: str | os.PathLike) -> tuple[model.RetrievalModel, features
     return retrieval, tables
 
 
-def update_metrics(run: pathlib.Path, update: dict, section: str | None = None) -> None:
-    """Merges `update` into `<run>/metrics.json` (into its `section` when given), keeping the rest."""
+def update_metrics(run: pathlib.Path, update: dict,
+                   section: str | tuple[str, ...] | None = None) -> None:
+    """Merges `update` into `<run>/metrics.json` (into its `section` when given: a key, or a path
+    of keys such as ("reranker", "test")), keeping the rest."""
     path = run / METRICS_FILE
     current = json.loads(path.read_text()) if path.exists() else {}
-    (current.setdefault(section, {}) if section else current).update(update)
+    target = current
+    for key in (section,) if isinstance(section, str) else section or ():
+        target = target.setdefault(key, {})
+    target.update(update)
     files.write_atomic(path, json.dumps(current, indent=2).encode())

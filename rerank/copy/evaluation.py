@@ -43,12 +43,8 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     record, model, tokenizer, dataset, split = loaded
     module = graph.CopywriterModule.from_run(run, loaded)
     chosen = evaluation.benchmark_pairs(split.test, pairs)
-    rows = []
-    for start in range(0, len(chosen), 50):
-        batch = chosen[start:start + 50]
-        out = module.details(tf.constant([u for u, _ in batch]), tf.constant([[i] for _, i in batch]))
-        out = {key: value.numpy()[:, 0] for key, value in out.items()}
-        rows += [{key: value[n] for key, value in out.items()} for n in range(len(batch))]
+    out = _details(module, chosen)
+    rows = [{key: value[n] for key, value in out.items()} for n in range(len(chosen))]
     items = templates.catalog(dataset)
     matcher = grounding.TitleMatcher(items)
     vocabulary = claims.claim_vocabulary(items.values())
@@ -199,21 +195,27 @@ def sweep_decoding(run_dir: str | os.PathLike, grid=DECODING_GRID, pairs: int = 
         settings = {**record, "temperature": temperature, "top_k": top_k, "attempts": attempts}
         module = graph.CopywriterModule.from_run(
             run_dir, (settings, model, tokenizer, dataset, split))
-        first, served, attempt = [], [], []
-        for start in range(0, len(chosen), 100):
-            batch = chosen[start:start + 100]
-            out = module.details(tf.constant([u for u, _ in batch]),
-                                 tf.constant([[i] for _, i in batch]))
-            first += [line.decode() for line in out["generated"].numpy()[:, 0]]
-            served += [line.decode() for line in out["copy"].numpy()[:, 0]]
-            attempt += out["attempt"].numpy()[:, 0].tolist()
-        attempt = np.array(attempt)
+        out = _details(module, chosen)
+        first, served = ([line.decode() for line in out[key]] for key in ("generated", "copy"))
+        attempt = out["attempt"]
         rows.append({"temperature": temperature, "top_k": top_k, "attempts": attempts,
                      "first_sample_passes": round(float(np.mean(attempt == 0)), 4),
                      "fallback_share": round(float(np.mean(attempt < 0)), 4),
                      "distinct_2_first_sample": round(distinct_n(first, 2), 4),
                      "served_distinct_2": round(distinct_n(served, 2), 4)})
     return rows
+
+
+def _details(module: graph.CopywriterModule, chosen: list[tuple[str, str]],
+             batch: int = 50) -> dict[str, np.ndarray]:
+    """`module.details` of each (user, item) pair, one line per user row, in batches: each
+    output as an array over the pairs."""
+    parts = []
+    for start in range(0, len(chosen), batch):
+        pairs = chosen[start:start + batch]
+        out = module.details(tf.constant([u for u, _ in pairs]), tf.constant([[i] for _, i in pairs]))
+        parts.append({key: value.numpy()[:, 0] for key, value in out.items()})
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def format_sweep(rows: list[dict]) -> str:
