@@ -15,7 +15,12 @@ class RerankerConfig:
     max_length: int = 32  # tokens per pair: 2 layers x 100 pairs within the 250 ms budget
     history_titles: int = 4  # newest training interactions in the context (truncation cuts more)
     layers: int = 2  # first MiniLM layers kept (a layer-dropped student)
-    candidates: int = 100  # retrieval top-K re-ranked, and where hard negatives come from
+    candidates: int = 100  # two-tower top-K re-ranked by BERT, and where hard negatives come from
+    # Further candidate sources (towers/sources.py) merged into the list the scalar terms score
+    # first; BERT then re-scores the best `candidates` of it. 0: the two-tower list alone.
+    item_item_candidates: int = 0  # neighbours of the user's history by the EASE weights
+    new_item_candidates: int = 0  # items with <= new_item_max_count training rows, by content
+    new_item_max_count: int = 0
     group_size: int = 8  # one positive and 7 hard negatives per softmax
     holdout: int = 20_000  # training rows the shadow retrieval model does not see: the positives
     validation_share: float = 0.2  # last share of the held-out rows, for validation only
@@ -33,6 +38,14 @@ class RerankerConfig:
     learning_rate: float = 1e-3  # AdamW on BERT, linear decay to 0
     weight_decay: float = 0.01
     seed: int = 42
+
+
+def source_config(config: RerankerConfig):
+    """The candidate sources (`towers.sources.SourceConfig`) a re-ranker config names."""
+    from towers import sources
+
+    return sources.SourceConfig(config.candidates, config.item_item_candidates,
+                                config.new_item_candidates, config.new_item_max_count)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,10 +37,10 @@ from rerank import checkpoint as checkpoints
 from rerank import negatives, pairs, ranking
 from rerank.copy import templates
 from rerank import tokenizer as tokenizers
-from rerank.config import RerankerConfig
+from rerank.config import RerankerConfig, source_config
 from towers import data, features, files, metrics
 from towers import model as towers_model
-from towers import retrieval_eval, runs
+from towers import retrieval_eval, runs, sources
 from towers import train as towers_train
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,30 @@ class Reranker(keras.Model):
                                "ease": self.texts.ease_score(users, items)},
                               training=training)
         return tf.reshape(scores, shape)
+
+    def head(self, user_id: tf.Tensor, item_ids: tf.Tensor, retrieval_score: tf.Tensor
+             ) -> tf.Tensor:
+        """The final score without the BERT term (string [B], string [B, M], float32 [B, M] ->
+        [B, M]): the cheap first pass over many candidates."""
+        shape = tf.shape(item_ids)
+        items = tf.reshape(item_ids, [-1])
+        users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
+        encoder = self.encoder
+        score = encoder.retrieval_weight * tf.reshape(retrieval_score, [-1])
+        if encoder.popularity_feature:
+            score += encoder.popularity_weight * self.texts.popularity.lookup(items)
+        if encoder.ease_feature:
+            score += encoder.ease_weight * self.texts.ease_score(users, items)
+        return tf.reshape(score, shape)
+
+    def head_scores(self, user_ids: np.ndarray, item_ids: np.ndarray,
+                    retrieval: np.ndarray, users_per_batch: int = 64) -> np.ndarray:
+        """numpy `head` over str [U], str [U, K], [U, K], in batches of users."""
+        return np.concatenate([self.head(
+            tf.constant(user_ids[i:i + users_per_batch].astype(str)),
+            tf.constant(item_ids[i:i + users_per_batch].astype(str)),
+            tf.constant(retrieval[i:i + users_per_batch], tf.float32)).numpy()
+            for i in range(0, len(user_ids), users_per_batch)])
 
     def rank(self, user_id: str, item_ids: list[str], retrieval_scores: list[float]
              ) -> list[tuple[str, float]]:
@@ -256,25 +280,45 @@ def score_candidates(reranker: Reranker, user_ids: np.ndarray, item_ids: np.ndar
     return np.concatenate(out)
 
 
+def rerank_candidates(reranker: Reranker, user_ids: np.ndarray, item_ids: np.ndarray,
+                      candidates: np.ndarray, retrieval: np.ndarray, depth: int,
+                      users_per_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(item rows [U, D], final scores [U, D]) of the served two passes: the scalar terms score
+    each user's `candidates` [U, K] (item rows into `item_ids`; `retrieval` their logits) and
+    keep the best D = min(depth, K), which the whole re-ranker re-scores (`user_ids` [U])."""
+    if candidates.shape[1] > depth:
+        head = reranker.head_scores(user_ids, item_ids[candidates], retrieval)
+        keep = np.argsort(-head, axis=1, kind="stable")[:, :depth]
+        keep.sort(axis=1)  # candidates keep their retrieval order
+        candidates = np.take_along_axis(candidates, keep, axis=1)
+        retrieval = np.take_along_axis(retrieval, keep, axis=1)
+    return candidates, score_candidates(reranker, user_ids, item_ids[candidates], retrieval,
+                                        users_per_batch)
+
+
 class RerankValidation(keras.callbacks.Callback):
     """Hit rate / NDCG @10 of the re-ranked top-K on validation rows, logged each epoch."""
 
     def __init__(self, reranker: Reranker, scores: np.ndarray, seen: np.ndarray,
                  users: np.ndarray, items: np.ndarray, user_ids: np.ndarray,
-                 item_ids: np.ndarray, k: int):
+                 item_ids: np.ndarray, candidates: np.ndarray, depth: int):
+        """`candidates` [U, K]: every user's merged candidate rows (`towers.sources`); the scalar
+        terms keep the best `depth` of them, which BERT re-scores, as in the served cascade."""
         super().__init__()
         self.reranker, self.scores, self.seen, self.users, self.items = (
             reranker, scores, seen, users, items)
         self.user_rows = np.unique(users)
-        self.top = ranking.top_candidates(scores[self.user_rows], seen[self.user_rows], k)
+        self.candidates = candidates[self.user_rows]
+        self.depth = depth
         self.user_ids, self.item_ids, self.history = user_ids, item_ids, []
 
     def evaluate(self) -> dict[str, float]:
-        final = score_candidates(
-            self.reranker, self.user_ids[self.user_rows], self.item_ids[self.top],
-            np.take_along_axis(self.scores[self.user_rows], self.top, axis=1))
+        top, final = rerank_candidates(self.reranker, self.user_ids[self.user_rows],
+                                       self.item_ids, self.candidates,
+                                       np.take_along_axis(self.scores[self.user_rows],
+                                                          self.candidates, axis=1), self.depth)
         matrix = ranking.rows_replaced(self.scores, self.user_rows,
-                                ranking.reordered(self.scores[self.user_rows], self.top, final))
+                                       ranking.reordered(self.scores[self.user_rows], top, final))
         return self.metrics(matrix)
 
     def metrics(self, matrix: np.ndarray) -> dict[str, float]:
@@ -309,17 +353,20 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     scores = queries @ candidates.T / shadow.config.temperature  # the retrieval logits [U, I]
     users, items, seen = retrieval_eval.test_rows(tables, held_out)
     validation = len(held_out) - int(len(held_out) * config.validation_share)
-    groups = negatives.build_groups(scores, seen, users[:validation], items[:validation], config.candidates)
-    log.info("%d of %d held-out training rows are in the shadow's top %d: one group each",
-             len(groups), validation, config.candidates)
+    ease_l2 = config.ease_l2 if config.ease_feature or config.item_item_candidates else None
+    texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
+                                  config.history_titles, ease_l2, config.ease_neighbours,
+                                  liked_rating(dataset))
+    source = source_config(config)
+    candidates, _ = sources.batched(scores, seen, texts.neighbours(), tables.item_count, source)
+    groups = negatives.build_groups(scores, seen, users[:validation], items[:validation],
+                                    candidates=candidates)
+    log.info("%d of %d held-out training rows are in the shadow's %d candidates: one group each",
+             len(groups), validation, source.k)
 
     base = write_base(checkpoint or checkpoints.fetch_minilm(), out / BASE_DIR, config.layers)
     tf.keras.utils.set_random_seed(config.seed)
     encoder = new_encoder(base, config)
-    ease_l2 = config.ease_l2 if config.ease_feature else None
-    texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
-                                  config.history_titles, ease_l2, config.ease_neighbours,
-                                  liked_rating(dataset))
     reranker = Reranker(encoder, texts, tokenizers.PairTokenizer.from_directory(base),
                         config.max_length)
     head = fit_head(encoder, groups, texts.arrays["popularity"], texts.ease_pairs(
@@ -332,12 +379,14 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     keep = np.isin(users[validation:], val_users)
     check = RerankValidation(reranker, scores, seen, users[validation:][keep],
                              items[validation:][keep], tables.user_ids, tables.item_ids,
-                             config.candidates)
-    top = check.top
+                             candidates, config.candidates)
+    top = check.candidates
     head_only = head_scores(encoder, np.take_along_axis(scores[check.user_rows], top, 1),
                             texts.arrays["popularity"][top],
                             texts.ease_pairs(tables.user_ids[check.user_rows], tables.item_ids[top]))
     baselines = {"retrieval": check.metrics(scores),
+                 "candidates_hit_rate": round(sources.hit_rate(
+                     top, users[validation:][keep], items[validation:][keep], check.user_rows), 4),
                  "head": check.metrics(ranking.rows_replaced(
                      scores, check.user_rows, ranking.reordered(scores[check.user_rows], top, head_only)))}
     log.info("validation before BERT: %s", baselines)

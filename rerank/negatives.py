@@ -59,16 +59,20 @@ def split_rows(train: data.Interactions, holdout: int
 
 
 def build_groups(scores: np.ndarray, seen: np.ndarray, user_rows: np.ndarray,
-                 item_rows: np.ndarray, k: int) -> Groups:
+                 item_rows: np.ndarray, k: int | None = None,
+                 candidates: np.ndarray | None = None) -> Groups:
     """Groups for held-out pairs (user_rows[j], item_rows[j]) from retrieval `scores` [U, I] of a
-    model that did not see them; `seen` [U, I] is what that model was trained on. Pairs whose item
-    is outside the top-k give no group (the re-ranker never sees them at serving time either), and
-    a user's other held-out items are never negatives."""
+    model that did not see them; `seen` [U, I] is what that model was trained on. The candidates
+    are every user's `candidates` [U, K] (item rows, e.g. `towers.sources.batched`), or the top-k
+    of `scores`. Pairs whose item is not a candidate give no group (the re-ranker never sees them
+    at serving time either), and a user's other held-out items are never negatives."""
     user_rows, item_rows = np.asarray(user_rows), np.asarray(item_rows)
     if np.any(seen[user_rows, item_rows]):
         raise ValueError("a held-out pair is in `seen`: positives must be interactions the "
                          "retrieval model was not trained on")
-    top = ranking.top_candidates(scores, seen, k)  # [U, k]
+    if (k is None) == (candidates is None):
+        raise ValueError("give either k or candidates")
+    top = ranking.top_candidates(scores, seen, k) if candidates is None else candidates  # [U, K]
     held_out = np.zeros_like(seen)
     held_out[user_rows, item_rows] = True
     candidates = top[user_rows]  # [N, k]

@@ -161,7 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--index", choices=["bruteforce", "scann"], default="bruteforce",
                         help="bruteforce serves on stock TF Serving; scann needs its ScaNN build")
     export.add_argument("--k", type=int, default=100,
-                        help="items returned by `retrieval`, re-ranked by `cascade` (default: %(default)s)")
+                        help="two-tower items in `retrieval`'s list, and the candidates BERT "
+                             "re-scores in `cascade` (default: %(default)s)")
+    export.add_argument("--item-item", type=int, metavar="SLOTS",
+                        help="more candidates from the item-to-item source (default: what the "
+                             "run's re-ranker was trained with, else 0)")
+    export.add_argument("--new-items", type=int, metavar="SLOTS",
+                        help="more candidates from the new-item source (default: as --item-item)")
+    export.add_argument("--new-item-max-count", type=int, metavar="N",
+                        help="items with at most N training interactions are new (default: as "
+                             "--item-item)")
     export.add_argument("--n", type=int, default=10,
                         help="final items of `cascade`, each with copy (default: %(default)s)")
     export.add_argument("--models", nargs="+", metavar="MODEL",
@@ -403,7 +412,8 @@ def _export(args) -> None:
     from serving import export
 
     paths = export.export(args.run, args.model_base_path, args.version, args.index, args.k,
-                          n=args.n, models=args.models)
+                          n=args.n, models=args.models, item_item=args.item_item,
+                          new_items=args.new_items, new_item_max_count=args.new_item_max_count)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

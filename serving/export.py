@@ -47,7 +47,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_server import config as server_config
-from towers import cold_start, data, features, index, runs, saving
+from towers import cold_start, data, features, index, peers, runs, saving, sources
 from towers import model as towers_model
 
 if TYPE_CHECKING:
@@ -97,28 +97,129 @@ class CandidateTowerModule(tf.Module):
 
 
 class RetrievalModule(tf.Module):
-    """user_id -> top-K item IDs and scores over the index, the user's training items excluded.
+    """user_id -> top-K item IDs and scores, the user's training items excluded: the candidate
+    sources of `towers.sources` merged (the two-tower index, item-to-item neighbours of the user's
+    history, new items by content), ordered by the two-tower score. `sources` names each
+    candidate's source.
 
-    The index is keyed by item row (int32) so exclusion compares integers, and rows are mapped
-    back to the dataset's string IDs at the end.
+    Per-user state is ragged (each user's training item rows, looked up by the query tower's ID
+    row), the item-to-item weights are k per item: nothing in the graph is sized users x items or
+    items x items. Item rows are int32 so exclusion compares integers; rows are mapped back to the
+    dataset's string IDs at the end.
     """
 
-    def __init__(self, query: QueryTowerModule, top_k, tables: features.FeatureTables, k: int):
+    def __init__(self, query: QueryTowerModule, top_k, tables: features.FeatureTables,
+                 candidates: np.ndarray, config: sources.SourceConfig,
+                 neighbours: peers.ItemNeighbours | None = None):
         super().__init__()
+        if config.item_item and neighbours is None:
+            raise ExportError("item-to-item candidates need the item neighbours")
         self.query = query
         self.index = top_k
-        self.k = k
+        self.config = config
+        self.k = config.k
         self.item_ids = tf.constant(tables.item_ids)
-        row = {item: r for r, item in enumerate(tables.item_ids)}
-        seen = np.array([[row.get(i, -1) for i in ids] for ids in tables.seen], np.int32)
-        self.seen = tf.constant(np.concatenate([np.full((1, seen.shape[1]), -1, np.int32), seen]))
+        self.source_names = tf.constant(sources.SOURCES)
+        self.candidates = tf.constant(np.asarray(candidates, np.float32))  # [I, D]
+        values, splits = seen_rows(tables)
+        # Row 0 of the query tower's lookup is an unknown user: an empty history.
+        self.seen_values = tf.constant(values)
+        self.seen_splits = tf.constant(np.concatenate([[0, 0], splits]).astype(np.int64))
+        self.widest = max(1, int(np.diff(np.concatenate([[0], splits])).max(initial=0)))
+        self.num_items = len(tables.item_ids)
+        neighbours = neighbours or peers.ItemNeighbours(
+            np.zeros((self.num_items, 0), np.int32), np.zeros((self.num_items, 0), np.float32))
+        self.neighbour_index = tf.constant(neighbours.index)
+        self.neighbour_weight = tf.constant(neighbours.weight)
+        self.is_new = tf.constant(tables.item_count <= config.new_item_max_count)
+
+    def seen(self, user_id: tf.Tensor) -> tf.RaggedTensor:
+        """int32 ragged [B, None]: each user's training item rows (none for an unknown user)."""
+        seen = tf.RaggedTensor.from_row_splits(self.seen_values, self.seen_splits)
+        return tf.gather(seen, self.query.tower.lookup(user_id))
 
     @tf.function(input_signature=[USER_ID])
     def serve(self, user_id):
-        query = self.query.serve(user_id)["embedding"]
-        exclusions = tf.gather(self.seen, self.query.tower.lookup(user_id))  # [B, S], -1 pads
-        scores, rows = self.index.query_with_exclusions(query, exclusions, k=self.k)
-        return {"item_ids": tf.gather(self.item_ids, rows), "scores": scores}
+        rows, codes, scores = self.merged(user_id)
+        return {"item_ids": tf.gather(self.item_ids, rows), "scores": scores,
+                "sources": tf.gather(self.source_names, codes)}
+
+    def merged(self, user_id: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(item rows int32 [B, K], source codes int32 [B, K], two-tower scores [B, K]): the
+        algorithm of `towers.sources.merged`, step by step. Plain Python: call it inside a
+        `tf.function`."""
+        config = self.config
+        query = self.query.serve(user_id)["embedding"]  # [B, D]
+        seen = self.seen(user_id)
+        # [B, S] for S the longest history: TFRS needs the width when the graph is traced.
+        exclusions = seen.to_tensor(default_value=-1, shape=[None, self.widest])
+        found, ranked = self.index.query_with_exclusions(query, exclusions, k=config.k)  # T [B, K]
+        if not (config.item_item or config.new_items):  # the index's own order and scores
+            return ranked, tf.zeros_like(ranked), found
+        batch = tf.shape(query)[0]
+        # taken [B, I]: per request, never stored. Seen items and T's first slots first.
+        def mark(mask, rows, valid):
+            b = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(rows))
+            where = tf.stack([tf.boolean_mask(b, valid), tf.boolean_mask(rows, valid)], axis=1)
+            return tf.tensor_scatter_nd_update(mask, where, tf.ones([tf.shape(where)[0]], tf.bool))
+
+        empty = tf.zeros([batch, self.num_items], tf.bool)
+        taken = mark(empty, seen.to_tensor(default_value=0), seen.to_tensor(default_value=-1) >= 0)
+        head = ranked[:, :config.two_tower]
+        taken = mark(taken, head, tf.ones_like(head, tf.bool))
+        parts = [(head, tf.ones_like(head, tf.bool), 0)]
+        neg_inf = tf.constant(-np.inf, tf.float32)
+        if config.item_item:
+            ii = tf.round(self.item_item_scores(seen, batch) * sources.RESOLUTION)
+            key = tf.where(taken | (ii <= 0), neg_inf, ii)
+            parts.append(self._take(key, config.item_item, 1))
+            taken = mark(taken, parts[-1][0], parts[-1][1])
+        if config.new_items:
+            logits = tf.matmul(query, self.candidates, transpose_b=True)  # [B, I]
+            key = tf.where(taken | ~self.is_new[None, :], neg_inf, logits)
+            parts.append(self._take(key, config.new_items, 2))
+            taken = mark(taken, parts[-1][0], parts[-1][1])
+        rest = ranked[:, config.two_tower:]
+        parts.append((rest, ~tf.gather(taken, rest, batch_dims=1), 0))
+        rows = tf.concat([p[0] for p in parts], axis=1)
+        valid = tf.concat([p[1] for p in parts], axis=1)
+        codes = tf.concat([tf.fill(tf.shape(p[0]), p[2]) for p in parts], axis=1)
+        # The first K valid slots, in slot order.
+        slot = tf.range(tf.shape(rows)[1])[None, :]
+        first = tf.math.top_k(tf.where(valid, -slot, -slot - 1_000_000), k=config.k).indices
+        rows = tf.gather(rows, first, batch_dims=1)
+        codes = tf.gather(codes, first, batch_dims=1)
+        scores = tf.einsum("bd,bkd->bk", query, tf.gather(self.candidates, rows))
+        # By score, then by item row: sort by row, then stably by score.
+        by_row = tf.argsort(rows, axis=1, stable=True)
+        order = tf.gather(by_row, tf.argsort(tf.gather(scores, by_row, batch_dims=1), axis=1,
+                                             direction="DESCENDING", stable=True), batch_dims=1)
+        return (tf.gather(rows, order, batch_dims=1), tf.gather(codes, order, batch_dims=1),
+                tf.gather(scores, order, batch_dims=1))
+
+    def item_item_scores(self, seen: tf.RaggedTensor, batch: tf.Tensor) -> tf.Tensor:
+        """float32 [B, I]: the sum of each history item's neighbour weights per target item."""
+        index = tf.gather(self.neighbour_index, seen.values)  # [N, k]
+        weight = tf.gather(self.neighbour_weight, seen.values)
+        segment = tf.cast(seen.value_rowids(), tf.int32)[:, None] * self.num_items + index
+        flat = tf.math.unsorted_segment_sum(tf.reshape(weight, [-1]), tf.reshape(segment, [-1]),
+                                            batch * self.num_items)
+        return tf.reshape(flat, [batch, self.num_items])
+
+    @staticmethod
+    def _take(key: tf.Tensor, slots: int, code: int):
+        best = tf.math.top_k(key, k=slots)
+        return best.indices, tf.math.is_finite(best.values), code
+
+
+def seen_rows(tables: features.FeatureTables) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 item rows, int64 row ends [U]): each user's training items as a ragged table whose
+    size is the number of interactions."""
+    row = {item: r for r, item in enumerate(tables.item_ids)}
+    per_user = [[row[i] for i in ids if i != features.PAD] for ids in tables.seen]
+    lengths = np.array([len(items) for items in per_user], np.int64)
+    values = np.fromiter((r for items in per_user for r in items), np.int32, int(lengths.sum()))
+    return values, np.cumsum(lengths)
 
 
 class CascadeModule(tf.Module):
@@ -130,10 +231,11 @@ class CascadeModule(tf.Module):
     """
 
     def __init__(self, retrieval: RetrievalModule, reranker, copywriter, titles: dict[str, str],
-                 temperature: float, n: int):
+                 temperature: float, n: int, depth: int | None = None):
         super().__init__()
         self.retrieval, self.reranker, self.copywriter = retrieval, reranker, copywriter
         self.n = n
+        self.depth = min(depth or retrieval.k, retrieval.k)  # candidates BERT re-scores
         self.inverse_temperature = tf.constant(1.0 / temperature, tf.float32)
         keys = sorted(titles)
         self.titles = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
@@ -143,6 +245,13 @@ class CascadeModule(tf.Module):
     def serve(self, user_id):
         found = self.retrieval.serve(user_id)
         candidates, retrieval_scores = found["item_ids"], found["scores"]  # [B, K]
+        origin = found["sources"]
+        if self.depth < self.retrieval.k:  # the scalar terms keep the best `depth` for BERT
+            head = self.reranker.reranker.head(user_id, candidates,
+                                               retrieval_scores * self.inverse_temperature)
+            keep = tf.sort(tf.math.top_k(head, k=self.depth).indices, axis=1)  # retrieval order
+            candidates, retrieval_scores, origin = (
+                tf.gather(t, keep, batch_dims=1) for t in (candidates, retrieval_scores, origin))
         # The re-ranker was trained on retrieval logits: dot products over the temperature.
         scores = self.reranker.score(user_id, candidates, retrieval_scores * self.inverse_temperature)
         best = tf.math.top_k(scores, k=self.n)  # ties keep the retrieval order
@@ -151,18 +260,25 @@ class CascadeModule(tf.Module):
         return {"item_ids": item_ids, "titles": self.titles.lookup(item_ids),
                 "scores": best.values,
                 "retrieval_scores": tf.gather(retrieval_scores, best.indices, batch_dims=1),
+                "sources": tf.gather(origin, best.indices, batch_dims=1),
                 "copy": copy["copy"], "reasons": copy["reasons"]}
 
 
 def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
            version: int | None = None, index_kind: str = "bruteforce", k: int = 100,
            scann: index.ScannConfig | None = None, n: int = 10,
-           models: tuple[str, ...] | None = None) -> dict[str, pathlib.Path]:
+           models: tuple[str, ...] | None = None, item_item: int | None = None,
+           new_items: int | None = None, new_item_max_count: int | None = None
+           ) -> dict[str, pathlib.Path]:
     """Writes one version of every model the run can make (or of `models`); returns their paths.
 
     query_tower, candidate_tower and retrieval always; reranker when the run has a trained
     re-ranker, copywriter when it has a copywriter, cascade when it has both. `k` is the
-    retrieval depth (the candidates the cascade re-ranks), `n` the cascade's final list.
+    two-tower's slots in retrieval's list and the candidates BERT re-scores in the cascade;
+    `item_item`, `new_items` and `new_item_max_count` the other sources' (`towers.sources`;
+    default: what the run's re-ranker was trained with, else none), so `retrieval` returns
+    k + item_item + new_items items, of which the cascade's scalar terms keep k for BERT; `n` is
+    the cascade's final list.
     """
     base = pathlib.Path(model_base_path).resolve()
     run = pathlib.Path(run_dir)
@@ -176,17 +292,31 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
         raise ExportError(f"n={n}: the cascade's final list must hold 1 to k={k} items")
     retrieval, tables = runs.load_run(run_dir)
     queries, candidates = towers_model.embeddings(retrieval, tables)
+    trained = _reranker_record(run)
+    slots = sources.SourceConfig(
+        k, trained.get("item_item_candidates", 0) if item_item is None else item_item,
+        trained.get("new_item_candidates", 0) if new_items is None else new_items,
+        trained.get("new_item_max_count", 0) if new_item_max_count is None else new_item_max_count)
     widest = tables.seen.shape[1]
-    if k + widest > len(tables.item_ids):
-        raise ExportError(f"k={k} plus the longest training history ({widest} items) exceeds the "
-                          f"catalog ({len(tables.item_ids)} items); choose a smaller --k")
+    if slots.k + widest > len(tables.item_ids):
+        raise ExportError(f"{slots.k} candidates (k={k} + {slots.item_item} item-to-item + "
+                          f"{slots.new_items} new) plus the longest training history ({widest} "
+                          f"items) exceed the catalog ({len(tables.item_ids)} items); choose a "
+                          "smaller --k")
     query = QueryTowerModule(retrieval.query_tower,
                              cold_start.popularity_query(candidates, tables.item_count))
     rows = np.arange(len(tables.item_ids), dtype=np.int32)
     if index_kind == "scann" and scann is None:
         scann = benchmarked_scann_config(run_dir)
-    top_k = index.build_index(index_kind, rows, candidates, k=k + widest, scann=scann)
-    retrieval_module = RetrievalModule(query, top_k, tables, k)
+    top_k = index.build_index(index_kind, rows, candidates, k=slots.k + widest, scann=scann)
+    neighbours = None
+    if slots.item_item:
+        values, ends = seen_rows(tables)
+        owners = np.repeat(np.arange(len(ends)), np.diff(np.concatenate([[0], ends])))
+        neighbours = peers.ease_neighbours(
+            peers.seen_matrix(owners, values, len(ends), len(tables.item_ids)),
+            trained.get("ease_l2", 500.0), trained.get("ease_neighbours", 200))
+    retrieval_module = RetrievalModule(query, top_k, tables, candidates, slots, neighbours)
     users = [*tables.user_ids[:2], "unknown-user"]
     candidates_in = [list(tables.item_ids[:n])] * len(users)
     modules = {  # name: (module, warmup inputs)
@@ -210,13 +340,15 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
         dataset = data.load(source.data_dir, source.card)
         titles = dict(zip(tables.item_ids, dataset.labels(tables.item_ids)))
         modules["cascade"] = (CascadeModule(retrieval_module, reranker, copywriter, titles,
-                                            retrieval.config.temperature, n), {"user_id": users})
+                                            retrieval.config.temperature, n, depth=k),
+                              {"user_id": users})
     modules = {name: modules[name] for name in STAGES if name in wanted}
     version = version or next_version(base, modules)
     if {"copywriter", "cascade"} & set(wanted):
         copywriter.salt.assign(version)  # the same lines from `copywriter` and `cascade`
     record = {"run_dir": str(run.resolve()), "version": version,
-              "index": index_kind, "k": k, "n": n, "embedding_dim": int(candidates.shape[1]),
+              "index": index_kind, "k": slots.k, "n": n, "embedding_dim": int(candidates.shape[1]),
+              "sources": dataclasses.asdict(slots),
               "num_items": len(tables.item_ids), "num_users": len(tables.user_ids),
               "scann": (dataclasses.asdict((scann or index.ScannConfig()).for_catalog(len(rows)))
                         if index_kind == "scann" else None),
@@ -270,6 +402,12 @@ _HOW_TO_MAKE = {
     "cascade": "the cascade needs both `cascade train reranker --run {run}` and "
                "`cascade train copywriter --run {run}`",
 }
+
+
+def _reranker_record(run: pathlib.Path) -> dict:
+    """The run's reranker_config.json ({} without a trained re-ranker)."""
+    path = run / "reranker" / "reranker_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _available_stages(run: pathlib.Path) -> tuple[str, ...]:

@@ -66,7 +66,9 @@ def test_signatures_follow_the_contract(probe):
     assert out["candidate_tower"]["outputs"] == {"embedding": ["float32", [None, 16]]}
     assert out["retrieval"]["inputs"] == {"user_id": ["string", [None]]}
     assert out["retrieval"]["outputs"] == {"item_ids": ["string", [None, 20]],
-                                           "scores": ["float32", [None, 20]]}
+                                           "scores": ["float32", [None, 20]],
+                                           "sources": ["string", [None, 20]]}
+    assert out["retrieval"]["values"]["sources"] == [["two_tower"] * 20] * 3
 
 
 def test_retrieval_matches_the_towers_and_never_returns_seen_items(probe):
@@ -210,3 +212,49 @@ def test_real_scann_export_served_by_cascade_serve(tiny_run, tmp_path, capsys):
             assert [r["item_id"] for r in answer[user]] == expected_ids[row].tolist()
             np.testing.assert_allclose([r["score"] for r in answer[user]],
                                        expected["scores"].numpy()[row], rtol=1e-5, atol=1e-6)
+
+
+def test_merged_candidate_sources_in_the_graph_equal_the_numpy_merge(tiny_run, tmp_path):
+    """The exported `retrieval` merges the two-tower, item-to-item and new-item sources exactly as
+    `towers.sources.merged` does (the code evaluation and re-ranker training use): same items,
+    same order, same sources, seen items never returned, and the unknown user (no history) gets
+    no item-to-item candidates."""
+    from towers import peers, sources
+
+    base = tmp_path / "models"
+    export.export(tiny_run, base, k=10, models=("retrieval",), item_item=8, new_items=4,
+                  new_item_max_count=1)
+    record = json.loads((base / "retrieval" / "1" / "assets.extra" / export.RECORD_FILE).read_text())
+    assert record["k"] == 22 and record["sources"]["item_item"] == 8
+    served = tf.saved_model.load(str(base / "retrieval" / "1")).signatures[export.SIGNATURE]
+    retrieval, tables = runs.load_run(tiny_run)
+    users = [str(u) for u in tables.user_ids[:40]] + ["nobody"]
+    out = served(user_id=tf.constant(users))
+    assert out["item_ids"].shape == (41, 22) and out["sources"].shape == (41, 22)
+
+    queries, candidates = towers_model.embeddings(retrieval, tables)
+    values, ends = export.seen_rows(tables)
+    owner = np.repeat(np.arange(len(ends)), np.diff(np.concatenate([[0], ends])))
+    seen = peers.seen_matrix(owner, values, len(ends), len(tables.item_ids))
+    neighbours = peers.ease_neighbours(seen, 500.0, 200)
+    config = sources.SourceConfig(10, 8, 4, 1)
+    rows, codes = sources.batched(queries[:40] @ candidates.T, seen[:40].toarray(), neighbours,
+                                  tables.item_count, config)
+    got = out["item_ids"].numpy().astype(str)
+    got_sources = out["sources"].numpy().astype(str)
+    np.testing.assert_array_equal(got[:40], tables.item_ids[rows])
+    np.testing.assert_array_equal(got_sources[:40], np.array(sources.SOURCES)[codes])
+    assert {"two_tower", "item_item", "new_item"} <= set(got_sources[:40].ravel())
+    starts = np.concatenate([[0], ends[:-1]])
+    for row in range(40):
+        assert not set(tables.item_ids[values[starts[row]:ends[row]]]) & set(got[row])
+    new = set(tables.item_ids[tables.item_count <= 1])
+    assert all(item in new for item in got[:40][got_sources[:40] == "new_item"])
+    # The unknown user: no history, so the item-to-item slots go to the next two-tower items;
+    # the new-item source still has its 4.
+    cold = (candidates @ cold_start.popularity_query(candidates, tables.item_count))[None, :]
+    rows, codes = sources.merged(cold, np.zeros(cold.shape, bool), np.zeros(cold.shape),
+                                 tables.item_count <= 1, config)
+    np.testing.assert_allclose(out["scores"].numpy()[40], cold[0, rows[0]], atol=1e-5)
+    assert sorted(got_sources[40]) == sorted(np.array(sources.SOURCES)[codes[0]])
+    assert list(got_sources[40]).count("new_item") == 4 and "item_item" not in got_sources[40]
