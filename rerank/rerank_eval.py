@@ -16,6 +16,7 @@ top K.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,8 +29,9 @@ import numpy as np
 
 from rerank import cross_encoder as ce
 from rerank import ranking
+from rerank.config import source_config
 from towers import metrics, peers
-from towers import retrieval_eval, runs
+from towers import retrieval_eval, runs, sources
 from towers import model as towers_model
 
 log = logging.getLogger(__name__)
@@ -62,16 +64,17 @@ def rerank_scores(reranker: ce.Reranker, logits: np.ndarray, seen: np.ndarray,
 
 def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPTHS,
                       with_als: bool = True, record: bool = True) -> dict[str, dict[str, float]]:
-    """The test table: retrieval, ALS, the head ablation and the re-ranked top K for each depth;
-    written to `metrics.json` under `reranker.test` (with the seconds re-ranking took)."""
+    """The test table: retrieval, ALS, EASE, the head ablation and the re-ranked top K for each
+    depth, and, when the re-ranker was trained on merged candidate sources, the same two over
+    them; written to `metrics.json` under `reranker.test` (with the seconds re-ranking took, the
+    candidates' hit rates and the table per user-activity and item-count bucket)."""
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)  # fails first, with the command to run, if not trained
     logits, users, items, seen, tables = test_inputs(run)
-    evaluate = lambda scores: _rounded(metrics.evaluate(scores, users, items, seen, KS))
-    table = {"retrieval": evaluate(logits)}
+    rankings = {"retrieval": logits}  # name: [U, I] scores whose order is that model's ranking
     if with_als:
-        table["als"] = evaluate(peers.als_scores(seen))
-        table["ease"] = evaluate(peers.ease_scores(seen, reranker_l2(run)))
+        rankings["als"] = peers.als_scores(seen)
+        rankings["ease"] = peers.ease_scores(seen, reranker_l2(run))
     deepest = max(depths)
     user_rows = np.unique(users)
     started = time.perf_counter()
@@ -79,16 +82,167 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
                                deepest)
     seconds = time.perf_counter() - started
     head = _head_scores(reranker, logits, user_rows, top, tables)
+    replaced = lambda candidates, scores: ranking.rows_replaced(
+        logits, user_rows, ranking.reordered(logits[user_rows], candidates, scores))
     for depth in sorted(depths):
         part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
-        table[f"head@{depth}"] = evaluate(ranking.rows_replaced(
-            logits, user_rows, ranking.reordered(logits[user_rows], top[:, part], head[:, part])))
-        table[f"reranked@{depth}"] = evaluate(ranking.rows_replaced(
-            logits, user_rows, ranking.reordered(logits[user_rows], top[:, part], final[:, part])))
+        rankings[f"head@{depth}"] = replaced(top[:, part], head[:, part])
+        rankings[f"reranked@{depth}"] = replaced(top[:, part], final[:, part])
+    source = reranker_sources(run)
+    candidates = None
+    if source.item_item or source.new_items:  # the served candidates: merged, then two passes
+        merged, codes = sources.batched(logits[user_rows], seen[user_rows],
+                                        reranker.texts.neighbours(), tables.item_count, source)
+        rankings["head@merged"] = replaced(merged, _head_scores(reranker, logits, user_rows,
+                                                                merged, tables))
+        rankings["reranked@merged"] = replaced(*ce.rerank_candidates(
+            reranker, tables.user_ids[user_rows], tables.item_ids, merged,
+            np.take_along_axis(logits[user_rows], merged, 1), source.two_tower))
+        candidates = _candidate_rates(reranker, logits, seen, users, items, user_rows, merged,
+                                      codes, source)
+    table = {name: _rounded(metrics.evaluate(scores, users, items, seen, KS))
+             for name, scores in rankings.items()}
+    buckets = bucket_table(rankings, users, items, seen, tables.item_count)
     if record:
         runs.update_metrics(
-            run, {"test": {**table, "pairs": int(top.size), "seconds": round(seconds, 1)}}, "reranker")
+            run, {"test": {**table, "pairs": int(top.size), "seconds": round(seconds, 1),
+                           "buckets": buckets,
+                           **({"candidates": candidates} if candidates else {})}}, "reranker")
     return table
+
+
+USER_BUCKETS = ((0, 5), (6, 20), (21, None))  # training interactions of the user
+ITEM_BUCKETS = ((0, 0), (1, 5), (6, None))  # training interactions of the item
+
+
+def bucket_table(rankings: dict[str, np.ndarray], users: np.ndarray, items: np.ndarray,
+                 seen: np.ndarray, item_count: np.ndarray, k: int = 10) -> dict:
+    """Hit rate@k of each ranking on the test rows of each user-activity bucket (the user's
+    training interactions) and each item-count bucket (the item's): where each term and stage
+    earns its place. Buckets without test rows are left out."""
+    user_count = seen.sum(axis=1)
+    out = {}
+    for side, count, rows, bounds in (("users", user_count, users, USER_BUCKETS),
+                                      ("items", item_count, items, ITEM_BUCKETS)):
+        for low, high in bounds:
+            mask = (count[rows] >= low) & (count[rows] <= (np.inf if high is None else high))
+            if not mask.any():
+                continue
+            label = f"{side} {low}-{high}" if high is not None else f"{side} >{low - 1}"
+            if high == low:
+                label = f"{side} {low}"
+            out[label] = {"test_rows": int(mask.sum()), **{
+                name: round(metrics.evaluate(scores, users[mask], items[mask], seen,
+                                             (k,))[f"hit_rate@{k}"], 4)
+                for name, scores in rankings.items()}}
+    return out
+
+
+def format_buckets(buckets: dict, k: int = 10) -> str:
+    """The bucket table: one row per bucket, one column per ranking (hit rate@k)."""
+    names = [n for n in next(iter(buckets.values())) if n != "test_rows"]
+    lines = [f"Hit rate@{k} by the user's and the item's training interactions:", "",
+             "| bucket | test rows | " + " | ".join(_short(n) for n in names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    for label, row in buckets.items():
+        lines.append(f"| {label} | {row['test_rows']:,} | "
+                     + " | ".join(f"{row[n]:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return {"retrieval": "retrieval", "als": "ALS", "ease": "EASE"}.get(
+        name, name.replace("head@", "no BERT @").replace("reranked@", "re-ranked @"))
+
+
+def _candidate_rates(reranker, logits, seen, users, items, user_rows, merged, codes,
+                     source: sources.SourceConfig) -> dict:
+    """Hit rates of the merged candidate set against each source alone at the same size, the
+    share of slots per source and the test items each source found."""
+    ease = reranker.texts.neighbours().scores(_csr(seen[user_rows]))
+    hit = lambda rows: round(sources.hit_rate(rows, users, items, user_rows), 5)
+    found = merged[_where(user_rows, users)] == items[:, None]  # [N, K]
+    origin = codes[_where(user_rows, users)]
+    return {"k": source.k, **dataclasses.asdict(source),
+            f"two_tower@{source.k}": hit(ranking.top_candidates(logits[user_rows],
+                                                                 seen[user_rows], source.k)),
+            f"ease@{source.k}": hit(ranking.top_candidates(ease, seen[user_rows], source.k)),
+            f"merged@{source.k}": hit(merged),
+            "share": {name: round(float((codes == code).mean()), 4)
+                      for code, name in enumerate(sources.SOURCES)},
+            "hits_by_source": {name: round(float((found & (origin == code)).any(axis=1).mean()), 5)
+                               for code, name in enumerate(sources.SOURCES)}}
+
+
+def reranker_sources(run: pathlib.Path) -> sources.SourceConfig:
+    """The candidate sources the run's re-ranker was trained with."""
+    record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
+    names = {f.name for f in dataclasses.fields(ce.RerankerConfig)}
+    return source_config(ce.RerankerConfig(**{k: v for k, v in record.items() if k in names}))
+
+
+SWEEP = ((100, 0), (75, 25), (50, 50), (150, 0), (125, 25), (100, 50), (75, 75), (200, 0),
+         (150, 50), (100, 100))  # (two-tower, item-to-item) slots
+
+
+def sweep_candidates(run_dir: str | os.PathLike, slots=SWEEP) -> list[dict]:
+    """How the candidate slots were chosen, on training rows only: the hit rate of the merged
+    candidates on the re-ranker's validation rows (the held-out training rows it never trained
+    on), from its shadow retrieval model, for each (two-tower, item-to-item) split of the slots.
+    Needs a trained re-ranker (its shadow)."""
+    from rerank import negatives
+
+    run = pathlib.Path(run_dir)
+    config = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
+    shadow, tables = runs.load_run(run / ce.RERANKER_DIR / "shadow")
+    train = runs.run_data(run)[1].train
+    _, held_out = negatives.split_rows(train, config["holdout"])
+    rows = np.arange(len(held_out) - int(len(held_out) * config["validation_share"]), len(held_out))
+    users, items, seen = retrieval_eval.test_rows(tables, held_out.take(rows))
+    queries, candidates = towers_model.embeddings(shadow, tables)
+    user_rows = np.unique(users)
+    logits = queries[user_rows] @ candidates.T
+    # The shadow's tables hold its own training rows: the weights the re-ranker trained with.
+    neighbours = peers.ease_neighbours(_csr(seen), config["ease_l2"], config["ease_neighbours"])
+    out = []
+    for two_tower, item_item in slots:
+        merged, _ = sources.batched(logits, seen[user_rows], neighbours, tables.item_count,
+                                    sources.SourceConfig(two_tower, item_item))
+        out.append({"two_tower": two_tower, "item_item": item_item, "k": two_tower + item_item,
+                    "hit_rate": round(sources.hit_rate(merged, users, items, user_rows), 4)})
+    return out
+
+
+def format_sweep(results: list[dict]) -> str:
+    lines = ["Merged candidates on the re-ranker's validation rows (held-out training rows, "
+             "shadow retrieval model):", "", "| K | two-tower | item-to-item | hit rate |",
+             "|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["k"], -r["two_tower"])):
+        lines.append(f"| {r['k']} | {r['two_tower']} | {r['item_item']} | {r['hit_rate']:.4f} |")
+    return "\n".join(lines)
+
+
+def format_candidates(candidates: dict) -> str:
+    """The candidate hit rates: the merged list against each source alone at the same size."""
+    k = candidates["k"]
+    lines = [f"Candidates handed to the re-ranker ({candidates['two_tower']} two-tower + "
+             f"{candidates['item_item']} item-to-item + {candidates['new_items']} new-item slots; "
+             "hit rate of the set):", "", "| candidate set | hit rate |", "|---|---|"]
+    for name, label in ((f"two_tower@{k}", f"two-tower top {k}"), (f"ease@{k}", f"EASE top {k} (bounded, the re-ranker's term)"),
+                        (f"merged@{k}", f"merged ({k})")):
+        lines.append(f"| {label} | {candidates[name]:.4f} |")
+    return "\n".join(lines)
+
+
+def _where(user_rows: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Position of each of `users` in the sorted `user_rows`."""
+    return np.searchsorted(user_rows, users)
+
+
+def _csr(matrix: np.ndarray):
+    import scipy.sparse
+
+    return scipy.sparse.csr_matrix(np.asarray(matrix, np.float32))
 
 
 def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10,
@@ -170,6 +324,10 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 
 def _label(name: str) -> str:
+    if name == "head@merged":
+        return "merged candidates, learned scalar terms only (no BERT)"
+    if name == "reranked@merged":
+        return "merged candidates, scalar terms keep the top k, re-ranked (cross-encoder)"
     if name.startswith("reranked@"):
         return f"retrieval top-{name.split('@')[1]} re-ranked (cross-encoder)"
     if name.startswith("head@"):

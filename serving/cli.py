@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_reranker = evaluate.add_parser("reranker", help="re-ranked top 50/100 vs retrieval and ALS")
     evaluate_reranker.add_argument("--run", required=True, help=RUN_HELP)
     evaluate_reranker.add_argument("--no-peers", action="store_true", help="skip ALS and EASE")
+    evaluate_reranker.add_argument("--sweep-candidates", action="store_true",
+                                   help="instead: the merged candidates' hit rate for each split "
+                                   "of the slots, on validation rows (how the defaults were chosen)")
     evaluate_reranker.set_defaults(handler=_evaluate_reranker)
 
     bench = commands.add_parser("bench", help="measure speed and quality side by side, "
@@ -334,8 +337,17 @@ def _evaluate_reranker(args) -> None:
     from towers import retrieval_eval
 
     print(retrieval_eval.protocol_line(args.run))
+    if args.sweep_candidates:
+        print(rerank_eval.format_sweep(rerank_eval.sweep_candidates(args.run)))
+        return
     print(rerank_eval.format_table(rerank_eval.evaluate_reranker(args.run,
                                                                  with_als=not args.no_peers)))
+    recorded = json.loads((pathlib.Path(args.run) / "metrics.json").read_text())["reranker"]["test"]
+    if recorded.get("candidates"):  # the re-ranker was trained with more sources than the two-tower
+        print()
+        print(rerank_eval.format_candidates(recorded["candidates"]))
+    print()
+    print(rerank_eval.format_buckets(recorded["buckets"]))
     new_items = rerank_eval.evaluate_new_items(args.run)
     if new_items is not None:  # e.g. --split cold-items
         print()

@@ -154,6 +154,7 @@ class RetrievalModule(tf.Module):
         # [B, S] for S the longest history: TFRS needs the width when the graph is traced.
         exclusions = seen.to_tensor(default_value=-1, shape=[None, self.widest])
         found, ranked = self.index.query_with_exclusions(query, exclusions, k=config.k)  # T [B, K]
+        ranked = tf.reshape(ranked, [-1, config.k])  # ScaNN's op leaves the shape unknown
         if not (config.item_item or config.new_items):  # the index's own order and scores
             return ranked, tf.zeros_like(ranked), found
         batch = tf.shape(query)[0]

@@ -60,6 +60,8 @@ def answers(user_ids: list[str], outputs: dict, titles: dict[str, str] | None, t
                    "score": float(outputs["scores"][b][j])}
             if "retrieval_scores" in outputs:
                 row["retrieval_score"] = float(outputs["retrieval_scores"][b][j])
+            if "sources" in outputs:  # the candidate source that put the item in the list
+                row["source"] = text(outputs["sources"][b][j])
             if "copy" in outputs:
                 row["copy"] = text(outputs["copy"][b][j])
             if "reasons" in outputs:

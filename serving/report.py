@@ -101,8 +101,12 @@ def results_section(run: pathlib.Path, metrics: dict) -> Section:
     if rerank_test:
         from rerank import rerank_eval
 
-        table = {k: v for k, v in rerank_test.items() if isinstance(v, dict)}
+        table = {k: v for k, v in rerank_test.items() if isinstance(v, dict) and "hit_rate@10" in v}
         parts.append("Re-ranker on the test split:\n\n" + rerank_eval.format_table(table))
+        if rerank_test.get("candidates"):
+            parts.append(rerank_eval.format_candidates(rerank_test["candidates"]))
+        if rerank_test.get("buckets"):
+            parts.append(rerank_eval.format_buckets(rerank_test["buckets"]))
     else:
         missing.append(f"cascade evaluate reranker --run {run}")
     body = "\n\n".join(parts)

@@ -119,8 +119,10 @@ def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
     return directory
 
 
+# With every candidate source: 12 two-tower, 6 item-to-item and 2 new-item slots.
 TINY_RERANKER = dict(max_length=32, history_titles=2, layers=1, candidates=12, group_size=4,
-                     holdout=400, validation_users=8, epochs=1, batch_groups=4, learning_rate=1e-3)
+                     holdout=400, validation_users=8, epochs=1, batch_groups=4, learning_rate=1e-3,
+                     item_item_candidates=6, new_item_candidates=2, new_item_max_count=0)
 
 
 def tiny_copywriter_config():

@@ -22,7 +22,7 @@ from towers import retrieval_eval
 def test_evaluate_reranker_table(reranker_run):
     table = rerank_eval.evaluate_reranker(reranker_run)
     assert set(table) == {"retrieval", "als", "ease", "head@50", "head@100", "reranked@50",
-                          "reranked@100"}
+                          "reranked@100", "head@merged", "reranked@merged"}
     # The retrieval row is what `cascade evaluate retrieval` reports (same split, exclusion).
     reference = retrieval_eval.evaluate_run(reranker_run, ks=(10,), with_peers=True)
     for key, value in table["retrieval"].items():
@@ -33,6 +33,29 @@ def test_evaluate_reranker_table(reranker_run):
     assert recorded["test"]["reranked@100"] == table["reranked@100"]
     assert "training" in recorded  # training's record is kept
     assert "retrieval top-100 re-ranked" in rerank_eval.format_table(table)
+
+    # The candidates: 12 two-tower + 6 item-to-item + 2 new-item slots (TINY_RERANKER).
+    candidates = recorded["test"]["candidates"]
+    assert candidates["k"] == 20 and candidates["item_item"] == 6
+    share = candidates["share"]
+    assert share["two_tower"] >= 0.6 and 0 < share["item_item"] <= 0.3 and share["new_item"] <= 0.1
+    assert sum(share.values()) == pytest.approx(1.0, abs=1e-3)
+    assert "| merged (20) |" in rerank_eval.format_candidates(candidates)
+
+    # The buckets, checked against the training split counted here: every test row in one user
+    # bucket and one item bucket, and each bucket's retrieval hit rate that of its own rows.
+    logits, users, items, seen, tables = rerank_eval.test_inputs(reranker_run)
+    train = runs.run_data(reranker_run)[1].train
+    per_user = {u: c for u, c in zip(*np.unique(train.user_id, return_counts=True))}
+    user_count = np.array([per_user.get(u, 0) for u in tables.user_ids[users]])
+    buckets = recorded["test"]["buckets"]
+    assert sum(b["test_rows"] for name, b in buckets.items() if name.startswith("users")) == len(users)
+    assert sum(b["test_rows"] for name, b in buckets.items() if name.startswith("items")) == len(users)
+    busy = user_count > 20
+    assert buckets["users >20"]["test_rows"] == busy.sum()
+    assert buckets["users >20"]["retrieval"] == round(metrics.evaluate(
+        logits, users[busy], items[busy], seen, (10,))["hit_rate@10"], 4)
+    assert "| users 0-5 |" in rerank_eval.format_buckets(buckets)
 
 
 def test_table_changes_are_relative_to_retrieval():

@@ -83,7 +83,10 @@ def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
         assert (version / "saved_model.pb").is_file(), name
         assert (version / "assets.extra" / export.WARMUP_FILE).is_file(), name
     record = json.loads((tiny_cascade_export / "cascade" / "1" / "assets.extra" / export.RECORD_FILE).read_text())
-    assert (record["k"], record["n"], record["index"], record["model"]) == (20, 5, "bruteforce", "cascade")
+    # k = 20 two-tower + 6 item-to-item + 2 new-item slots (the tiny re-ranker's sources).
+    assert (record["k"], record["n"], record["index"], record["model"]) == (28, 5, "bruteforce", "cascade")
+    assert record["sources"] == {"two_tower": 20, "item_item": 6, "new_items": 2,
+                                 "new_item_max_count": 0}
     # Warmup requests are real requests: the cascade's replays through its signature.
     for raw in tf.data.TFRecordDataset(str(tiny_cascade_export / "cascade" / "1" / "assets.extra" / export.WARMUP_FILE)):
         from tensorflow_serving.apis import prediction_log_pb2
@@ -93,11 +96,24 @@ def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
         assert _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(users))["copy"].shape == (len(users), 5)
 
 
-def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth):
+def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth,
+                                                                tiny_cascade_run):
+    """retrieval's 28 merged candidates; the re-ranker's scalar terms (no BERT) keep 20, in
+    retrieval order; the `reranker` signature's scores of those; the top 5; their copy."""
+    from rerank import cross_encoder
+
     catalog, seen, _ = truth
     cascade = _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(USERS))
     found = _signature(tiny_cascade_export / "retrieval" / "1")(user_id=tf.constant(USERS))
-    candidates, retrieval_scores = found["item_ids"].numpy(), found["scores"].numpy()  # [B, 20]
+    candidates, retrieval_scores = found["item_ids"].numpy(), found["scores"].numpy()  # [B, 28]
+    origin = found["sources"].numpy()
+    assert candidates.shape == (3, 28) and b"item_item" in origin[:2]
+    temperature = runs.load_run(tiny_cascade_run)[0].config.temperature
+    head = cross_encoder.load_reranker(tiny_cascade_run).head_scores(
+        np.array(USERS), candidates.astype(str), retrieval_scores / temperature)
+    keep = np.sort(np.argsort(-head, axis=1, kind="stable")[:, :20], axis=1)
+    candidates, retrieval_scores, origin = (np.take_along_axis(a, keep, axis=1)
+                                            for a in (candidates, retrieval_scores, origin))
     reranked = _signature(tiny_cascade_export / "reranker" / "1")(
         user_id=tf.constant(USERS), item_ids=tf.constant(candidates))["scores"].numpy()
     for b in range(len(USERS)):
@@ -105,6 +121,7 @@ def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_exp
         np.testing.assert_array_equal(cascade["item_ids"].numpy()[b], candidates[b][order])
         np.testing.assert_allclose(cascade["scores"].numpy()[b], reranked[b][order], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(cascade["retrieval_scores"].numpy()[b], retrieval_scores[b][order], rtol=1e-6)
+        np.testing.assert_array_equal(cascade["sources"].numpy()[b], origin[b][order])
     copy = _signature(tiny_cascade_export / "copywriter" / "1")(
         user_id=tf.constant(USERS), item_ids=cascade["item_ids"])["copy"]
     np.testing.assert_array_equal(cascade["copy"].numpy(), copy.numpy())
@@ -184,7 +201,7 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
     assert out["inputs"] == {"user_id": ["string", [None]]}
     assert {name: dtype for name, (dtype, _) in out["outputs"].items()} == {
         "item_ids": "string", "titles": "string", "scores": "float32", "retrieval_scores": "float32",
-        "copy": "string", "reasons": "string"}
+        "sources": "string", "copy": "string", "reasons": "string"}
     values = out["values"]
     matcher = grounding.TitleMatcher(catalog)
     for b, user in enumerate(USERS):
