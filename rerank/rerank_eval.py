@@ -29,7 +29,6 @@ import numpy as np
 
 from rerank import cross_encoder as ce
 from rerank import ranking
-from rerank.config import source_config
 from towers import metrics, peers
 from towers import retrieval_eval, runs, sources
 from towers import model as towers_model
@@ -175,10 +174,13 @@ def _candidate_rates(reranker, logits, seen, users, items, user_rows, merged, co
 
 
 def reranker_sources(run: pathlib.Path) -> sources.SourceConfig:
-    """The candidate sources the run's re-ranker was trained with."""
+    """The candidate sources the run's re-ranker was trained with (a re-ranker trained before
+    there were sources had the two-tower's list alone, as its export has)."""
     record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
-    names = {f.name for f in dataclasses.fields(ce.RerankerConfig)}
-    return source_config(ce.RerankerConfig(**{k: v for k, v in record.items() if k in names}))
+    return sources.SourceConfig(record.get("candidates", ce.RerankerConfig.candidates),
+                                record.get("item_item_candidates", 0),
+                                record.get("new_item_candidates", 0),
+                                record.get("new_item_max_count", 0))
 
 
 SWEEP = ((100, 0), (75, 25), (50, 50), (150, 0), (125, 25), (100, 50), (75, 75), (200, 0),
