@@ -33,7 +33,8 @@ def test_every_user_gets_the_served_answer(tiny_export, tmp_path, capsys):
         assert by_user[user]["item_ids"] == items
         assert len(by_user[user]["scores"]) == 20
     lines = (out / "sample.jsonl").read_text().splitlines()
-    assert len(lines) == batch.SAMPLE_SIZE and set(json.loads(lines[0])) == {"user_id", "item_ids", "scores"}
+    assert len(lines) == batch.SAMPLE_SIZE and set(json.loads(lines[0])) == {
+        "user_id", "item_ids", "scores", "sources"}
     assert (out / "failed.jsonl").read_text() == ""
 
 
@@ -107,8 +108,8 @@ def test_cascade_batch_equals_what_the_server_answers(tiny_cascade_export, tmp_p
     assert (summary["users_read"], summary["users_written"], summary["users_failed"]) == (200, 200, 0)
     table = parquet.read_table(sorted(out.glob("recommendations-*.parquet"))).to_pylist()
     assert len(table) == 200 and {r["user_id"] for r in table} == set(users)
-    assert set(table[0]) == {"user_id", "item_ids", "titles", "scores", "retrieval_scores", "copy",
-                            "reasons"}
+    assert set(table[0]) == {"user_id", "item_ids", "titles", "scores", "retrieval_scores",
+                             "sources", "copy", "reasons"}
     by_user = {r["user_id"]: r for r in table}
     options = server.ServerOptions(server_config.config_for_base_path(tiny_cascade_export), port=0,
                                    rest_api_port=0)
@@ -122,4 +123,5 @@ def test_cascade_batch_equals_what_the_server_answers(tiny_cascade_export, tmp_p
                 assert by_user[user]["item_ids"] == list(served["item_ids"][row]), user
                 assert by_user[user]["titles"] == list(served["titles"][row]), user
                 np.testing.assert_allclose(by_user[user]["scores"], served["scores"][row], rtol=1e-4, atol=1e-4)
+                assert by_user[user]["sources"] == list(served["sources"][row]), user
                 assert all(by_user[user]["copy"]), user
