@@ -93,12 +93,6 @@ def merged(logits: np.ndarray, seen: np.ndarray, item_item: np.ndarray, is_new: 
             np.take_along_axis(codes, order, axis=1))
 
 
-def item_item_scores(neighbours: peers.ItemNeighbours,
-                     history: scipy.sparse.csr_matrix) -> np.ndarray:
-    """float32 [B, I]: the item-to-item score of each user (binary `history` rows [B, I])."""
-    return neighbours.scores(history)
-
-
 def batched(logits: np.ndarray, seen: np.ndarray, neighbours: peers.ItemNeighbours | None,
             item_count: np.ndarray, config: SourceConfig, batch: int = 512
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +105,7 @@ def batched(logits: np.ndarray, seen: np.ndarray, neighbours: peers.ItemNeighbou
     for start in range(0, logits.shape[0], batch):
         part = slice(start, start + batch)
         block_seen = np.asarray(seen[part], bool)
-        ii = (item_item_scores(neighbours, scipy.sparse.csr_matrix(block_seen, dtype=np.float32))
+        ii = (neighbours.scores(scipy.sparse.csr_matrix(block_seen, dtype=np.float32))
               if config.item_item else np.zeros(block_seen.shape, np.float32))
         r, c = merged(logits[part], block_seen, ii, is_new, config)
         rows.append(r)
