@@ -149,6 +149,39 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--concurrency", default="1,8,32")
     bench_serve.set_defaults(handler=_bench_serve)
 
+    bench_scale = bench.add_parser(
+        "scale", help="the pipeline on synthetic data, each stage in its own process: wall time "
+        "and peak RSS per stage, retrieval vs popularity, the cascade's gRPC p50")
+    bench_scale.add_argument("--users", type=int, required=True)
+    bench_scale.add_argument("--items", type=int, required=True)
+    bench_scale.add_argument("--interactions", type=int, required=True)
+    bench_scale.add_argument("--out", default="runs/scale",
+                             help="output folder (default: %(default)s)")
+    bench_scale.add_argument("--sizes", default="1",
+                             help="fractions of the three counts, one pipeline each, e.g. "
+                                  "0.01,0.1,1 (default: %(default)s)")
+    bench_scale.add_argument("--batch-users", type=int, default=100_000,
+                             help="users `cascade batch` runs the retrieval model over, at most "
+                                  "the dataset's (default: %(default)s)")
+    bench_scale.add_argument("--reranker-holdout", type=int, default=20_000,
+                             help="the re-ranker's training sample: held-out rows, one group each, "
+                                  "at most 10%% of the training rows (default: %(default)s)")
+    bench_scale.add_argument("--reranker-validation-users", type=int, default=300,
+                             help="users the re-ranker is validated on (default: %(default)s)")
+    bench_scale.add_argument("--reference-models", metavar="BASE_PATH",
+                             help="an export whose `cascade` p50 is measured beside, call by call "
+                                  "(e.g. models, the MovieLens-100K cascade)")
+    bench_scale.add_argument("--requests", type=int, default=100,
+                             help="one-user gRPC Predict calls per model (default: %(default)s)")
+    bench_scale.add_argument("--keep", action="store_true",
+                             help="keep the generated data, its split and the batch output")
+    bench_scale.add_argument("--seed", type=int, default=0, help="of the synthetic data")
+    for stage in ("retrieval", "evaluate", "reranker", "copywriter", "export"):
+        bench_scale.add_argument(f"--{stage}-flags", default="", metavar="FLAGS",
+                                 help="more flags for that stage's command, as one string "
+                                      f"(--{stage}-flags='--flag value ...')")
+    bench_scale.set_defaults(handler=_bench_scale)
+
     report = commands.add_parser("report", help="Markdown + HTML report with plots of a run")
     report.add_argument("--run", required=True, help=RUN_HELP)
     report.add_argument("--out", help="output folder (default: RUN/report)")
@@ -418,6 +451,23 @@ def _bench_serve(args) -> None:
         args.model_base_path, args.out, tuple(args.models.split(",")),
         tuple(int(c) for c in args.concurrency.split(",")), args.requests)
     print(load_bench.format_table(results))
+
+
+def _bench_scale(args) -> None:
+    import shlex
+
+    from serving import scale_bench
+
+    config = scale_bench.ScaleConfig(
+        args.users, args.items, args.interactions,
+        sizes=tuple(float(f) for f in args.sizes.split(",")), batch_users=args.batch_users,
+        reranker_holdout=args.reranker_holdout,
+        reranker_validation_users=args.reranker_validation_users, requests=args.requests,
+        reference_models=args.reference_models, keep=args.keep, seed=args.seed,
+        **{f"{stage}_flags": tuple(shlex.split(getattr(args, f"{stage}_flags")))
+           for stage in ("retrieval", "evaluate", "reranker", "copywriter", "export")})
+    results = scale_bench.run_scale_benchmark(config, args.out)
+    print(scale_bench.format_table(results))
 
 
 def _export(args) -> None:
