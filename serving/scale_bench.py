@@ -137,6 +137,9 @@ def _run_size(config: ScaleConfig, dataset, folder: pathlib.Path, size: dict,
         size["stages"].append(run_stage(stage, [*CLI, *map(str, arguments)], logs))
         save()
     metrics = json.loads((run / "metrics.json").read_text())["test"]
+    if "popularity" not in metrics:
+        raise ScaleBenchError("evaluate-retrieval wrote no popularity row (--no-peers in "
+                              "--evaluate-flags?): the quality ratio needs it")
     hit, popular = metrics["cascade_retrieval"]["hit_rate@10"], metrics["popularity"]["hit_rate@10"]
     size["quality"] = {"retrieval_hit_rate@10": hit, "popularity_hit_rate@10": popular,
                        "ratio": hit / popular if popular else None}
