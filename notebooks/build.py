@@ -155,7 +155,8 @@ from towers import metrics, peers
 queries, candidates = model.embeddings(retrieval, tables)
 users, items, seen = retrieval_eval.test_rows(tables, split.test)  # test pairs as table rows + seen mask
 table = {
-    "two-tower (this notebook)": metrics.evaluate(queries @ candidates.T, users, items, seen),
+    "two-tower (this notebook)": metrics.evaluate(metrics.embedding_scores(queries, candidates),
+                                                  users, items, seen),
     "popularity": metrics.evaluate(peers.popularity_scores(seen), users, items, seen),
     "ALS (implicit, 64 factors)": metrics.evaluate(peers.als_scores(seen), users, items, seen),
     "EASE (l2 500)": metrics.evaluate(peers.ease_scores(seen), users, items, seen),
@@ -243,7 +244,7 @@ _, candidates = model.embeddings(retrieval, tables)
 query = retrieval.query_tower(tf.constant([user])).numpy()[0]
 logits = candidates @ query / retrieval.config.temperature  # what the re-ranker was trained on
 user_row = list(tables.user_ids).index(user)
-seen = set(tables.seen[user_row]) - {features.PAD}
+seen = set(tables.seen_of(user_row))
 order = [r for r in np.argsort(-logits, kind="stable") if tables.item_ids[r] not in seen][:K]
 item_ids = [str(tables.item_ids[r]) for r in order]
 context = reranker.texts.context.lookup(tf.constant([user])).numpy()[0].decode()

@@ -37,6 +37,9 @@ class RerankerConfig:
     # users x items. MovieLens-100K, EASE alone test HR@10: dense 0.1767, 400: 0.1762,
     # 200: 0.1747, 100: 0.1705, 50: 0.1640.
     ease_neighbours: int = 200
+    # Items the EASE fit covers (one dense m x m inverse); a larger catalog's term covers its most
+    # interacted items and gives the rest 0 (towers.peers.ease_neighbours).
+    ease_max_items: int = 10_000
     train_embeddings: bool = False  # fine-tune the embedding layer (12M of 15M weights at 2 layers)
     epochs: int = 1  # 8,660 groups, 542 steps: 7-8 min of training on 2 cores
     batch_groups: int = 16  # groups per step (16 x 8 = 128 pairs)

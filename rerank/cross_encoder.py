@@ -299,29 +299,28 @@ def rerank_candidates(reranker: Reranker, user_ids: np.ndarray, item_ids: np.nda
 class RerankValidation(keras.callbacks.Callback):
     """Hit rate / NDCG @10 of the re-ranked top-K on validation rows, logged each epoch."""
 
-    def __init__(self, reranker: Reranker, scores: np.ndarray, seen: np.ndarray,
-                 users: np.ndarray, items: np.ndarray, user_ids: np.ndarray,
-                 item_ids: np.ndarray, candidates: np.ndarray, depth: int):
-        """`candidates` [U, K]: every user's merged candidate rows (`towers.sources`); the scalar
-        terms keep the best `depth` of them, which BERT re-scores, as in the served cascade."""
+    def __init__(self, reranker: Reranker, scores, seen, users: np.ndarray, items: np.ndarray,
+                 user_ids: np.ndarray, item_ids: np.ndarray, candidates: np.ndarray,
+                 candidate_users: np.ndarray, depth: int):
+        """`candidates` [N, K]: the merged candidate rows (`towers.sources`) of user rows
+        `candidate_users` [N] (sorted, covering `users`); the scalar terms keep the best `depth`
+        of them, which BERT re-scores, as in the served cascade. `scores` [U, I] and `seen` may be
+        `towers.metrics.Scores` and sparse."""
         super().__init__()
         self.reranker, self.scores, self.seen, self.users, self.items = (
             reranker, scores, seen, users, items)
         self.user_rows = np.unique(users)
-        self.candidates = candidates[self.user_rows]
+        self.candidates = candidates[np.searchsorted(candidate_users, self.user_rows)]
+        self.retrieval = ranking.pair_scores(scores, self.user_rows, self.candidates)
         self.depth = depth
         self.user_ids, self.item_ids, self.history = user_ids, item_ids, []
 
     def evaluate(self) -> dict[str, float]:
         top, final = rerank_candidates(self.reranker, self.user_ids[self.user_rows],
-                                       self.item_ids, self.candidates,
-                                       np.take_along_axis(self.scores[self.user_rows],
-                                                          self.candidates, axis=1), self.depth)
-        matrix = ranking.rows_replaced(self.scores, self.user_rows,
-                                       ranking.reordered(self.scores[self.user_rows], top, final))
-        return self.metrics(matrix)
+                                       self.item_ids, self.candidates, self.retrieval, self.depth)
+        return self.metrics(ranking.reranked(self.scores, self.user_rows, top, final))
 
-    def metrics(self, matrix: np.ndarray) -> dict[str, float]:
+    def metrics(self, matrix) -> dict[str, float]:
         result = metrics.evaluate(matrix, self.users, self.items, self.seen, (10,))
         return {key: round(value, 4) for key, value in result.items()}
 
@@ -350,17 +349,22 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
 
     shadow, tables = _shadow_retrieval(run, out / "shadow", record, config, verbose)
     queries, candidates = towers_model.embeddings(shadow, tables)
-    scores = queries @ candidates.T / shadow.config.temperature  # the retrieval logits [U, I]
+    # The retrieval logits [U, I], a block of users at a time.
+    scores = metrics.embedding_scores(queries, candidates, 1.0 / shadow.config.temperature)
     users, items, seen = retrieval_eval.test_rows(tables, held_out)
     validation = len(held_out) - int(len(held_out) * config.validation_share)
     ease_l2 = config.ease_l2 if config.ease_feature or config.item_item_candidates else None
     texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
                                   config.history_titles, ease_l2, config.ease_neighbours,
-                                  liked_rating(dataset))
+                                  liked_rating(dataset), config.ease_max_items)
     source = source_config(config)
-    candidates, _ = sources.batched(scores, seen, texts.neighbours(), tables.item_count, source)
-    groups = negatives.build_groups(scores, seen, users[:validation], items[:validation],
-                                    candidates=candidates)
+    held_users = np.unique(users)  # candidates only for the users with held-out rows
+    candidates, _ = sources.batched(scores, seen, texts.neighbours(), tables.item_count, source,
+                                    users=held_users)
+    fit_users = users[:validation]
+    groups = negatives.build_groups(scores, seen, fit_users, items[:validation],
+                                    candidates=candidates[np.searchsorted(held_users,
+                                                                          np.unique(fit_users))])
     log.info("%d of %d held-out training rows are in the shadow's %d candidates: one group each",
              len(groups), validation, source.k)
 
@@ -379,16 +383,14 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     keep = np.isin(users[validation:], val_users)
     check = RerankValidation(reranker, scores, seen, users[validation:][keep],
                              items[validation:][keep], tables.user_ids, tables.item_ids,
-                             candidates, config.candidates)
+                             candidates, held_users, config.candidates)
     top = check.candidates
-    head_only = head_scores(encoder, np.take_along_axis(scores[check.user_rows], top, 1),
-                            texts.arrays["popularity"][top],
+    head_only = head_scores(encoder, check.retrieval, texts.arrays["popularity"][top],
                             texts.ease_pairs(tables.user_ids[check.user_rows], tables.item_ids[top]))
     baselines = {"retrieval": check.metrics(scores),
                  "candidates_hit_rate": round(sources.hit_rate(
                      top, users[validation:][keep], items[validation:][keep], check.user_rows), 4),
-                 "head": check.metrics(ranking.rows_replaced(
-                     scores, check.user_rows, ranking.reordered(scores[check.user_rows], top, head_only)))}
+                 "head": check.metrics(ranking.reranked(scores, check.user_rows, top, head_only))}
     log.info("validation before BERT: %s", baselines)
 
     batches = negatives.group_dataset(groups, tables.user_ids, tables.item_ids, config.group_size,
@@ -414,7 +416,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     run_tables = features.FeatureTables.load(run / runs.TABLES_FILE)
     pairs.PairTexts.build(dataset, train_rows, run_tables.user_ids, run_tables.item_ids,
                           config.history_titles, ease_l2, config.ease_neighbours,
-                          liked_rating(dataset)
+                          liked_rating(dataset), config.ease_max_items
                           ).save(out / TEXTS_FILE)
     files.write_atomic(out / CONFIG_FILE, json.dumps(
         {"checkpoint": str(checkpoint or checkpoints.MINILM_NAME), **dataclasses.asdict(config)},

@@ -58,34 +58,40 @@ def split_rows(train: data.Interactions, holdout: int
     return train.take(np.arange(cut)), train.take(np.arange(cut, len(train)))
 
 
-def build_groups(scores: np.ndarray, seen: np.ndarray, user_rows: np.ndarray,
-                 item_rows: np.ndarray, k: int | None = None,
-                 candidates: np.ndarray | None = None) -> Groups:
-    """Groups for held-out pairs (user_rows[j], item_rows[j]) from retrieval `scores` [U, I] of a
-    model that did not see them; `seen` [U, I] is what that model was trained on. The candidates
-    are every user's `candidates` [U, K] (item rows, e.g. `towers.sources.batched`), or the top-k
-    of `scores`. Pairs whose item is not a candidate give no group (the re-ranker never sees them
-    at serving time either), and a user's other held-out items are never negatives."""
+def build_groups(scores, seen, user_rows: np.ndarray, item_rows: np.ndarray,
+                 k: int | None = None, candidates: np.ndarray | None = None) -> Groups:
+    """Groups for held-out pairs (user_rows[j], item_rows[j]) from retrieval `scores` [U, I] (an
+    array or `towers.metrics.Scores`) of a model that did not see them; `seen` [U, I] (dense or
+    sparse) is what that model was trained on. The candidates are `candidates` [len(users), K]
+    (item rows of each distinct user of `user_rows`, sorted: e.g. `towers.sources.batched` with
+    `users=np.unique(user_rows)`), or the top-k of `scores`. Pairs whose item is not a candidate
+    give no group (the re-ranker never sees them at serving time either), and a user's other
+    held-out items are never negatives. Memory grows with the pairs, not with users x items."""
     user_rows, item_rows = np.asarray(user_rows), np.asarray(item_rows)
     if np.any(seen[user_rows, item_rows]):
         raise ValueError("a held-out pair is in `seen`: positives must be interactions the "
                          "retrieval model was not trained on")
     if (k is None) == (candidates is None):
         raise ValueError("give either k or candidates")
-    top = ranking.top_candidates(scores, seen, k) if candidates is None else candidates  # [U, K]
-    held_out = np.zeros_like(seen)
-    held_out[user_rows, item_rows] = True
-    candidates = top[user_rows]  # [N, k]
+    distinct, index = np.unique(user_rows, return_inverse=True)
+    top = (ranking.top_candidates(scores, seen, k, users=distinct) if candidates is None
+           else candidates)  # [len(distinct), K]
+    if len(top) != len(distinct):
+        raise ValueError(f"candidates has {len(top)} rows, one per distinct held-out user "
+                         f"({len(distinct)}) expected")
+    held_out = np.unique(user_rows.astype(np.int64) * scores.shape[1] + item_rows)  # pair keys
+    candidates = top[index]  # [N, k]
     where = candidates == item_rows[:, None]
     found = where.any(axis=1)
     candidates = candidates[found]
     users = user_rows[found]
+    keys = users[:, None].astype(np.int64) * scores.shape[1] + candidates
     return Groups(
         user_row=users.astype(np.int32),
         candidates=candidates,
-        retrieval=np.take_along_axis(scores[users], candidates, axis=1).astype(np.float32),
+        retrieval=ranking.pair_scores(scores, users, candidates),
         positive=where[found].argmax(axis=1).astype(np.int32),
-        negative=~held_out[users[:, None], candidates],
+        negative=~np.isin(keys, held_out),
     )
 
 

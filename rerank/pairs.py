@@ -26,7 +26,7 @@ import scipy.sparse
 import tensorflow as tf
 
 from rerank.config import RerankerConfig
-from towers import data, files, peers
+from towers import data, features, files, peers
 
 
 
@@ -188,7 +188,8 @@ class PairTexts(tf.Module):
               item_ids: np.ndarray, history_titles: int,
               ease_l2: float | None = RerankerConfig.ease_l2,
               ease_neighbours: int = RerankerConfig.ease_neighbours,
-              liked_rating: float | None = None) -> PairTexts:
+              liked_rating: float | None = None,
+              ease_max_items: int = RerankerConfig.ease_max_items) -> PairTexts:
         """Contexts, popularity, histories and EASE weights from `rows` (training rows only),
         texts from the dataset's files, for every one of `user_ids` and `item_ids` (the run's
         feature tables', with or without training rows); `ease_l2=None`: no EASE term. A history
@@ -197,25 +198,24 @@ class PairTexts(tf.Module):
         user_ids = np.asarray(user_ids).astype(str)
         contexts = user_contexts(dataset, rows, user_ids, history_titles)
         item_ids = np.asarray(item_ids).astype(str)
-        count = dict(zip(*np.unique(rows.item_id.astype(str), return_counts=True)))
+        row_users = features.rows_of(user_ids, rows.user_id, "user")
+        row_items = features.rows_of(item_ids, rows.item_id, "item")
+        count = np.bincount(row_items, minlength=len(item_ids))
         ease = {}
         if ease_l2 is not None:
-            user_row = {u: r for r, u in enumerate(user_ids)}
-            item_row = {i: r for r, i in enumerate(item_ids)}
-            seen = peers.seen_matrix(np.array([user_row[u] for u in rows.user_id.astype(str)]),
-                                     np.array([item_row[i] for i in rows.item_id.astype(str)]),
-                                     len(user_ids), len(item_ids))
+            seen = peers.seen_matrix(row_users, row_items, len(user_ids), len(item_ids))
             seen.sort_indices()
-            neighbours = peers.ease_neighbours(seen, ease_l2, ease_neighbours)
+            neighbours = peers.ease_neighbours(seen, ease_l2, ease_neighbours, ease_max_items)
             liked = (np.ones(seen.nnz, bool) if liked_rating is None
-                     else _best_ratings(rows, user_row, item_row, seen) >= liked_rating)
+                     else _best_ratings(rows.rating, row_users, row_items, len(item_ids))
+                     >= liked_rating)
             ease = dict(history_values=seen.indices.astype(np.int32),
                         history_splits=seen.indptr.astype(np.int64),
                         neighbour_index=neighbours.index, neighbour_weight=neighbours.weight,
                         history_liked=liked)
         return cls(user_ids, np.array([contexts[u] for u in user_ids]), item_ids,
                    candidate_texts(dataset, item_ids),
-                   np.log1p([count.get(i, 0) for i in item_ids]).astype(np.float32), **ease)
+                   np.log1p(count).astype(np.float32), **ease)
 
     def save(self, path: str | os.PathLike) -> None:
         path = pathlib.Path(path)
@@ -233,13 +233,11 @@ class PairTexts(tf.Module):
             return cls(**{key: arrays[key] for key in arrays.files})
 
 
-def _best_ratings(rows: data.Interactions, user_row: dict, item_row: dict,
-                  seen: scipy.sparse.csr_matrix) -> np.ndarray:
-    """float32 [nnz]: each (user, item) entry of `seen` (CSR order)'s best rating in `rows`."""
-    order = np.lexsort((rows.rating, [item_row[i] for i in rows.item_id.astype(str)],
-                        [user_row[u] for u in rows.user_id.astype(str)]))
-    best = {}
-    for row in order:  # ascending rating within a pair: the last write is the best
-        best[(user_row[str(rows.user_id[row])], item_row[str(rows.item_id[row])])] = rows.rating[row]
-    users = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
-    return np.array([best[(u, i)] for u, i in zip(users, seen.indices)], np.float32)
+def _best_ratings(rating: np.ndarray, users: np.ndarray, items: np.ndarray,
+                  num_items: int) -> np.ndarray:
+    """float32 [P]: the best rating of each distinct (user row, item row) pair of the rows, in
+    (user, item) order, which is the order of the seen matrix's sorted CSR entries."""
+    keys = users.astype(np.int64) * num_items + items
+    order = np.argsort(keys, kind="stable")
+    _, starts = np.unique(keys[order], return_index=True)
+    return np.maximum.reduceat(np.asarray(rating, np.float32)[order], starts)

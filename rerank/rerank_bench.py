@@ -74,7 +74,7 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
     sample = (np.sort(rng.choice(test_users, quality_users, replace=False))
               if 0 < quality_users < len(test_users) else test_users)
     keep = np.isin(users, sample)
-    top = ranking.top_candidates(logits[sample], seen[sample], QUALITY_DEPTH)  # [S, 100]
+    top = ranking.top_candidates(logits, seen, QUALITY_DEPTH, users=sample)  # [S, 100]
     top_ids = tables.item_ids[top].astype(str)
     quality = lambda matrix: {k: round(v, 5) for k, v in metrics.evaluate(
         matrix, users[keep], items[keep], seen, (10,)).items()}
@@ -93,8 +93,7 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
                                                          top_ids)}
         final = rerank_eval.rerank_scores(module.reranker, logits, seen, sample, tables.user_ids,
                                           tables.item_ids, QUALITY_DEPTH)[1]
-        row["quality"] = quality(ranking.rows_replaced(logits, sample,
-                                                   ranking.reordered(logits[sample], top, final)))
+        row["quality"] = quality(ranking.reranked(logits, sample, top, final))
         log.info("%s: %s", variant.name, row)
         rows.append(row)
 

@@ -26,6 +26,7 @@ import time
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
+import scipy.sparse
 
 from rerank import cross_encoder as ce
 from rerank import ranking
@@ -40,24 +41,25 @@ DEPTHS = (50, 100)
 
 
 def test_inputs(run_dir: str | os.PathLike):
-    """(retrieval logits [U, I], test user rows, test item rows, seen [U, I], tables) of a run."""
+    """(retrieval logits [U, I] (`metrics.Scores`, a block of users at a time), test user rows,
+    test item rows, seen (sparse [U, I]), tables) of a run."""
     run = pathlib.Path(run_dir)
     retrieval, tables = runs.load_run(run)
     test = runs.run_data(run)[1].test
     queries, candidates = towers_model.embeddings(retrieval, tables)
     users, items, seen = retrieval_eval.test_rows(tables, test)
-    return queries @ candidates.T / retrieval.config.temperature, users, items, seen, tables
+    logits = metrics.embedding_scores(queries, candidates, 1.0 / retrieval.config.temperature)
+    return logits, users, items, seen, tables
 
 
-def rerank_scores(reranker: ce.Reranker, logits: np.ndarray, seen: np.ndarray,
-                  user_rows: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, depth: int,
+def rerank_scores(reranker: ce.Reranker, logits, seen, user_rows: np.ndarray,
+                  user_ids: np.ndarray, item_ids: np.ndarray, depth: int,
                   users_per_batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(top `depth` item rows [U, depth] of `user_rows` by retrieval, seen items left out, and
     the re-ranker's final scores of them [U, depth])."""
-    top = ranking.top_candidates(logits[user_rows], seen[user_rows], depth)
+    top = ranking.top_candidates(logits, seen, depth, users=user_rows)
     final = ce.score_candidates(reranker, user_ids[user_rows], item_ids[top],
-                                np.take_along_axis(logits[user_rows], top, axis=1),
-                                users_per_batch)
+                                ranking.pair_scores(logits, user_rows, top), users_per_batch)
     return top, final
 
 
@@ -81,8 +83,7 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
                                deepest)
     seconds = time.perf_counter() - started
     head = _head_scores(reranker, logits, user_rows, top, tables)
-    replaced = lambda candidates, scores: ranking.rows_replaced(
-        logits, user_rows, ranking.reordered(logits[user_rows], candidates, scores))
+    replaced = lambda candidates, scores: ranking.reranked(logits, user_rows, candidates, scores)
     for depth in sorted(depths):
         part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
         rankings[f"head@{depth}"] = replaced(top[:, part], head[:, part])
@@ -90,13 +91,13 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     source = reranker_sources(run)
     candidates = None
     if source.item_item or source.new_items:  # the served candidates: merged, then two passes
-        merged, codes = sources.batched(logits[user_rows], seen[user_rows],
-                                        reranker.texts.neighbours(), tables.item_count, source)
+        merged, codes = sources.batched(logits, seen, reranker.texts.neighbours(),
+                                        tables.item_count, source, users=user_rows)
         rankings["head@merged"] = replaced(merged, _head_scores(reranker, logits, user_rows,
                                                                 merged, tables))
         rankings["reranked@merged"] = replaced(*ce.rerank_candidates(
             reranker, tables.user_ids[user_rows], tables.item_ids, merged,
-            np.take_along_axis(logits[user_rows], merged, 1), source.two_tower))
+            ranking.pair_scores(logits, user_rows, merged), source.two_tower))
         candidates = _candidate_rates(reranker, logits, seen, users, items, user_rows, merged,
                                       codes, source)
     table = {name: _rounded(metrics.evaluate(scores, users, items, seen, KS))
@@ -114,15 +115,16 @@ USER_BUCKETS = ((0, 5), (6, 20), (21, None))  # training interactions of the use
 ITEM_BUCKETS = ((0, 0), (1, 5), (6, None))  # training interactions of the item
 
 
-def bucket_table(rankings: dict[str, np.ndarray], users: np.ndarray, items: np.ndarray,
-                 seen: np.ndarray, item_count: np.ndarray, k: int = 10) -> dict:
+def bucket_table(rankings: dict, users: np.ndarray, items: np.ndarray, seen,
+                 item_count: np.ndarray, k: int = 10) -> dict:
     """Hit rate@k of each ranking on the test rows of each user-activity bucket (the user's
     training interactions) and each item-count bucket (the item's): where each term and stage
     earns its place. Buckets without test rows are left out."""
-    user_count = seen.sum(axis=1)
+    user_count = np.asarray(seen.sum(axis=1)).ravel()
     # Each test row's hit, once per ranking (the top k of `metrics.rankings`, as `evaluate`).
-    hits = {name: (metrics.rankings(scores, seen, depth=k)[users] == items[:, None]).any(axis=1)
-            for name, scores in rankings.items()}
+    test_users, index = np.unique(users, return_inverse=True)
+    hits = {name: (metrics.rankings(scores, seen, depth=k, users=test_users)[index]
+                   == items[:, None]).any(axis=1) for name, scores in rankings.items()}
     out = {}
     for side, count, rows, bounds in (("users", user_count, users, USER_BUCKETS),
                                       ("items", item_count, items, ITEM_BUCKETS)):
@@ -159,13 +161,13 @@ def _candidate_rates(reranker, logits, seen, users, items, user_rows, merged, co
                      source: sources.SourceConfig) -> dict:
     """Hit rates of the merged candidate set against each source alone at the same size, the
     share of slots per source and the test items each source found."""
-    ease = reranker.texts.neighbours().scores(_csr(seen[user_rows]))
+    ease = reranker.texts.neighbours().scores(scipy.sparse.csr_matrix(seen[user_rows]))
     hit = lambda rows: round(sources.hit_rate(rows, users, items, user_rows), 5)
     found = merged[_where(user_rows, users)] == items[:, None]  # [N, K]
     origin = codes[_where(user_rows, users)]
     return {"k": source.k, **dataclasses.asdict(source),
-            f"two_tower@{source.k}": hit(ranking.top_candidates(logits[user_rows],
-                                                                 seen[user_rows], source.k)),
+            f"two_tower@{source.k}": hit(ranking.top_candidates(logits, seen, source.k,
+                                                                 users=user_rows)),
             f"ease@{source.k}": hit(ranking.top_candidates(ease, seen[user_rows], source.k)),
             f"merged@{source.k}": hit(merged),
             "share": {name: round(float((codes == code).mean()), 4)
@@ -204,13 +206,14 @@ def sweep_candidates(run_dir: str | os.PathLike, slots=SWEEP) -> list[dict]:
     users, items, seen = retrieval_eval.test_rows(tables, held_out.take(rows))
     queries, candidates = towers_model.embeddings(shadow, tables)
     user_rows = np.unique(users)
-    logits = queries[user_rows] @ candidates.T
+    logits = metrics.embedding_scores(queries, candidates)
     # The shadow's tables hold its own training rows: the weights the re-ranker trained with.
-    neighbours = peers.ease_neighbours(_csr(seen), config["ease_l2"], config["ease_neighbours"])
+    neighbours = peers.ease_neighbours(seen, config["ease_l2"], config["ease_neighbours"],
+                                       config.get("ease_max_items", peers.EASE_MAX_ITEMS))
     out = []
     for two_tower, item_item in slots:
-        merged, _ = sources.batched(logits, seen[user_rows], neighbours, tables.item_count,
-                                    sources.SourceConfig(two_tower, item_item))
+        merged, _ = sources.batched(logits, seen, neighbours, tables.item_count,
+                                    sources.SourceConfig(two_tower, item_item), users=user_rows)
         out.append({"two_tower": two_tower, "item_item": item_item, "k": two_tower + item_item,
                     "hit_rate": round(sources.hit_rate(merged, users, items, user_rows), 4)})
     return out
@@ -242,12 +245,6 @@ def _where(user_rows: np.ndarray, users: np.ndarray) -> np.ndarray:
     return np.searchsorted(user_rows, users)
 
 
-def _csr(matrix: np.ndarray):
-    import scipy.sparse
-
-    return scipy.sparse.csr_matrix(np.asarray(matrix, np.float32))
-
-
 def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10,
                        record: bool = True) -> dict | None:
     """The new-arrivals shelf re-ranked: for the test interactions with items that have no
@@ -262,7 +259,8 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
     wanted = new[items]
     if not wanted.any():
         return None
-    shelf = np.where(new[None, :], logits, -np.inf)  # old items can never reach the shelf
+    shelf = metrics.Scores(logits.shape, lambda rows: np.where(  # old items never reach the shelf
+        new[None, :], logits[rows], -np.inf))
     depth = min(depth, int(new.sum()))  # users have no training row with a new item
     user_rows = np.unique(users[wanted])
     top, final = rerank_scores(reranker, shelf, seen, user_rows, tables.user_ids, tables.item_ids,
@@ -273,10 +271,8 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()), "depth": depth,
               f"shelf_hit_rate@{k}": {
                   "retrieval": hit_rate(shelf),
-                  "reranked": hit_rate(ranking.rows_replaced(
-                      shelf, user_rows, ranking.reordered(shelf[user_rows], top, final))),
-                  "head_only": hit_rate(ranking.rows_replaced(
-                      shelf, user_rows, ranking.reordered(shelf[user_rows], top, head)))}}
+                  "reranked": hit_rate(ranking.reranked(shelf, user_rows, top, final)),
+                  "head_only": hit_rate(ranking.reranked(shelf, user_rows, top, head))}}
     if record:  # beside the test table `evaluate_reranker` wrote, if any
         runs.update_metrics(run, {"new_items": result}, ("reranker", "test"))
     return result
@@ -297,13 +293,13 @@ def format_new_items(result: dict, k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _head_scores(reranker: ce.Reranker, logits: np.ndarray, user_rows: np.ndarray,
-                 top: np.ndarray, tables) -> np.ndarray:
+def _head_scores(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
+                 tables) -> np.ndarray:
     """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation)."""
     popularity = reranker.texts.popularity.lookup(
         ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
     ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
-    return ce.head_scores(reranker.encoder, np.take_along_axis(logits[user_rows], top, 1),
+    return ce.head_scores(reranker.encoder, ranking.pair_scores(logits, user_rows, top),
                           popularity, ease)
 
 

@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         "retrieval", help="hit rate, recall and NDCG vs popularity, ALS and EASE")
     evaluate_retrieval.add_argument("--run", required=True, help=RUN_HELP)
     evaluate_retrieval.add_argument("--no-peers", action="store_true", help="skip popularity, ALS and EASE")
+    evaluate_retrieval.add_argument("--sample-users", type=int, default=0, metavar="N",
+                                    help="evaluate N test users drawn at random (seed 0), for "
+                                         "very large data (default: every test user)")
     evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
     evaluate_copy = evaluate.add_parser(
         "copywriter", help="grounding, hallucinated titles, distinct-n, perplexity, latency")
@@ -346,8 +349,11 @@ def _train_retrieval(args) -> None:
 def _evaluate_retrieval(args) -> None:
     from towers import retrieval_eval
 
-    table = retrieval_eval.evaluate_run(args.run, with_peers=not args.no_peers)
+    table = retrieval_eval.evaluate_run(args.run, with_peers=not args.no_peers,
+                                        sample_users=args.sample_users)
     print(retrieval_eval.protocol_line(args.run))
+    if args.sample_users:
+        print(f"test users: a random sample of {args.sample_users:,} (seed 0)")
     print(retrieval_eval.format_table(table))
     new_items = retrieval_eval.evaluate_new_items(args.run)
     if new_items is not None:  # e.g. --split cold-items: the new-arrivals shelf
@@ -430,7 +436,8 @@ def _bench_index(args) -> None:
     retrieval, tables = runs.load_run(args.run)
     queries, candidates = towers_model.embeddings(retrieval, tables)
     out = pathlib.Path(args.out or pathlib.Path(args.run) / "bench")
-    index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen, out,
+    index_bench.run_index_benchmark(queries, tables.item_ids, candidates,
+                                    tables.seen_padded(range(len(tables.user_ids))), out,
                                     synthetic_items=args.synthetic_items, noise=args.synthetic_noise)
     print((out / "retrieval_index.md").read_text())
 

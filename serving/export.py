@@ -121,11 +121,10 @@ class RetrievalModule(tf.Module):
         self.item_ids = tf.constant(tables.item_ids)
         self.source_names = tf.constant(sources.SOURCES)
         self.candidates = tf.constant(np.asarray(candidates, np.float32))  # [I, D]
-        values, splits = seen_rows(tables)
         # Row 0 of the query tower's lookup is an unknown user: an empty history.
-        self.seen_values = tf.constant(values)
-        self.seen_splits = tf.constant(np.concatenate([[0, 0], splits]).astype(np.int64))
-        self.widest = max(1, int(np.diff(np.concatenate([[0], splits])).max(initial=0)))
+        self.seen_values = tf.constant(tables.seen_items)
+        self.seen_splits = tf.constant(np.concatenate([[0], tables.seen_splits]).astype(np.int64))
+        self.widest = max(1, int(np.diff(tables.seen_splits).max(initial=0)))
         self.num_items = len(tables.item_ids)
         neighbours = neighbours or peers.ItemNeighbours(
             np.zeros((self.num_items, 0), np.int32), np.zeros((self.num_items, 0), np.float32))
@@ -213,16 +212,6 @@ class RetrievalModule(tf.Module):
         return best.indices, tf.math.is_finite(best.values), code
 
 
-def seen_rows(tables: features.FeatureTables) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 item rows, int64 row ends [U]): each user's training items as a ragged table whose
-    size is the number of interactions."""
-    row = {item: r for r, item in enumerate(tables.item_ids)}
-    per_user = [[row[i] for i in ids if i != features.PAD] for ids in tables.seen]
-    lengths = np.array([len(items) for items in per_user], np.int64)
-    values = np.fromiter((r for items in per_user for r in items), np.int32, int(lengths.sum()))
-    return values, np.cumsum(lengths)
-
-
 class CascadeModule(tf.Module):
     """user_id -> the final N items: retrieval top-K (seen items excluded, cold start for unknown
     users), cross-encoder re-rank of the K, top N by the final score, a line of copy for each.
@@ -298,7 +287,7 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
         k, trained.get("item_item_candidates", 0) if item_item is None else item_item,
         trained.get("new_item_candidates", 0) if new_items is None else new_items,
         trained.get("new_item_max_count", 0) if new_item_max_count is None else new_item_max_count)
-    widest = tables.seen.shape[1]
+    widest = max(1, int(np.diff(tables.seen_splits).max(initial=0)))
     if slots.k + widest > len(tables.item_ids):
         raise ExportError(f"{slots.k} candidates (k={k} + {slots.item_item} item-to-item + "
                           f"{slots.new_items} new) plus the longest training history ({widest} "
@@ -312,11 +301,9 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     top_k = index.build_index(index_kind, rows, candidates, k=slots.k + widest, scann=scann)
     neighbours = None
     if slots.item_item:
-        values, ends = seen_rows(tables)
-        owners = np.repeat(np.arange(len(ends)), np.diff(np.concatenate([[0], ends])))
         neighbours = peers.ease_neighbours(
-            peers.seen_matrix(owners, values, len(ends), len(tables.item_ids)),
-            trained.get("ease_l2", 500.0), trained.get("ease_neighbours", 200))
+            tables.seen_matrix(), trained.get("ease_l2", 500.0), trained.get("ease_neighbours", 200),
+            trained.get("ease_max_items", peers.EASE_MAX_ITEMS))
     retrieval_module = RetrievalModule(query, top_k, tables, candidates, slots, neighbours)
     users = [*tables.user_ids[:2], "unknown-user"]
     candidates_in = [list(tables.item_ids[:n])] * len(users)

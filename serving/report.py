@@ -255,24 +255,24 @@ def hit_rate_curves(run: pathlib.Path, cache: pathlib.Path | None = None,
     test = runs.run_data(run)[1].test
     users, items, seen = retrieval_eval.test_rows(tables, test)
     queries, candidates = towers_model.embeddings(retrieval, tables)
-    logits = queries @ candidates.T
-    top = metrics.rankings(logits, seen, max_k)
-    curves = {"retrieval": _curve(top, users, items, max_k)}
+    test_users, index = np.unique(users, return_inverse=True)
+    curve = lambda scores: _curve(metrics.rankings(scores, seen, max_k, users=test_users), index,
+                                  items, max_k)
+    curves = {"retrieval": curve(metrics.embedding_scores(queries, candidates))}
     if (run / "reranker" / "reranker_config.json").exists():
-        curves["re-ranked top 100"] = _reranked_curve(run, logits / retrieval.config.temperature,
-                                                      seen, users, items, tables, cache, max_k)
-    curves["popularity"] = _curve(metrics.rankings(peers.popularity_scores(seen), seen, max_k),
-                                  users, items, max_k)
-    curves["ALS"] = _curve(metrics.rankings(peers.als_scores(seen), seen, max_k), users, items,
-                           max_k)
-    curves["EASE"] = _curve(metrics.rankings(peers.ease_scores(seen), seen, max_k), users, items,
-                            max_k)
+        logits = metrics.embedding_scores(queries, candidates, 1.0 / retrieval.config.temperature)
+        curves["re-ranked top 100"] = _reranked_curve(run, logits, seen, users, items, tables,
+                                                      cache, max_k)
+    curves["popularity"] = curve(peers.popularity_scores(seen))
+    curves["ALS"] = curve(peers.als_scores(seen))
+    curves["EASE"] = curve(peers.ease_scores(seen))
     return curves
 
 
-def _curve(top: np.ndarray, users: np.ndarray, items: np.ndarray, max_k: int) -> list[float]:
-    """Hit rate at K = 1..max_k from each user's ranked item rows `top` [U, >= max_k]."""
-    hits = top[users, :max_k] == items[:, None]  # [N, max_k]: where each test item was ranked
+def _curve(top: np.ndarray, index: np.ndarray, items: np.ndarray, max_k: int) -> list[float]:
+    """Hit rate at K = 1..max_k from the ranked item rows `top` [test users, >= max_k] of each
+    test pair's user (`index` [N] into them)."""
+    hits = top[index, :max_k] == items[:, None]  # [N, max_k]: where each test item was ranked
     return [round(float(v), 5) for v in np.cumsum(hits.mean(axis=0))]
 
 
@@ -286,13 +286,11 @@ def _reranked_curve(run, logits, seen, users, items, tables, cache, max_k) -> li
     if cached and cached.get("stamp") == stamp and len(cached.get("curve", [])) == max_k:
         return cached["curve"]
     started = time.perf_counter()
-    user_rows = np.unique(users)
+    user_rows, index = np.unique(users, return_inverse=True)
     top, final = rerank_eval.rerank_scores(cross_encoder.load_reranker(run), logits, seen,
                                            user_rows, tables.user_ids, tables.item_ids, max_k)
     order = np.take_along_axis(top, np.argsort(-final, axis=1, kind="stable"), axis=1)
-    ranked = np.zeros((len(tables.user_ids), max_k), np.int64) - 1
-    ranked[user_rows] = order
-    curve = _curve(ranked, users, items, max_k)
+    curve = _curve(order, index, items, max_k)
     log.info("re-ranked %d users' top %d in %.0f s", len(user_rows), max_k,
              time.perf_counter() - started)
     if cache is not None:

@@ -18,6 +18,7 @@ import os
 import pathlib
 
 import numpy as np
+import scipy.sparse
 
 from towers import data, files
 
@@ -54,7 +55,8 @@ class FeatureTables:
     user_id_row: np.ndarray  # int32 [U], row in the user ID embedding, 0: no training interaction
     item_id_row: np.ndarray  # int32 [I], same for items
     history: np.ndarray  # int32 [U, H], item row + 1, newest first, 0 pads
-    seen: np.ndarray  # str [U, S], item IDs the user has in train, PAD pads
+    seen_items: np.ndarray  # int32 [S], item rows each user has in train, user by user, ascending
+    seen_splits: np.ndarray  # int64 [U + 1], user u's are seen_items[splits[u]:splits[u + 1]]
     item_count: np.ndarray  # int64 [I], training interactions per item
     recency_boundaries: np.ndarray  # float64 [B], quantiles of training-row age (empty: no time)
     user_recency: np.ndarray  # int32 [U], bucket of the age of the user's newest training row
@@ -73,6 +75,26 @@ class FeatureTables:
 
     def side(self, side: str) -> tuple[FeatureSpec, ...]:
         return tuple(s for s in self.specs if s.side == side)
+
+    def seen_matrix(self) -> scipy.sparse.csr_matrix:
+        """float32 CSR [U, I], 1 where the user has the item in training: its size is the number
+        of distinct training pairs, not users x items."""
+        return scipy.sparse.csr_matrix(
+            (np.ones(len(self.seen_items), np.float32), self.seen_items, self.seen_splits),
+            shape=(len(self.user_ids), len(self.item_ids)))
+
+    def seen_of(self, row: int) -> np.ndarray:
+        """str [S]: the item IDs user row `row` has in training, in ID order."""
+        return self.item_ids[self.seen_items[self.seen_splits[row]:self.seen_splits[row + 1]]]
+
+    def seen_padded(self, rows: np.ndarray) -> np.ndarray:
+        """str [len(rows), S]: the seen item IDs of user rows `rows`, PAD-padded to the longest
+        (the exclusion lists TFRS's `query_with_exclusions` takes)."""
+        lists = [self.seen_of(row) for row in rows]
+        out = np.full((len(lists), max([1, *map(len, lists)])), PAD, dtype=object)
+        for at, ids in enumerate(lists):
+            out[at, :len(ids)] = ids
+        return out.astype(str)
 
     def item_probability(self) -> np.ndarray:
         """Each item's share of training interactions: the in-batch sampling probability."""
@@ -93,13 +115,16 @@ class FeatureTables:
     def load(cls, path: str | os.PathLike) -> FeatureTables:
         with np.load(path, allow_pickle=False) as arrays:
             specs = tuple(FeatureSpec(**s) for s in json.loads(str(arrays["specs"])))
+            if "seen" in arrays.files:  # written before seen items were ragged: [U, S] IDs
+                raise ValueError(f"{path}: written by an earlier Cascade (a dense [users, items] "
+                                 "seen table); train the run again (cascade train retrieval)")
             return cls(**{name: arrays[name] for name in _ARRAYS}, specs=specs,
                        values={s.key: arrays[f"values/{s.key}"] for s in specs},
                        vocabularies={s.key: arrays[f"vocabulary/{s.key}"] for s in specs})
 
 
-_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen", "item_count",
-           "recency_boundaries", "user_recency", "train_end")
+_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen_items",
+           "seen_splits", "item_count", "recency_boundaries", "user_recency", "train_end")
 RECENCY_BINS = 10
 
 
@@ -107,8 +132,6 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
                  history_length: int = 256) -> FeatureTables:
     """Builds the tables from the dataset's files and the training interactions."""
     user_ids, item_ids = dataset.user_ids(), dataset.item_ids()
-    item_row = {item: row for row, item in enumerate(item_ids)}
-    user_row = {user: row for row, user in enumerate(user_ids)}
 
     specs, values, vocabularies = [], {}, {}
     for side, table, ids, declared in (("user", dataset.users, user_ids, dataset.user_features()),
@@ -120,11 +143,10 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
             values[spec.key] = array
             vocabularies[spec.key] = vocabulary
 
-    train_users = np.array([user_row[u] for u in train.user_id], np.int64)
-    train_items = np.array([item_row[i] for i in train.item_id], np.int64)
-    # Newest first, ties by item ID (item_ids is in ID order), without a Python object per row.
-    item_order = np.arange(len(item_ids))
-    order = np.lexsort((item_order[train_items], -train.timestamp, train_users))
+    train_users = rows_of(user_ids, train.user_id, "user")
+    train_items = rows_of(item_ids, train.item_id, "item")
+    # Newest first, ties by item ID (item rows are in ID order), without a Python object per row.
+    order = np.lexsort((train_items, -train.timestamp, train_users))
     counts = np.bincount(train_users, minlength=len(user_ids))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(len(order)) - np.repeat(starts, counts)
@@ -132,15 +154,10 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
     history = np.zeros((len(user_ids), history_length), np.int32)
     kept = rank < history_length
     history[sorted_users[kept], rank[kept]] = sorted_items[kept] + 1
-    # Seen items in ID order (the exports compare IDs); duplicates of a pair appear once.
-    pairs = np.unique(train_users * len(item_ids) + item_order[train_items])
-    seen_users, seen_order = pairs // len(item_ids), pairs % len(item_ids)
-    by_order = np.argsort(item_order)
-    seen_counts = np.bincount(seen_users, minlength=len(user_ids))
-    seen_rank = np.arange(len(pairs)) - np.repeat(np.concatenate([[0], np.cumsum(seen_counts)[:-1]]),
-                                                  seen_counts)
-    seen = np.full((len(user_ids), max(1, int(seen_counts.max(initial=0)))), PAD, dtype=object)
-    seen[seen_users, seen_rank] = item_ids[by_order[seen_order]]
+    # Seen items in ID order (item rows are in ID order); duplicates of a pair appear once.
+    pairs = np.unique(train_users * len(item_ids) + train_items)
+    seen_users, seen_items = pairs // len(item_ids), pairs % len(item_ids)
+    seen_splits = np.concatenate([[0], np.cumsum(np.bincount(seen_users, minlength=len(user_ids)))])
 
     item_count = np.bincount(train_items, minlength=len(item_ids)).astype(np.int64)
     user_count = counts
@@ -162,9 +179,22 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
     return FeatureTables(
         user_ids=user_ids, item_ids=item_ids,
         user_id_row=_id_rows(user_count), item_id_row=_id_rows(item_count),
-        history=history, seen=seen.astype(str), item_count=item_count,
+        history=history, seen_items=seen_items.astype(np.int32),
+        seen_splits=seen_splits.astype(np.int64), item_count=item_count,
         recency_boundaries=boundaries, user_recency=user_recency,
         train_end=np.array(train_end, np.int64), specs=tuple(specs), values=values, vocabularies=vocabularies)
+
+
+def rows_of(ids: np.ndarray, values: np.ndarray, side: str = "item") -> np.ndarray:
+    """int64 [N]: the row of each of `values` in `ids` (str [U] or [I]), vectorized (no Python
+    object per value); a value that is not in `ids` is an error naming it."""
+    ids, values = np.asarray(ids).astype(str), np.asarray(values).astype(str)
+    order = np.argsort(ids, kind="stable")
+    at = np.searchsorted(ids[order], values).clip(max=max(len(ids) - 1, 0))
+    if len(values) and (not len(ids) or np.any(ids[order][at] != values)):
+        missing = values[ids[order][at] != values][0] if len(ids) else values[0]
+        raise KeyError(f"{side} {missing!r} is not in the tables' {len(ids):,} {side} IDs")
+    return order[at].astype(np.int64)
 
 
 def _id_rows(count: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@
   closed form, B = I - P diag(1 / diag(P)) for P = (X'X + l2 I)^-1, scores X B. On MovieLens-100K
   it is the strongest peer (README), and the re-ranker uses its score as a feature, bounded:
   `ItemNeighbours` keeps each item's `k` largest weights by magnitude (`ease_neighbours`), so the
-  term inside the exported graphs has I x k entries, not users x items or items x items.
+  term inside the exported graphs has I x k entries, not users x items or items x items. The fit
+  inverts one dense matrix over at most `EASE_MAX_ITEMS` items: beyond that, EASE is fit on the
+  most-interacted items only and the others have no weights (their score is 0).
 """
 
 from __future__ import annotations
@@ -17,15 +19,25 @@ import numpy as np
 import scipy.sparse
 import threadpoolctl
 
+from towers import metrics
 
-def popularity_scores(seen: np.ndarray) -> np.ndarray:
-    """[U, I] scores: each item's training interaction count, the same for every user."""
-    counts = seen.sum(axis=0).astype(np.float32)
+# Items the EASE fit inverts over (one float64 m x m matrix, 0.8 GB and ~30 s on 2 cores at
+# 10,000); a larger catalog's EASE covers its 10,000 most-interacted items.
+EASE_MAX_ITEMS = 10_000
+
+# `seen` below is the binary [U, I] training matrix, dense or scipy sparse; the scores are
+# `metrics.Scores` (a block of users at a time) or a broadcast view, never users x items in memory.
+
+
+def popularity_scores(seen) -> np.ndarray:
+    """[U, I] scores (a broadcast view): each item's training interaction count, the same for
+    every user."""
+    counts = np.asarray(seen.sum(axis=0), np.float32).ravel()
     return np.broadcast_to(counts, seen.shape)
 
 
-def als_scores(seen: np.ndarray, factors: int = 64, regularization: float = 0.05,
-               iterations: int = 15, seed: int = 42) -> np.ndarray:
+def als_scores(seen, factors: int = 64, regularization: float = 0.05,
+               iterations: int = 15, seed: int = 42) -> metrics.Scores:
     """[U, I] scores <user factor, item factor> of implicit ALS fit on the binary seen matrix."""
     from implicit.cpu.als import AlternatingLeastSquares  # an optional, heavy import
 
@@ -33,18 +45,18 @@ def als_scores(seen: np.ndarray, factors: int = 64, regularization: float = 0.05
         model = AlternatingLeastSquares(factors=factors, regularization=regularization,
                                         iterations=iterations, random_state=seed,
                                         calculate_training_loss=False)
-        model.fit(scipy.sparse.csr_matrix(seen.astype(np.float32)), show_progress=False)
-    return np.asarray(model.user_factors) @ np.asarray(model.item_factors).T
+        model.fit(scipy.sparse.csr_matrix(seen, dtype=np.float32), show_progress=False)
+    return metrics.embedding_scores(np.asarray(model.user_factors), np.asarray(model.item_factors))
 
 
-def ease_item_weights(seen: np.ndarray, l2: float = 500.0) -> np.ndarray:
+def ease_item_weights(seen, l2: float = 500.0) -> np.ndarray:
     """float32 [I, I] EASE weights B for the binary `seen` [U, I] matrix: the ridge regression of
     each item's column on every other item's, with a zero diagonal (an item never predicts itself).
     One I x I inverse, so for catalogs up to a few tens of thousands of items."""
     if not l2 > 0:
         raise ValueError(f"EASE l2 must be positive, got {l2}")
-    x = np.asarray(seen, np.float64)
-    return _ease_from_gram(x.T @ x, l2).astype(np.float32)
+    x = scipy.sparse.csr_matrix(seen, dtype=np.float64)
+    return _ease_from_gram(np.asarray((x.T @ x).todense()), l2).astype(np.float32)
 
 
 def _ease_from_gram(gram: np.ndarray, l2: float) -> np.ndarray:
@@ -57,9 +69,15 @@ def _ease_from_gram(gram: np.ndarray, l2: float) -> np.ndarray:
     return weights
 
 
-def ease_scores(seen: np.ndarray, l2: float = 500.0) -> np.ndarray:
-    """[U, I] EASE scores: each user's seen items times the item weights."""
-    return np.asarray(seen, np.float32) @ ease_item_weights(seen, l2)
+def ease_scores(seen, l2: float = 500.0, max_items: int = EASE_MAX_ITEMS) -> metrics.Scores:
+    """[U, I] EASE scores: each user's seen items times the item weights (dense weights up to
+    `max_items` items; beyond, `ease_neighbours`' bounded form, 200 weights per item)."""
+    seen = scipy.sparse.csr_matrix(seen, dtype=np.float32)
+    if seen.shape[1] > max_items:
+        neighbours = ease_neighbours(seen, l2, 200, max_items)
+        return metrics.Scores(seen.shape, lambda rows: neighbours.scores(seen[rows]))
+    weights = ease_item_weights(seen, l2)
+    return metrics.Scores(seen.shape, lambda rows: seen[rows] @ weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +129,37 @@ def seen_matrix(user_rows: np.ndarray, item_rows: np.ndarray, users: int,
     return matrix
 
 
-def ease_neighbours(seen: scipy.sparse.spmatrix, l2: float = 500.0, k: int = 200) -> ItemNeighbours:
+def ease_neighbours(seen: scipy.sparse.spmatrix, l2: float = 500.0, k: int = 200,
+                    max_items: int = EASE_MAX_ITEMS) -> ItemNeighbours:
     """EASE weights kept to each item's `k` largest by magnitude. On MovieLens-100K (1,682 items)
-    EASE alone scores HR@10 0.1767 dense and 0.1747 with k = 200 (README). The fit itself inverts
-    one dense I x I matrix, so this is for catalogs up to a few tens of thousands of items."""
+    EASE alone scores HR@10 0.1767 dense and 0.1747 with k = 200 (README). The fit inverts one
+    dense m x m matrix over the m = min(I, `max_items`) most-interacted items (ties to the lower
+    row); the other items neither have nor receive weights (their rows point at themselves with
+    weight 0), so memory is m x m during the fit and I x k after it."""
     seen = scipy.sparse.csr_matrix(seen, dtype=np.float32)
     items = seen.shape[1]
+    if not max_items >= 1:
+        raise ValueError(f"EASE max_items must be at least 1, got {max_items}")
+    kept = np.arange(items)
+    if items > max_items:
+        count = np.asarray(seen.sum(axis=0)).ravel()
+        kept = np.sort(np.argsort(-count, kind="stable")[:max_items])
+        seen = seen[:, kept]
     gram = np.asarray((seen.T @ seen).todense(), np.float64)
     weights = _ease_from_gram(gram, l2)
     del gram
-    k = max(1, min(k, items))
-    index = (np.argpartition(-np.abs(weights), k - 1, axis=1)[:, :k] if k < items
-             else np.tile(np.arange(items), (items, 1)))
+    m = len(kept)
+    k = max(1, min(k, m))
+    index = (np.argpartition(-np.abs(weights), k - 1, axis=1)[:, :k] if k < m
+             else np.tile(np.arange(m), (m, 1)))
     # A stable order within each row (by target item), so the same data gives the same arrays.
     index = np.sort(index, axis=1)
-    return ItemNeighbours(index.astype(np.int32),
-                          np.take_along_axis(weights, index, axis=1).astype(np.float32))
+    kept_weight = np.take_along_axis(weights, index, axis=1).astype(np.float32)
+    del weights
+    if m == items:
+        return ItemNeighbours(index.astype(np.int32), kept_weight)
+    out_index = np.repeat(np.arange(items, dtype=np.int32)[:, None], k, axis=1)
+    out_weight = np.zeros((items, k), np.float32)
+    out_index[kept] = kept[index]
+    out_weight[kept] = kept_weight
+    return ItemNeighbours(out_index, out_weight)

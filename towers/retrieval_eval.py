@@ -15,18 +15,28 @@ def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTabl
     """Hit rate / Recall / NDCG of the model on `test`, training items excluded."""
     queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
-    return metrics.evaluate(queries @ candidates.T, users, items, seen, ks)
+    return metrics.evaluate(metrics.embedding_scores(queries, candidates), users, items, seen, ks)
 
 
 def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100),
-                 with_peers: bool = True) -> dict:
-    """Evaluates a run on its test split beside popularity, ALS and EASE; writes metrics.json."""
+                 with_peers: bool = True, sample_users: int = 0, seed: int = 0) -> dict:
+    """Evaluates a run on its test split beside popularity, ALS and EASE; writes metrics.json.
+    `sample_users` > 0 keeps the test rows of that many test users drawn with `seed` (for very
+    large data; the sample is recorded as `test_sample`)."""
     run = pathlib.Path(run_dir)
     retrieval, tables = runs.load_run(run)
     test = runs.run_data(run)[1].test
     queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
-    scores = queries @ candidates.T
+    sample = {}
+    test_users = np.unique(users)
+    if 0 < sample_users < len(test_users):
+        chosen = np.random.default_rng(seed).choice(test_users, sample_users, replace=False)
+        keep = np.isin(users, chosen)
+        users, items = users[keep], items[keep]
+        sample = {"test_sample": {"users": sample_users, "of_users": len(test_users),
+                                  "rows": int(keep.sum()), "seed": seed}}
+    scores = metrics.embedding_scores(queries, candidates)
     table = {
         "cascade_retrieval": metrics.evaluate(scores, users, items, seen, ks),
         "cascade_retrieval_no_exclusion": metrics.evaluate(scores, users, items, None, ks),
@@ -35,7 +45,7 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
         table["popularity"] = metrics.evaluate(peers.popularity_scores(seen), users, items, seen, ks)
         table["als"] = metrics.evaluate(peers.als_scores(seen), users, items, seen, ks)
         table["ease"] = metrics.evaluate(peers.ease_scores(seen), users, items, seen, ks)
-    runs.update_metrics(run, {"test": table})
+    runs.update_metrics(run, {"test": table, **sample})
     return table
 
 
@@ -59,15 +69,16 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -
     if not wanted.any():
         return None
     queries, candidates = model.embeddings(retrieval, tables)
-    rankings = {"cascade_retrieval": queries @ candidates.T,
+    rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
                 "category_profile": category_profile_scores(dataset, tables, seen),
-                "random": np.random.default_rng(seed).random(seen.shape, np.float32)}
+                "random": random_scores(seen.shape, seed)}
     test_users = np.unique(users)
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()),
               "test_users": int(len(np.unique(users[wanted])))}
     for name, scores in rankings.items():
-        shelf = np.where(new[None, :], scores, -np.inf)
-        top = metrics.rankings(scores, seen, depth=k)[test_users]  # [test users, k]
+        shelf = metrics.Scores(scores.shape, lambda rows, scores=scores: np.where(
+            new[None, :], scores[rows], -np.inf))
+        top = metrics.rankings(scores, seen, depth=k, users=test_users)  # [test users, k]
         result[name] = {
             f"shelf_hit_rate@{k}": metrics.evaluate(shelf, users[wanted], items[wanted], seen,
                                                     (k,))[f"hit_rate@{k}"],
@@ -80,12 +91,18 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -
 
 def new_item_mask(tables: features.FeatureTables, split: data.Split) -> np.ndarray:
     """bool [I]: the items of the run's tables without a training row in `split`."""
-    trained = set(split.train.item_id)
-    return np.array([item not in trained for item in tables.item_ids.astype(str)])
+    return ~np.isin(tables.item_ids.astype(str), split.train.item_id.astype(str))
+
+
+def random_scores(shape: tuple[int, int], seed: int = 0) -> metrics.Scores:
+    """[U, I] uniform scores, each user's row its own stream (seed, user row): the same whatever
+    the block of users asked for."""
+    return metrics.Scores(shape, lambda rows: np.stack(
+        [np.random.default_rng((seed, int(row))).random(shape[1], np.float32) for row in rows]))
 
 
 def category_profile_scores(dataset: data.Dataset, tables: features.FeatureTables,
-                            seen: np.ndarray) -> np.ndarray:
+                            seen) -> metrics.Scores:
     """[U, I] cosine between each user's training category counts and each item's categories
     (the card's `text.categories` field): the content baseline for new items. Zero for an item
     or a user without categories."""
@@ -95,12 +112,12 @@ def category_profile_scores(dataset: data.Dataset, tables: features.FeatureTable
     item_categories = np.zeros((len(facts), max(len(names), 1)), np.float32)
     for row, fact in enumerate(facts):
         item_categories[row, [column[c] for c in fact.categories]] = 1.0
-    profile = seen.astype(np.float32) @ item_categories  # [U, C]: training category counts
+    profile = np.asarray(seen @ item_categories, np.float32)  # [U, C]: training category counts
 
     def unit(matrix):
         norm = np.linalg.norm(matrix, axis=1, keepdims=True)
         return matrix / np.where(norm > 0, norm, 1.0)
-    return unit(profile) @ unit(item_categories).T
+    return metrics.embedding_scores(unit(profile), unit(item_categories))
 
 
 def format_new_items(result: dict, k: int = 10) -> str:
@@ -137,11 +154,7 @@ def format_table(table: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 
 
 
 def test_rows(tables: features.FeatureTables, test: data.Interactions):
-    user_row = {u: r for r, u in enumerate(tables.user_ids)}
-    item_row = {i: r for r, i in enumerate(tables.item_ids)}
-    users = np.array([user_row[u] for u in test.user_id])
-    items = np.array([item_row[i] for i in test.item_id])
-    seen = np.zeros((len(tables.user_ids), len(tables.item_ids)), bool)  # [U, I]: issue #16
-    for row, ids in enumerate(tables.seen):
-        seen[row, [item_row[i] for i in ids if i != features.PAD]] = True
-    return users, items, seen
+    """(user rows [N], item rows [N], seen): the test pairs as rows of the tables, and the
+    training pairs as a sparse [U, I] matrix (its size is the number of interactions)."""
+    return (features.rows_of(tables.user_ids, test.user_id, "user"),
+            features.rows_of(tables.item_ids, test.item_id, "item"), tables.seen_matrix())

@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 import scipy.sparse
 
-from towers import peers
+from towers import metrics, peers
 
 SOURCES = ("two_tower", "item_item", "new_item")  # source codes 0, 1, 2
 # Item-to-item scores are ranked at this resolution (ties to the lower item row), so float sums in a
@@ -93,18 +93,20 @@ def merged(logits: np.ndarray, seen: np.ndarray, item_item: np.ndarray, is_new: 
             np.take_along_axis(codes, order, axis=1))
 
 
-def batched(logits: np.ndarray, seen: np.ndarray, neighbours: peers.ItemNeighbours | None,
-            item_count: np.ndarray, config: SourceConfig, batch: int = 512
+def batched(logits, seen, neighbours: peers.ItemNeighbours | None, item_count: np.ndarray,
+            config: SourceConfig, users: np.ndarray | None = None, batch: int = 512
             ) -> tuple[np.ndarray, np.ndarray]:
-    """`merged` over every row of `logits` [U, I] / `seen` [U, I], in batches of users (memory
-    batch x I beyond the inputs); `neighbours` None only when `config.item_item` is 0."""
+    """`merged` for user rows `users` (default: every row) of `logits` [U, I] (an array or
+    `metrics.Scores`) and `seen` [U, I] (dense or sparse), in batches of users: memory batch x I
+    beyond the inputs. `neighbours` None only when `config.item_item` is 0."""
     if config.item_item and neighbours is None:
         raise ValueError("item_item slots need the item neighbours (peers.ease_neighbours)")
     is_new = np.asarray(item_count) <= config.new_item_max_count
+    users = np.arange(logits.shape[0]) if users is None else np.asarray(users)
     rows, codes = [], []
-    for start in range(0, logits.shape[0], batch):
-        part = slice(start, start + batch)
-        block_seen = np.asarray(seen[part], bool)
+    for start in range(0, len(users), batch):
+        part = users[start:start + batch]
+        block_seen = metrics.seen_block(seen, part)
         ii = (neighbours.scores(scipy.sparse.csr_matrix(block_seen, dtype=np.float32))
               if config.item_item else np.zeros(block_seen.shape, np.float32))
         r, c = merged(logits[part], block_seen, ii, is_new, config)
@@ -128,7 +130,7 @@ def hit_rate(candidates: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarra
 def _top(key: np.ndarray, k: int) -> np.ndarray:
     """[B, k] columns of the k largest keys per row, best first, ties to the lower column (as
     `tf.math.top_k`; a stable sort, since a partition would pick among ties at the k-th place)."""
-    return np.argsort(-key, axis=1, kind="stable")[:, :min(k, key.shape[1])]
+    return metrics.top_items(key, k)
 
 
 def _order(score: np.ndarray, rows: np.ndarray) -> np.ndarray:

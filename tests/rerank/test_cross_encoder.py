@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import scipy.sparse
 import tensorflow as tf
 
 from rerank import cross_encoder as ce
@@ -204,6 +205,11 @@ def test_groups_hold_training_positives_and_never_test_items(tiny_split):
     assert not groups.negative[np.arange(len(groups)), groups.positive].any()
     with pytest.raises(ValueError, match="held-out pair is in `seen`"):
         negatives.build_groups(scores, seen | True, users, items, k=50)
+    # Scores read a block of users at a time and a sparse seen matrix give the same groups.
+    lazy = negatives.build_groups(metrics.Scores(scores.shape, lambda r: scores[r]),
+                                  scipy.sparse.csr_matrix(seen), users, items, k=50)
+    for field in ("user_row", "candidates", "retrieval", "positive", "negative"):
+        np.testing.assert_array_equal(getattr(lazy, field), getattr(groups, field), err_msg=field)
 
 
 def test_split_rows_matches_retrieval_holdout(tiny_split):
@@ -296,6 +302,10 @@ def test_reordered_puts_reranked_top_k_first():
     np.testing.assert_array_equal(order, [[1, 2, 0, 3, 4]])
     np.testing.assert_array_equal(ranking.top_candidates(scores, np.array([[1, 0, 0, 0, 0]], bool), 2),
                                   [[1, 2]])
+    # The lazy form: only the given rows are re-ordered, any other row keeps its scores.
+    two = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    lazy = ranking.reranked(two, np.array([0]), np.array([[0, 1, 2]]), np.array([[0.0, 5.0, 1.0]]))
+    np.testing.assert_array_equal(metrics.rankings(lazy, depth=5), [[1, 2, 0, 3, 4], [4, 3, 2, 1, 0]])
 
 
 def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):

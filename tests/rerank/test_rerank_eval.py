@@ -78,12 +78,16 @@ def test_reranking_only_reorders_the_top_k(reranker_run):
     top, final = rerank_eval.rerank_scores(ce.load_reranker(reranker_run), logits, seen, rows,
                                            tables.user_ids, tables.item_ids, 20)
     assert top.shape == final.shape == (len(rows), 20) and np.isfinite(final).all()
-    reranked = ranking.rows_replaced(logits, rows, ranking.reordered(logits[rows], top, final))
+    reranked = ranking.reranked(logits, rows, top, final)
     before = metrics.evaluate(logits, users, items, seen, (20,))
     after = metrics.evaluate(reranked, users, items, seen, (20,))
     assert after["hit_rate@20"] == pytest.approx(before["hit_rate@20"])
-    np.testing.assert_array_equal(np.sort(metrics.rankings(reranked, seen, 20)[rows], axis=1),
+    np.testing.assert_array_equal(np.sort(metrics.rankings(reranked, seen, 20, users=rows), axis=1),
                                   np.sort(top, axis=1))
+    # Each user's list is the top 20 in the order of the re-ranker's scores.
+    order = np.argsort(-final, axis=1, kind="stable")
+    np.testing.assert_array_equal(metrics.rankings(reranked, seen, 20, users=rows),
+                                  np.take_along_axis(top, order, axis=1))
 
 
 def test_cli_parses_reranker_commands(tmp_path):
@@ -108,6 +112,7 @@ def test_new_arrivals_shelf_reranked(tiny_cascade_run):
     differ; the tiny re-ranker's retrieval weight happens to be negative, which reverses it)."""
     result = rerank_eval.evaluate_new_items(tiny_cascade_run, record=False)
     logits, users, items, seen, tables = rerank_eval.test_inputs(tiny_cascade_run)
+    logits, seen = np.asarray(logits), seen.toarray().astype(bool)  # tiny: the whole matrices
     split = runs.run_data(tiny_cascade_run)[1]
     new = ~np.isin(tables.item_ids.astype(str), list(set(split.train.item_id)))
     assert result["new_items"] == new.sum()

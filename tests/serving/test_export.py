@@ -16,7 +16,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import export
 from serving.model_server import config as server_config
-from towers import cold_start, features, index, runs
+from towers import cold_start, index, runs
 from towers import model as towers_model
 
 # Runs in a fresh interpreter: loads every exported model with nothing but TensorFlow and
@@ -46,7 +46,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def probe(tiny_export, tiny_run):
     _, tables = runs.load_run(tiny_run)
-    busiest = np.argsort(-(tables.seen != features.PAD).sum(axis=1), kind="stable")[:2]
+    busiest = np.argsort(-np.diff(tables.seen_splits), kind="stable")[:2]
     users = [str(tables.user_ids[busiest[0]]), str(tables.user_ids[busiest[1]]), "not-a-user"]
     items = [str(tables.item_ids[0]), str(tables.item_ids[5])]
     environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
@@ -79,7 +79,7 @@ def test_retrieval_matches_the_towers_and_never_returns_seen_items(probe):
     assert len(item_ids) == 3 and all(len(row) == 20 for row in item_ids)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
     for row, user in enumerate(users[:2]):
-        seen = set(tables.seen[list(tables.user_ids).index(user)]) - {features.PAD}
+        seen = set(tables.seen_of(list(tables.user_ids).index(user)))
         assert seen and not seen & set(item_ids[row])
         assert len(set(item_ids[row])) == 20
 
@@ -90,7 +90,7 @@ def test_retrieval_equals_exact_search_over_unseen_items(probe, tiny_run):
     _, candidates = towers_model.embeddings(*runs.load_run(tiny_run))
     queries = np.array(out["query_tower"]["values"]["embedding"])
     for row, user in enumerate(users[:2]):
-        seen = set(tables.seen[list(tables.user_ids).index(user)]) - {features.PAD}
+        seen = set(tables.seen_of(list(tables.user_ids).index(user)))
         scores = candidates @ queries[row]
         order = [tables.item_ids[i] for i in np.argsort(-scores) if tables.item_ids[i] not in seen]
         assert out["retrieval"]["values"]["item_ids"][row] == order[:20]
@@ -233,9 +233,7 @@ def test_merged_candidate_sources_in_the_graph_equal_the_numpy_merge(tiny_run, t
     assert out["item_ids"].shape == (41, 22) and out["sources"].shape == (41, 22)
 
     queries, candidates = towers_model.embeddings(retrieval, tables)
-    values, ends = export.seen_rows(tables)
-    owner = np.repeat(np.arange(len(ends)), np.diff(np.concatenate([[0], ends])))
-    seen = peers.seen_matrix(owner, values, len(ends), len(tables.item_ids))
+    seen = tables.seen_matrix()
     neighbours = peers.ease_neighbours(seen, 500.0, 200)
     config = sources.SourceConfig(10, 8, 4, 1)
     rows, codes = sources.batched(queries[:40] @ candidates.T, seen[:40].toarray(), neighbours,
@@ -245,9 +243,8 @@ def test_merged_candidate_sources_in_the_graph_equal_the_numpy_merge(tiny_run, t
     np.testing.assert_array_equal(got[:40], tables.item_ids[rows])
     np.testing.assert_array_equal(got_sources[:40], np.array(sources.SOURCES)[codes])
     assert {"two_tower", "item_item", "new_item"} <= set(got_sources[:40].ravel())
-    starts = np.concatenate([[0], ends[:-1]])
     for row in range(40):
-        assert not set(tables.item_ids[values[starts[row]:ends[row]]]) & set(got[row])
+        assert not set(tables.seen_of(row)) & set(got[row])
     new = set(tables.item_ids[tables.item_count <= 1])
     assert all(item in new for item in got[:40][got_sources[:40] == "new_item"])
     # The unknown user: no history, so the item-to-item slots go to the next two-tower items;

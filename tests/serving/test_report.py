@@ -71,6 +71,7 @@ def test_hit_rate_curves_agree_with_the_evaluation(evaluated_run):
 
     retrieval, tables = runs.load_run(evaluated_run)
     users, items, seen = retrieval_eval.test_rows(tables, runs.run_data(evaluated_run)[1].test)
+    seen = seen.toarray().astype(bool)
     queries, candidates = towers_model.embeddings(retrieval, tables)
     scores = (queries @ candidates.T).astype(np.float64)
     ranks = np.array([np.inf if seen[u, i] else 1 + np.sum(~seen[u] & (scores[u] > scores[u, i]))
@@ -124,7 +125,8 @@ def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path
     evaluation.evaluate_copywriter(run, pairs=8, examples=2, timing_calls=2, necessity_pairs=0)
     retrieval, tables = runs.load_run(run)
     queries, candidates = towers_model.embeddings(retrieval, tables)
-    index_bench.run_index_benchmark(queries, tables.item_ids, candidates, tables.seen,
+    index_bench.run_index_benchmark(queries, tables.item_ids, candidates,
+                                    tables.seen_padded(np.arange(len(tables.user_ids))),
                                     run / "bench", synthetic_items=2000)
     monkeypatch.setattr(rerank_bench, "SINGLE_CALLS", 3)  # timings are the benchmark's, not ours
     monkeypatch.setattr(rerank_bench, "BATCH_CALLS", 1)

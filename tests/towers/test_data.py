@@ -430,3 +430,28 @@ def test_bad_parquet_is_named(tiny_data_dir, tmp_path):
     (bad / "x.inter.parquet").write_bytes(b"not parquet")
     with pytest.raises(data.DataError, match="x.inter.parquet: not a readable Parquet file"):
         data.load(bad)
+
+
+def test_arrow_reader_gives_what_the_line_reader_gives(tmp_path):
+    """Token and float columns are parsed whole by Arrow; a blank line sends the file to the
+    line reader, which must agree value for value (missing floats NaN, IDs that look numeric kept
+    as text, a quote kept as a character) and count lines past the blank one. A value that is not
+    a number still gets the line reader's error, naming file, line and field."""
+    from towers import files
+
+    body = ('user_id:token\titem_id:token\trating:float\n7\t"007"\t4.5\n8\t042\t\n'
+            '9\ta b\t-1e3\n')
+    (tmp_path / "fast.inter").write_text(body)
+    (tmp_path / "slow.inter").write_text(body.replace("\n8\t", "\n\n8\t"))
+    fast = files.read_atomic(tmp_path / "fast.inter")
+    slow = files.read_atomic(tmp_path / "slow.inter")
+    assert files._read_atomic_arrow(tmp_path / "fast.inter") is not None  # the paths compared
+    assert files._read_atomic_arrow(tmp_path / "slow.inter") is None
+    assert fast.columns["item_id"].tolist() == slow.columns["item_id"].tolist() == ['"007"', "042", "a b"]
+    assert fast.columns["user_id"].tolist() == slow.columns["user_id"].tolist() == ["7", "8", "9"]
+    np.testing.assert_array_equal(fast.columns["rating"], [4.5, math.nan, -1000.0])
+    np.testing.assert_array_equal(slow.columns["rating"], fast.columns["rating"])
+    assert fast.lines.tolist() == [2, 3, 4] and slow.lines.tolist() == [2, 4, 5]
+    (tmp_path / "bad.inter").write_text(body.replace("-1e3", "lots"))
+    with pytest.raises(data.DataError, match=r"bad\.inter:4: field 'rating' is float, got 'lots'"):
+        files.read_atomic(tmp_path / "bad.inter")

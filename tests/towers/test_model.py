@@ -31,10 +31,10 @@ def test_tables_hold_training_data_only(tiny):
                                      key=lambda pair: (-pair[0], int(pair[1])))]
     kept = tables.history[row][tables.history[row] > 0]
     assert list(kept) == [item_row[i] + 1 for i in expected[:8]]  # newest first, capped
-    assert set(tables.seen[row]) - {features.PAD} == set(expected)
+    assert set(tables.seen_of(row)) == set(expected)
     test_pairs = set(zip(split.test.user_id, split.test.item_id))
     for r, user_id in enumerate(tables.user_ids):
-        assert not {(user_id, i) for i in tables.seen[r]} & test_pairs
+        assert not {(user_id, i) for i in tables.seen_of(r)} & test_pairs
     assert tables.item_count.sum() == TINY_TRAIN
     # ID rows 1.. in ID order for the users and items of the training rows, 0 for the rest.
     trained_users = sorted(set(split.train.user_id), key=int)

@@ -61,3 +61,29 @@ def test_new_arrivals_shelf_on_planted_categories(cold_run):
         result["cascade_retrieval"]["hit_rate@10"])  # every test item is new here
     table = retrieval_eval.format_new_items(result)
     assert "| category_profile |" in table and "100;" in table.replace(",", "")
+
+
+def test_a_sample_of_test_users_is_evaluated_on_their_rows_alone(cold_run, tmp_path):
+    """`evaluate_run(sample_users=N)` (`cascade evaluate retrieval --sample-users N`): the metrics
+    of exactly the test rows of N users drawn with the seed, worked out here from the model's
+    own scores, and the sample recorded. Catches a sample that keeps other users' rows, draws
+    a different set than it records, or ignores the seed."""
+    import shutil
+
+    from towers import metrics, model
+
+    run = tmp_path / "run"
+    shutil.copytree(cold_run, run)
+    table = retrieval_eval.evaluate_run(run, ks=(10,), with_peers=False, sample_users=7, seed=3)
+    retrieval, tables = runs.load_run(run)
+    users, items, seen = retrieval_eval.test_rows(tables, runs.run_data(run)[1].test)
+    chosen = np.random.default_rng(3).choice(np.unique(users), 7, replace=False)
+    keep = np.isin(users, chosen)
+    queries, candidates = model.embeddings(retrieval, tables)
+    expected = metrics.evaluate(queries @ candidates.T, users[keep], items[keep],
+                                seen.toarray().astype(bool), (10,))
+    assert table["cascade_retrieval"] == pytest.approx(expected)
+    recorded = json.loads((run / runs.METRICS_FILE).read_text())["test_sample"]
+    assert recorded == {"users": 7, "of_users": len(np.unique(users)), "rows": int(keep.sum()),
+                        "seed": 3}
+    assert recorded["rows"] < len(users)

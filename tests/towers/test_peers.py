@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse
 
 from towers import metrics, peers
 
@@ -89,11 +90,14 @@ def test_ease_beats_popularity_on_the_benchmark(benchmark_rows):
     """EASE (l2 500) on the benchmark split: the metric code's hit rate@10 equals one ranked by
     hand, and is well above popularity's (docs/design.md: 0.091), as the collaborative peer must be.
     Catches a broken EASE (transposed weights, a sign slip: it falls to popularity's level or
-    below) and a metric that ranks seen items or breaks ties differently."""
+    below) and a metric that ranks seen items or breaks ties differently. The metric code reads
+    the scores a block of users at a time and the seen items as a sparse matrix, as at scale."""
     seen, users, items = benchmark_rows
-    ease = peers.ease_scores(seen, 500.0).astype(np.float64)
+    ease = np.asarray(peers.ease_scores(seen, 500.0), np.float64)
     by_hand = _hit_rate_by_hand(ease, seen, users, items)
-    assert metrics.evaluate(ease, users, items, seen, (10,))["hit_rate@10"] == pytest.approx(by_hand)
+    sparse = scipy.sparse.csr_matrix(seen, dtype=np.float32)
+    lazy = peers.ease_scores(sparse, 500.0)
+    assert metrics.evaluate(lazy, users, items, sparse, (10,), batch=100)["hit_rate@10"] == pytest.approx(by_hand)
     counts = seen.sum(axis=0).astype(np.float64)
     popularity = _hit_rate_by_hand(np.broadcast_to(counts, seen.shape), seen, users, items)
     assert popularity == pytest.approx(0.091, abs=0.0005)  # docs/evaluation.md's popularity peer
@@ -128,3 +132,29 @@ def test_ease_neighbours_keep_each_rows_largest_weights_by_magnitude():
 def test_seen_matrix_counts_repeats_once():
     matrix = peers.seen_matrix(np.array([0, 0, 1]), np.array([2, 2, 0]), 2, 3)
     np.testing.assert_array_equal(matrix.toarray(), [[0, 0, 1], [1, 0, 0]])
+
+
+def test_ease_beyond_its_bound_is_fit_on_the_most_interacted_items():
+    """A catalog larger than `max_items`: EASE is the exact fit on the `max_items` most-interacted
+    items (chosen by training count, not by row), the others have no weights and score 0; the
+    evaluation peer above the bound scores with those weights. Catches the subset chosen by
+    row order, weights mapped back to the wrong items, or the fit run on every item anyway."""
+    rng = np.random.default_rng(5)
+    seen = rng.random((80, 15)) < np.linspace(0.6, 0.05, 15)  # popularity falls with the row
+    seen[:, 12] = rng.random(80) < 0.9  # except one late, popular item
+    sparse = scipy.sparse.csr_matrix(seen, dtype=np.float32)
+    kept = np.sort(np.argsort(-seen.sum(axis=0), kind="stable")[:6])
+    assert 12 in kept and 6 not in kept
+    subset = peers.ease_item_weights(seen[:, kept], 2.0)  # the exact fit on those items
+    full = np.zeros((15, 15), np.float32)
+    full[np.ix_(kept, kept)] = subset
+    pruned = np.zeros_like(full)
+    for row in kept:
+        keep = np.argsort(-np.abs(full[row]), kind="stable")[:4]
+        pruned[row, keep] = full[row, keep]
+    bounded = peers.ease_neighbours(sparse, 2.0, k=4, max_items=6)
+    np.testing.assert_allclose(bounded.matrix().toarray(), pruned, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(peers.ease_scores(sparse, 2.0, max_items=6)),
+                               seen @ full, atol=1e-5)
+    with pytest.raises(ValueError, match="max_items must be at least 1"):
+        peers.ease_neighbours(sparse, 2.0, max_items=0)
