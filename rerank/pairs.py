@@ -35,25 +35,35 @@ def user_contexts(dataset: data.Dataset, rows: data.Interactions, user_ids: np.n
     """The context text of each of `user_ids` from `rows` (training rows only): the user's text,
     then the item texts of their newest `history_titles` interactions, newest first (ties by item
     ID), each after its stars when the dataset has ratings. A user without rows gets their text
-    alone; a user without text or rows, ""."""
-    newest: dict[str, list[tuple[int, str, float]]] = {str(u): [] for u in user_ids}
-    for user, item, rating, timestamp in zip(rows.user_id, rows.item_id, rows.rating,
-                                             rows.timestamp):
-        if user not in newest:
-            raise ValueError(f"user {str(user)!r} of the training rows is not among the "
-                             f"{len(newest)} user IDs the contexts are built for (the run's "
-                             "feature tables)")
-        newest[user].append((-int(timestamp), item, float(rating)))
-    items = np.unique(rows.item_id.astype(str))
-    item_text = dict(zip(items, dataset.item_texts(items)))
+    alone; a user without text or rows, "". The rows are ordered by arrays, so only the kept
+    `history_titles` per user become Python strings."""
+    user_ids = np.asarray(user_ids).astype(str)
+    try:
+        user_rows = features.rows_of(user_ids, rows.user_id, "user")
+    except KeyError:
+        missing = str(sorted(set(rows.user_id.astype(str)) - set(user_ids))[0])
+        raise ValueError(f"user {missing!r} of the training rows is not among the "
+                         f"{len(user_ids)} user IDs the contexts are built for (the run's "
+                         "feature tables)") from None
+    items = np.array(sorted(set(np.unique(rows.item_id.astype(str))), key=data.id_key), dtype=str)
+    item_rows = features.rows_of(items, rows.item_id, "item")  # rows in ID order
+    # Newest first, ties by item ID; the first `history_titles` of each user.
+    order = np.lexsort((item_rows, -np.asarray(rows.timestamp, np.int64), user_rows))
+    counts = np.bincount(user_rows, minlength=len(user_ids))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rank = np.arange(len(order)) - np.repeat(starts[:-1], counts)
+    kept = order[rank < history_titles]  # still grouped by user, newest first
+    kept_starts = np.concatenate([[0], np.cumsum(np.minimum(counts, history_titles))])
+    item_text = np.array(dataset.item_texts(items), dtype=object)
     template = dataset.card.rating_text or "rated {rating}: "  # ML-100K's card: "{rating} stars: "
     stars = ((lambda rating: "") if dataset.implicit
              else (lambda rating: template.replace("{rating}", f"{rating:g}")))
+    texts = item_text[item_rows[kept]]
+    ratings = np.asarray(rows.rating, np.float64)[kept]
     contexts = {}
-    for (user, events), user_text in zip(newest.items(), dataset.user_texts(list(newest))):
-        rated = [f"{stars(rating)}{item_text[item]}."
-                 for _, item, rating in sorted(events, key=lambda e: (e[0], data.id_key(e[1])))
-                 [:history_titles]]
+    for row, (user, user_text) in enumerate(zip(user_ids, dataset.user_texts(list(user_ids)))):
+        span = range(kept_starts[row], kept_starts[row + 1])
+        rated = [f"{stars(ratings[j])}{texts[j]}." for j in span]
         contexts[user] = " ".join(([user_text + "."] if user_text else []) + rated)
     return contexts
 

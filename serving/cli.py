@@ -347,13 +347,15 @@ def _train_retrieval(args) -> None:
 
 
 def _evaluate_retrieval(args) -> None:
-    from towers import retrieval_eval
+    from towers import retrieval_eval, runs
 
     table = retrieval_eval.evaluate_run(args.run, with_peers=not args.no_peers,
                                         sample_users=args.sample_users)
     print(retrieval_eval.protocol_line(args.run))
-    if args.sample_users:
-        print(f"test users: a random sample of {args.sample_users:,} (seed 0)")
+    sample = json.loads((pathlib.Path(args.run) / runs.METRICS_FILE).read_text()).get("test_sample")
+    if sample:
+        print(f"test users: a random sample of {sample['users']:,} of {sample['of_users']:,} "
+              f"(seed {sample['seed']}; {sample['rows']:,} test rows)")
     print(retrieval_eval.format_table(table))
     new_items = retrieval_eval.evaluate_new_items(args.run)
     if new_items is not None:  # e.g. --split cold-items: the new-arrivals shelf

@@ -71,8 +71,13 @@ class QueryTower(keras.Model):
         self.config = config
         self.lookup = keras.layers.StringLookup(vocabulary=list(tables.user_ids), mask_token=None)
         self.id_row = tf.constant(np.concatenate([[0], tables.user_id_row]).astype(np.int32))
-        self.history = tf.constant(np.concatenate(
-            [np.zeros((1, tables.history.shape[1]), np.int32), tables.history[:, :config.history_length]]))
+        # Histories as a ragged table (size: the kept interactions, not users x H); row 0 is the
+        # user not in the files. Rows are left-packed, so the non-zero entries in order are it.
+        history = tables.history[:, :config.history_length]
+        self.history_width = int(history.shape[1])
+        self.history_values = tf.constant(history[history > 0].astype(np.int32))
+        self.history_splits = tf.constant(np.concatenate(
+            [[0, 0], np.cumsum((history > 0).sum(axis=1))]).astype(np.int64))
         regularizer = keras.regularizers.l2(config.l2)
         self.user_embedding = keras.layers.Embedding(
             tables.num_user_ids, config.id_dim, embeddings_regularizer=regularizer)
@@ -95,7 +100,9 @@ class QueryTower(keras.Model):
         `timestamp` ([B], training) is each example's time, else the user's newest row is used."""
         row = self.lookup(user_id)
         id_row = tf.gather(self.id_row, row)
-        history = tf.gather(self.history, row)  # [B, H]
+        history = tf.gather(tf.RaggedTensor.from_row_splits(
+            self.history_values, self.history_splits, validate=False), row).to_tensor(
+            0, shape=[None, self.history_width])  # [B, H], 0 pads
         keep = history > 0
         if exclude_item is not None:
             keep &= history != tf.cast(exclude_item, history.dtype)[:, None]

@@ -28,7 +28,7 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
     test = runs.run_data(run)[1].test
     queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
-    sample = {}
+    sample = {"test_sample": None}  # every test user
     test_users = np.unique(users)
     if 0 < sample_users < len(test_users):
         chosen = np.random.default_rng(seed).choice(test_users, sample_users, replace=False)
