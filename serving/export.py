@@ -42,6 +42,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_recommenders as tfrs
 from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
@@ -150,10 +151,20 @@ class RetrievalModule(tf.Module):
         config = self.config
         query = self.query.serve(user_id)["embedding"]  # [B, D]
         seen = self.seen(user_id)
-        # [B, S] for S the longest history: TFRS needs the width when the graph is traced.
-        exclusions = seen.to_tensor(default_value=-1, shape=[None, self.widest])
-        found, ranked = self.index.query_with_exclusions(query, exclusions, k=config.k)  # T [B, K]
-        ranked = tf.reshape(ranked, [-1, config.k])  # ScaNN's op leaves the shape unknown
+        if isinstance(self.index, tfrs.layers.factorized_top_k.BruteForce):
+            # Exact search: every score, the seen items set to -inf, top k (ties to the lower
+            # row, as the index's own top_k). Cost B x I, where TFRS's exclusions compare each
+            # of k + S candidates with each of S seen items (S: the longest history).
+            logits = tf.matmul(query, self.candidates, transpose_b=True)  # [B, I]
+            where = tf.stack([tf.cast(seen.value_rowids(), tf.int32), seen.values], axis=1)
+            logits = tf.tensor_scatter_nd_update(
+                logits, where, tf.fill([tf.shape(where)[0]], tf.constant(-np.inf, tf.float32)))
+            found, ranked = tf.math.top_k(logits, k=config.k)  # T [B, K]
+        else:
+            # [B, S] for S the longest history: TFRS needs the width when the graph is traced.
+            exclusions = seen.to_tensor(default_value=-1, shape=[None, self.widest])
+            found, ranked = self.index.query_with_exclusions(query, exclusions, k=config.k)
+            ranked = tf.reshape(ranked, [-1, config.k])  # ScaNN's op leaves the shape unknown
         if not (config.item_item or config.new_items):  # the index's own order and scores
             return ranked, tf.zeros_like(ranked), found
         batch = tf.shape(query)[0]
