@@ -127,9 +127,9 @@ print([(s.key, s.kind, s.size) for s in tables.specs])'''),
         code('''\
 keras.utils.set_random_seed(config.seed)
 retrieval = model.RetrievalModel(tables, config)
-retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+retrieval.compile(optimizer=model.optimizer(config))
 history = retrieval.fit(
-    train.training_dataset(fit_rows, config),
+    train.training_dataset(fit_rows, config, tables),
     epochs=config.epochs,
     callbacks=[train.ValidationMetrics(tables, validation)],  # adds val_hit_rate@10/@100
     verbose=2,

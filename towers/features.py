@@ -54,7 +54,8 @@ class FeatureTables:
     item_ids: np.ndarray  # str [I]
     user_id_row: np.ndarray  # int32 [U], row in the user ID embedding, 0: no training interaction
     item_id_row: np.ndarray  # int32 [I], same for items
-    history: np.ndarray  # int32 [U, H], item row + 1, newest first, 0 pads
+    history_items: np.ndarray  # int32 [N], item row + 1, each user's newest first, at most H each
+    history_splits: np.ndarray  # int64 [U + 1], user u's are history_items[splits[u]:splits[u + 1]]
     seen_items: np.ndarray  # int32 [S], item rows each user has in train, user by user, ascending
     seen_splits: np.ndarray  # int64 [U + 1], user u's are seen_items[splits[u]:splits[u + 1]]
     item_count: np.ndarray  # int64 [I], training interactions per item
@@ -87,6 +88,17 @@ class FeatureTables:
         """str [S]: the item IDs user row `row` has in training, in ID order."""
         return self.item_ids[self.seen_items[self.seen_splits[row]:self.seen_splits[row + 1]]]
 
+    def history_of(self, row: int) -> np.ndarray:
+        """int32 [<= H]: user row `row`'s newest training items (item row + 1), newest first."""
+        return self.history_items[self.history_splits[row]:self.history_splits[row + 1]]
+
+    def history_ragged(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values int32, splits int64 [U + 1]): each user's newest `length` history items."""
+        counts = np.minimum(np.diff(self.history_splits), length)
+        splits = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        offset = np.arange(splits[-1]) - np.repeat(splits[:-1], counts)
+        return self.history_items[np.repeat(self.history_splits[:-1], counts) + offset], splits
+
     def seen_padded(self, rows: np.ndarray) -> np.ndarray:
         """str [len(rows), S]: the seen item IDs of user rows `rows`, PAD-padded to the longest
         (the exclusion lists TFRS's `query_with_exclusions` takes)."""
@@ -115,15 +127,23 @@ class FeatureTables:
     def load(cls, path: str | os.PathLike) -> FeatureTables:
         with np.load(path, allow_pickle=False) as arrays:
             specs = tuple(FeatureSpec(**s) for s in json.loads(str(arrays["specs"])))
+            history = {}
+            if "history" in arrays.files:  # written before histories were ragged: [U, H], 0 pads
+                dense = arrays["history"]
+                history = {"history_items": dense[dense > 0].astype(np.int32),
+                           "history_splits": np.concatenate(
+                               [[0], np.cumsum((dense > 0).sum(axis=1))]).astype(np.int64)}
             if "seen" in arrays.files:  # written before seen items were ragged: [U, S] IDs
                 raise ValueError(f"{path}: written by an earlier Cascade (a dense [users, items] "
                                  "seen table); train the run again (cascade train retrieval)")
-            return cls(**{name: arrays[name] for name in _ARRAYS}, specs=specs,
+            return cls(**{name: history[name] if name in history else arrays[name]
+                          for name in _ARRAYS}, specs=specs,
                        values={s.key: arrays[f"values/{s.key}"] for s in specs},
                        vocabularies={s.key: arrays[f"vocabulary/{s.key}"] for s in specs})
 
 
-_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen_items",
+_ARRAYS = ("user_ids", "item_ids", "user_id_row", "item_id_row", "history_items",
+           "history_splits", "seen_items",
            "seen_splits", "item_count", "recency_boundaries", "user_recency", "train_end")
 RECENCY_BINS = 10
 
@@ -151,9 +171,9 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(len(order)) - np.repeat(starts, counts)
     sorted_users, sorted_items = train_users[order], train_items[order]
-    history = np.zeros((len(user_ids), history_length), np.int32)
-    kept = rank < history_length
-    history[sorted_users[kept], rank[kept]] = sorted_items[kept] + 1
+    kept = rank < history_length  # rows stay grouped by user, newest first
+    history_items = (sorted_items[kept] + 1).astype(np.int32)
+    history_splits = np.concatenate([[0], np.cumsum(np.minimum(counts, history_length))])
     # Seen items in ID order (item rows are in ID order); duplicates of a pair appear once.
     pairs = np.unique(train_users * len(item_ids) + train_items)
     seen_users, seen_items = pairs // len(item_ids), pairs % len(item_ids)
@@ -179,7 +199,8 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
     return FeatureTables(
         user_ids=user_ids, item_ids=item_ids,
         user_id_row=_id_rows(user_count), item_id_row=_id_rows(item_count),
-        history=history, seen_items=seen_items.astype(np.int32),
+        history_items=history_items, history_splits=history_splits.astype(np.int64),
+        seen_items=seen_items.astype(np.int32),
         seen_splits=seen_splits.astype(np.int64), item_count=item_count,
         recency_boundaries=boundaries, user_recency=user_recency,
         train_end=np.array(train_end, np.int64), specs=tuple(specs), values=values, vocabularies=vocabularies)

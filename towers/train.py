@@ -60,8 +60,8 @@ def train(data_dir: str | os.PathLike | runs.DataConfig, run_dir: str | os.PathL
     tf.keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         retrieval = model.RetrievalModel(tables, config)
-        retrieval.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    dataset = training_dataset(train_rows, config)
+        retrieval.compile(optimizer=model.optimizer(config))
+    dataset = training_dataset(train_rows, config, tables)
     validation = split.train.take(np.arange(len(split.train) - holdout, len(split.train)))
     callbacks = [
         keras.callbacks.TensorBoard(log_dir=str(run / "logs")),
@@ -134,12 +134,21 @@ class ValidationMetrics(keras.callbacks.Callback):
             logs.update({f"val_{k}": v for k, v in self.history[-1].items()})
 
 
-def training_dataset(rows: data.Interactions, config: model.RetrievalConfig) -> tf.data.Dataset:
-    """(user_id, item_id, timestamp) rows, reshuffled each epoch, in batches."""
-    dataset = tf.data.Dataset.from_tensor_slices(
-        {"user_id": rows.user_id.astype(str), "item_id": rows.item_id.astype(str),
-         "timestamp": rows.timestamp.astype(np.int64)})
-    return (dataset.shuffle(len(rows), seed=config.seed, reshuffle_each_iteration=True)
-            .batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
+def training_dataset(rows: data.Interactions, config: model.RetrievalConfig,
+                     tables: features.FeatureTables) -> tf.data.Dataset:
+    """Batches of `user_row`, `item_row` (row + 1 in `tables`, as the towers' lookups give) and
+    `timestamp`, reshuffled each epoch.
 
-
+    Row positions are shuffled, not the rows: `Dataset.shuffle` permutes positions independently
+    of the values, so the order is the one shuffling the rows gave, while the buffer holds one
+    integer per row (3.6 GiB at 16M rows; the string rows it held before took 13 GiB).
+    """
+    columns = {"user_row": features.rows_of(tables.user_ids, rows.user_id, "user") + 1,
+               "item_row": features.rows_of(tables.item_ids, rows.item_id, "item") + 1,
+               "timestamp": rows.timestamp.astype(np.int64)}
+    columns = {name: tf.constant(values, tf.int64) for name, values in columns.items()}
+    return (tf.data.Dataset.range(len(rows))
+            .shuffle(len(rows), seed=config.seed, reshuffle_each_iteration=True)
+            .batch(config.batch_size)
+            .map(lambda at: {name: tf.gather(values, at) for name, values in columns.items()})
+            .prefetch(tf.data.AUTOTUNE))

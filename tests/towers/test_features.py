@@ -64,7 +64,10 @@ def test_history_is_newest_first_and_capped(tiny):
     """u1: items 1 and 2 at t=9 (a tie, broken by item ID), 10 at t=5, 42 at t=1 (cut by the cap
     of 3); u2 rated item 2 twice. Values are item row + 1 (rows: 1->0, 2->1, 7->2, 10->3, 42->4)."""
     _, tables = tiny
-    assert tables.history.tolist() == [[1, 2, 4], [2, 2, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert [tables.history_of(r).tolist() for r in range(5)] == [[1, 2, 4], [2, 2], [], [], []]
+    assert tables.history_splits.tolist() == [0, 3, 5, 5, 5, 5]
+    values, splits = tables.history_ragged(2)  # the model's shorter cap: newest two per user
+    assert values.tolist() == [1, 2, 2, 2] and splits.tolist() == [0, 2, 4, 4, 4, 4]
     assert [tables.seen_of(r).tolist() for r in range(5)] == [["1", "2", "10", "42"], ["2"], [],
                                                               [], []]
     assert tables.seen_matrix().toarray().tolist() == [[1, 1, 0, 1, 1], [0, 1, 0, 0, 0],
@@ -131,8 +134,8 @@ def test_tables_round_trip(tiny, tmp_path):
     loaded = features.FeatureTables.load(tmp_path / "features.npz")
     assert loaded.specs == tables.specs
     arrays = [f.name for f in dataclasses.fields(tables) if f.name not in ("specs", "values", "vocabularies")]
-    assert {"user_ids", "item_ids", "user_id_row", "item_id_row", "history", "seen_items",
-            "seen_splits"} <= set(arrays)
+    assert {"user_ids", "item_ids", "user_id_row", "item_id_row", "history_items",
+            "history_splits", "seen_items", "seen_splits"} <= set(arrays)
     for name in arrays:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(tables, name), err_msg=name)
         assert getattr(loaded, name).dtype == getattr(tables, name).dtype, name
@@ -140,9 +143,16 @@ def test_tables_round_trip(tiny, tmp_path):
     for key in tables.values:
         np.testing.assert_array_equal(loaded.values[key], tables.values[key], err_msg=key)
         np.testing.assert_array_equal(loaded.vocabularies[key], tables.vocabularies[key], err_msg=key)
-    # A file from before seen items were ragged names itself and the command that rewrites it.
     with np.load(tmp_path / "features.npz") as arrays:
         old = {name: arrays[name] for name in arrays.files}
+    # A file from before histories were ragged ([U, H], 0 pads) loads to the same histories.
+    dense = {k: v for k, v in old.items() if not k.startswith("history_")}
+    np.savez(tmp_path / "dense.npz", **dense, history=np.array(
+        [[1, 2, 4], [2, 2, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], np.int32))
+    loaded = features.FeatureTables.load(tmp_path / "dense.npz")
+    np.testing.assert_array_equal(loaded.history_items, tables.history_items)
+    np.testing.assert_array_equal(loaded.history_splits, tables.history_splits)
+    # A file from before seen items were ragged names itself and the command that rewrites it.
     np.savez(tmp_path / "old.npz", **old, seen=np.array([["1", ""]]))
     with pytest.raises(ValueError, match=r"old\.npz: written by an earlier Cascade .*cascade train retrieval"):
         features.FeatureTables.load(tmp_path / "old.npz")

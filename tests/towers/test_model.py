@@ -29,7 +29,7 @@ def test_tables_hold_training_data_only(tiny):
     mine = split.train.user_id == user
     expected = [i for _, i in sorted(zip(split.train.timestamp[mine], split.train.item_id[mine]),
                                      key=lambda pair: (-pair[0], int(pair[1])))]
-    kept = tables.history[row][tables.history[row] > 0]
+    kept = tables.history_of(row)
     assert list(kept) == [item_row[i] + 1 for i in expected[:8]]  # newest first, capped
     assert set(tables.seen_of(row)) == set(expected)
     test_pairs = set(zip(split.test.user_id, split.test.item_id))
@@ -66,13 +66,57 @@ def test_movielens_card_features(tiny):
 def test_target_is_hidden_from_its_own_history(tiny, tiny_config):
     tables = tiny[2]
     tower = model.QueryTower(tables, tiny_config)
-    row = int(np.argmax((tables.history > 0).sum(axis=1)))
+    row = int(np.argmax(np.diff(tables.history_splits)))
     user = tf.constant([tables.user_ids[row]])
-    in_history = tf.constant([int(tables.history[row, 0])], tf.int64)
+    in_history = tf.constant([int(tables.history_of(row)[0])], tf.int64)
     not_in_history = tf.constant([0], tf.int64)
     full = tower(user).numpy()
     assert np.allclose(tower(user, exclude_item=not_in_history).numpy(), full)
     assert not np.allclose(tower(user, exclude_item=in_history).numpy(), full)
+
+
+def test_a_step_touches_only_the_rows_of_its_batch(tiny, tiny_config):
+    """The ID tables' gradients are sparse (the L2 penalty is on the batch's rows only), so a step
+    costs the batch, not the table: at 1M users a whole-table penalty made every step dense."""
+    _, split, tables = tiny
+    retrieval = model.RetrievalModel(tables, tiny_config)
+    batch = {"user_id": tf.constant(split.train.user_id[:16].astype(str)),
+             "item_id": tf.constant(split.train.item_id[:16].astype(str))}
+    retrieval.compute_loss(batch)  # builds the variables outside the tape
+    with tf.GradientTape() as tape:
+        total = retrieval.compute_loss(batch, training=True) + tf.add_n(retrieval.losses)
+    tables_ = [retrieval.query_tower.user_embedding, retrieval.query_tower.history_embedding,
+               retrieval.candidate_tower.item_embedding]
+    grads = tape.gradient(total, [t.embeddings for t in tables_])
+    assert all(isinstance(g, tf.IndexedSlices) for g in grads), [type(g) for g in grads]
+    # The penalty is l2 x the squared norm of the distinct user rows of the batch (and of its item
+    # and history rows); tiny_config has no cold dropout, so the rows are the users' own.
+    users = np.unique(tables.user_id_row[features.rows_of(tables.user_ids, batch["user_id"].numpy(), "user")])
+    user_table = retrieval.query_tower.user_embedding.embeddings.numpy()
+    expected_users = tiny_config.l2 * np.square(user_table[users]).sum()
+    assert len(retrieval.losses) == 3 and len(retrieval.query_tower.losses) == 2
+    assert float(retrieval.query_tower.losses[0]) == pytest.approx(expected_users, rel=1e-5)
+
+
+def test_lazy_adam_updates_only_the_rows_with_gradients():
+    """Step 1 equals Adam's on the rows with a gradient (duplicates summed); on step 2 a row
+    without a gradient stays where it is, where Adam's momentum would move it."""
+    start = np.arange(10, dtype=np.float32).reshape(5, 2) / 10
+    lazy, dense = tf.Variable(start), tf.Variable(start)
+    lazy_opt, dense_opt = model.LazyAdam(0.1), model.LazyAdam(0.1)
+    grad = tf.IndexedSlices(tf.constant([[1.0, -2.0], [0.5, 0.5], [3.0, 1.0]]),
+                            tf.constant([1, 1, 3]), tf.constant([5, 2]))
+    lazy_opt.apply_gradients([(grad, lazy)])
+    dense_opt.apply_gradients([(tf.convert_to_tensor(grad), dense)])
+    np.testing.assert_allclose(lazy.numpy(), dense.numpy(), atol=1e-6)
+    assert lazy.numpy()[[0, 2, 4]].tolist() == start[[0, 2, 4]].tolist()
+    assert not np.allclose(lazy.numpy()[[1, 3]], start[[1, 3]])
+    after_one = lazy.numpy().copy()
+    grad = tf.IndexedSlices(tf.constant([[1.0, 1.0]]), tf.constant([3]), tf.constant([5, 2]))
+    lazy_opt.apply_gradients([(grad, lazy)])
+    dense_opt.apply_gradients([(tf.convert_to_tensor(grad), dense)])
+    np.testing.assert_array_equal(lazy.numpy()[1], after_one[1])
+    assert not np.allclose(dense.numpy()[1], after_one[1])
 
 
 def test_unknown_user_maps_to_the_out_of_vocabulary_row(tiny, tiny_config):
