@@ -451,7 +451,13 @@ def load_reranker(run_dir: str | os.PathLike) -> Reranker:
 def _shadow_retrieval(run: pathlib.Path, shadow: pathlib.Path, record: dict,
                       config: RerankerConfig, verbose: int | None):
     """The run's retrieval config trained on the run's data and split without the held-out rows;
-    reused when present with the same holdout and data."""
+    reused when present with the same holdout and data. A run trained with `--holdout` equal to the
+    re-ranker's never saw those rows (the same last training rows): it is its own shadow, and no
+    second retrieval model is trained (at a million users that training is most of the cost)."""
+    if record.get("holdout") == config.holdout:
+        log.info("the run was trained without the last %d training rows: it is the shadow",
+                 config.holdout)
+        return runs.load_run(run)
     names = {f.name for f in dataclasses.fields(towers_model.RetrievalConfig)}
     retrieval_config = towers_model.RetrievalConfig(
         **{k: v for k, v in record.items() if k in names})

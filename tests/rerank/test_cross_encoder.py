@@ -308,6 +308,20 @@ def test_reordered_puts_reranked_top_k_first():
     np.testing.assert_array_equal(metrics.rankings(lazy, depth=5), [[1, 2, 0, 3, 4], [4, 3, 2, 1, 0]])
 
 
+def test_a_run_trained_without_the_held_out_rows_is_its_own_shadow(tiny_run, tmp_path, monkeypatch):
+    """No second retrieval model when the run's holdout is the re-ranker's; otherwise one is
+    trained without those rows."""
+    record = json.loads((tiny_run / "retrieval_config.json").read_text())
+    trained = []
+    monkeypatch.setattr(ce.towers_train, "train", lambda *a, **k: trained.append(k["holdout"]))
+    monkeypatch.setattr(ce.runs, "load_run", lambda path: path)
+    config = ce.RerankerConfig(**{**TINY_RERANKER, "holdout": 400})
+    own = ce._shadow_retrieval(tiny_run, tmp_path / "shadow", {**record, "holdout": 400}, config, 0)
+    assert own == tiny_run and trained == []
+    other = ce._shadow_retrieval(tiny_run, tmp_path / "shadow", record, config, 0)
+    assert other == tmp_path / "shadow" and trained == [400]
+
+
 def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     shutil.copytree(tiny_run, tmp_path / "run")  # the session's tiny run stays retrieval-only
     tiny_run = tmp_path / "run"

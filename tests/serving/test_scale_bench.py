@@ -70,6 +70,10 @@ def test_every_stage_runs_once_in_order_as_its_own_cascade_command(scale_run):
     # The sample options reach the re-ranker's command; the batch is capped at --batch-users.
     reranker = size["stages"][scale_bench.STAGES.index("train-reranker")]["command"]
     assert reranker[reranker.index("--holdout") + 1] == "400"
+    # Retrieval was trained without the same 400 rows, so the re-ranker used it as its shadow.
+    retrieval = size["stages"][scale_bench.STAGES.index("train-retrieval")]["command"]
+    assert retrieval[retrieval.index("--holdout") + 1] == "400"
+    assert not (out / FOLDER / "run" / "reranker" / "shadow").exists()
     assert {key: size["batch"][key] for key in ("model", "users", "users_written", "users_failed")
             } == {"model": "retrieval", "users": 200, "users_written": 200, "users_failed": 0}
 
