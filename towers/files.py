@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -242,13 +243,15 @@ def id_key(identifier: str) -> tuple[int, str]:
 
 
 
-def write_atomic(path: pathlib.Path, payload: bytes) -> None:
-    """Writes `payload` to a temporary file beside `path`, then renames it into place."""
+def write_atomic(path: pathlib.Path, payload: bytes | Iterable[bytes]) -> None:
+    """Writes `payload` (bytes, or chunks of bytes written as they come) to a temporary file beside
+    `path`, then renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
+            for chunk in (payload,) if isinstance(payload, (bytes, bytearray)) else payload:
+                handle.write(chunk)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files owner-only; keep the usual mode

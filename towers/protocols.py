@@ -126,12 +126,19 @@ def write_split(dataset, split, out: str | os.PathLike) -> pathlib.Path:
             staging = target.with_name(f".{target.name}.tmp")
             pq.write_table(table.take(dataset.lines[index] - 1), staging)  # lines: 1-based rows
             os.replace(staging, target)
-    else:
-        lines = (dataset.path / f"{dataset.name}.inter").read_text(encoding="utf-8").split("\n")
+    else:  # the source's bytes, line by line, streamed: no Python string per row held
+        raw = (dataset.path / f"{dataset.name}.inter").read_bytes()
+        breaks = np.flatnonzero(np.frombuffer(raw, np.uint8) == ord("\n"))
+        starts, stops = np.concatenate([[0], breaks + 1]), np.concatenate([breaks, [len(raw)]])
+        line = lambda number: raw[starts[number - 1]:stops[number - 1]].rstrip(b"\r") + b"\n"
+
+        def chunks(index: np.ndarray, block: int = 65_536):
+            yield line(1)  # the header
+            for at in range(0, len(index), block):
+                yield b"".join(map(line, dataset.lines[index[at:at + block]].tolist()))
+
         for part, index in parts:
-            chosen = [lines[number - 1].rstrip("\r") for number in dataset.lines[index]]
-            payload = "\n".join([lines[0].rstrip("\r"), *chosen]) + "\n"
-            files.write_atomic(out / f"{dataset.name}.{part}.inter", payload.encode())
+            files.write_atomic(out / f"{dataset.name}.{part}.inter", chunks(index))
     # The side files and the card the dataset was loaded with (a `--card` from elsewhere too).
     copies = [dataset.path / f"{dataset.name}{suffix}" for suffix in (".item", ".user")]
     copies += [dataset.card.source] if dataset.card.source is not None else []
