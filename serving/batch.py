@@ -27,6 +27,8 @@ import numpy as np
 from apache_beam.ml.inference import base as inference
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from towers import files
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "cascade"
@@ -174,7 +176,7 @@ def run_batch(model_base_path: str | os.PathLike, model: str, users: list[str], 
                    "users": len(users), "seconds": round(seconds, 2),
                    "users_per_second": round(len(users) / seconds, 1), **counts}
         (staging / "_SUMMARY.json").write_text(json.dumps(summary, indent=2))
-        _replace(out, staging)
+        files.replace_folder(out, staging)
         return summary
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -249,15 +251,6 @@ def _to_example(record: dict) -> bytes:
 def _counter(result, name: str) -> int:
     query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE).with_name(name))
     return int(sum(c.committed or c.attempted or 0 for c in query["counters"]))
-
-
-def _replace(out: pathlib.Path, staging: pathlib.Path) -> None:
-    """Swaps the finished staging folder in for `out`: a rerun replaces the output whole."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _message(error: Exception) -> str:

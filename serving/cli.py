@@ -57,11 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", default="data/ml-100k", help="folder to write (default: %(default)s)")
     fetch.add_argument("--from", dest="source", help="GroupLens ml-100k.zip (path or URL) or folder")
     fetch.set_defaults(handler=_fetch)
-    split = data.add_parser("split", help="write a protocol's split as pre-split RecBole files")
+    split = data.add_parser("split", help="write a protocol's split as pre-split RecBole files",
+                            epilog="With --runner beam, flags after `--` go to Beam, e.g. -- "
+                                   "--direct_running_mode multi_processing --direct_num_workers 2")
     split.add_argument("--data", required=True, help="dataset folder (RecBole atomic files)")
     split.add_argument("--out", required=True, help="folder for <name>.train.inter/.test.inter")
+    split.add_argument("--runner", choices=["local", "beam"], default="local",
+                       help="local: load and split in this process; beam: an Apache Beam "
+                            "pipeline, --split user-temporal only (default: %(default)s)")
     _add_split_flags(split)
-    split.set_defaults(handler=_split)
+    split.set_defaults(handler=_split, beam_passthrough=True)
     synth = data.add_parser("synth", help="write a synthetic dataset with planted structure "
                             "(latent topics, popularity skew, informative text) at any size")
     towers_synth.add_arguments(synth)
@@ -323,6 +328,19 @@ def _synth(args) -> None:
 
 
 def _split(args) -> None:
+    beam_args = [flag for flag in args.beam_args if flag != "--"]
+    if args.runner == "beam":
+        from towers import beam_split
+
+        if args.split not in beam_split.PROTOCOLS:
+            raise ValueError(f"--runner beam supports --split {', '.join(beam_split.PROTOCOLS)} "
+                             f"(named on the command line), got {args.split or 'none'}; other "
+                             "protocols split in this process (--runner local)")
+        beam_split.write_split(args.data, args.out, args.card, args.test_share, beam_args)
+        return
+    if beam_args:
+        raise ValueError(f"unrecognized arguments: {' '.join(beam_args)} (Beam flags need "
+                         "--runner beam)")
     from towers import protocols
 
     dataset, split = _data_config(args).load()
@@ -349,15 +367,16 @@ def _train_retrieval(args) -> None:
 def _evaluate_retrieval(args) -> None:
     from towers import retrieval_eval, runs
 
+    loaded = runs.run_data(args.run)  # read once for the three views
     table = retrieval_eval.evaluate_run(args.run, with_peers=not args.no_peers,
-                                        sample_users=args.sample_users)
-    print(retrieval_eval.protocol_line(args.run))
+                                        sample_users=args.sample_users, loaded=loaded)
+    print(retrieval_eval.protocol_line(args.run, loaded))
     sample = json.loads((pathlib.Path(args.run) / runs.METRICS_FILE).read_text()).get("test_sample")
     if sample:
         print(f"test users: a random sample of {sample['users']:,} of {sample['of_users']:,} "
               f"(seed {sample['seed']}; {sample['rows']:,} test rows)")
     print(retrieval_eval.format_table(table))
-    new_items = retrieval_eval.evaluate_new_items(args.run)
+    new_items = retrieval_eval.evaluate_new_items(args.run, loaded=loaded)
     if new_items is not None:  # e.g. --split cold-items: the new-arrivals shelf
         print()
         print(retrieval_eval.format_new_items(new_items))

@@ -272,18 +272,22 @@ def dataset_name(path: pathlib.Path) -> str:
     return found[0]
 
 
+def find_card(path: pathlib.Path, name: str, card: str | os.PathLike | Card | None = None) -> Card:
+    """The card a folder is read with: `card` (a file, or a Card), else the folder's own
+    `<name>.yaml/.yml/.json`, else the defaults."""
+    if isinstance(card, Card):
+        return card
+    if card is not None:
+        return load_card(card, name)
+    found = [path / f"{name}{s}" for s in (".yaml", ".yml", ".json") if (path / f"{name}{s}").exists()]
+    return load_card(found[0], name) if found else Card(name=name)
+
+
 def load(path: str | os.PathLike, card: str | os.PathLike | Card | None = None) -> Dataset:
     """Loads a dataset folder; `card` overrides the folder's own `<name>.yaml`/`.json`."""
     path = pathlib.Path(path)
     name = dataset_name(path)
-    if isinstance(card, Card):
-        pass
-    elif card is not None:
-        card = load_card(card, name)
-    else:
-        found = [path / f"{name}{s}" for s in (".yaml", ".yml", ".json") if (path / f"{name}{s}").exists()]
-        card = load_card(found[0], name) if found else Card(name=name)
-
+    card = find_card(path, name, card)
     items = _side_table(path / f"{name}.item", card.item_id, card, "item")
     users = _side_table(path / f"{name}.user", card.user_id, card, "user")
     _check_card(card, items, users, path, name)

@@ -170,7 +170,7 @@ def build_tables(dataset: data.Dataset, train: data.Interactions,
     counts = np.bincount(train_users, minlength=len(user_ids))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(len(order)) - np.repeat(starts, counts)
-    sorted_users, sorted_items = train_users[order], train_items[order]
+    sorted_items = train_items[order]
     kept = rank < history_length  # rows stay grouped by user, newest first
     history_items = (sorted_items[kept] + 1).astype(np.int32)
     history_splits = np.concatenate([[0], np.cumsum(np.minimum(counts, history_length))])

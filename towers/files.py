@@ -10,7 +10,9 @@ import dataclasses
 import math
 import os
 import pathlib
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 
 import numpy as np
@@ -259,3 +261,13 @@ def write_atomic(path: pathlib.Path, payload: bytes | Iterable[bytes]) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def replace_folder(out: pathlib.Path, staging: pathlib.Path) -> None:
+    """Swaps a finished staging folder in for `out`: a rerun replaces the output whole, and a
+    failed run (whose staging folder is never swapped in) leaves the previous output as it was."""
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)

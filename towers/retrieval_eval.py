@@ -19,13 +19,15 @@ def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTabl
 
 
 def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100),
-                 with_peers: bool = True, sample_users: int = 0, seed: int = 0) -> dict:
+                 with_peers: bool = True, sample_users: int = 0, seed: int = 0,
+                 loaded: tuple[data.Dataset, data.Split] | None = None) -> dict:
     """Evaluates a run on its test split beside popularity, ALS and EASE; writes metrics.json.
     `sample_users` > 0 keeps the test rows of that many test users drawn with `seed` (for very
-    large data; the sample is recorded as `test_sample`)."""
+    large data; the sample is recorded as `test_sample`). `loaded`: the run's `runs.run_data`,
+    when the caller has it already."""
     run = pathlib.Path(run_dir)
     retrieval, tables = runs.load_run(run)
-    test = runs.run_data(run)[1].test
+    test = (loaded or runs.run_data(run))[1].test
     queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
     sample = {"test_sample": None}  # every test user
@@ -49,7 +51,8 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
     return table
 
 
-def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -> dict | None:
+def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
+                       loaded: tuple[data.Dataset, data.Split] | None = None) -> dict | None:
     """The new-arrivals view of a split whose test holds items without a training row (the
     `cold-items` protocol; a pre-split folder may too): None when it has none. For the test
     interactions with such an item, and each ranking (the run's retrieval; the category profile,
@@ -61,13 +64,14 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0) -
       every test user's top k that is new items.
     Records the result as `test.new_items` in metrics.json."""
     run = pathlib.Path(run_dir)
-    retrieval, tables = runs.load_run(run)
-    dataset, split = runs.run_data(run)
+    dataset, split = loaded or runs.run_data(run)
+    tables = features.FeatureTables.load(run / runs.TABLES_FILE)
     new = new_item_mask(tables, split)
     users, items, seen = test_rows(tables, split.test)
     wanted = new[items]
     if not wanted.any():
         return None
+    retrieval, tables = runs.load_run(run)
     queries, candidates = model.embeddings(retrieval, tables)
     rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
                 "category_profile": category_profile_scores(dataset, tables, seen),
@@ -131,16 +135,17 @@ def format_new_items(result: dict, k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def protocol_line(run_dir: str | os.PathLike) -> str:
+def protocol_line(run_dir: str | os.PathLike,
+                  loaded: tuple[data.Dataset, data.Split] | None = None) -> str:
     """One line naming the run's dataset, protocol and split sizes, printed above every table."""
     source = runs.data_config(run_dir)
-    dataset, split = source.load()
+    dataset, split = loaded or source.load()
+    new = lambda side: len(np.setdiff1d(getattr(split.test, side), getattr(split.train, side)))
     how = ("the folder's own files" if split.protocol == "pre-split" else
            f"test share {source.test_share}, seed {source.seed}")
     return (f"dataset: {dataset.name} ({source.data_dir}); protocol: {split.protocol} ({how}); "
             f"{len(split.train):,} training / {len(split.test):,} test rows, "
-            f"{len(set(split.test.user_id) - set(split.train.user_id)):,} test users and "
-            f"{len(set(split.test.item_id) - set(split.train.item_id)):,} test items without "
+            f"{new('user_id'):,} test users and {new('item_id'):,} test items without "
             "a training row")
 
 
