@@ -71,8 +71,10 @@ def train(data_dir: str | os.PathLike | runs.DataConfig, run_dir: str | os.PathL
     if holdout:
         callbacks.insert(0, ValidationMetrics(tables, validation))
     started = time.perf_counter()
-    if verbose is None:  # a progress bar on a terminal, one line per epoch in logs
+    if verbose is None:  # a progress bar on a terminal; in logs, a line a minute and per epoch
         verbose = 1 if sys.stdout.isatty() else 2
+    if verbose == 2:
+        callbacks.append(ProgressLog())
     history = retrieval.fit(dataset, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - started
     retrieval.save_weights(str(run / runs.WEIGHTS))
@@ -118,6 +120,30 @@ def make_strategy(name: str) -> tf.distribute.Strategy | None:
                              "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"strategy must be default, mirrored or multiworker, got {name!r}")
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Logs the step, the loss and the time left of the epoch every `every` seconds: Keras's
+    one line per epoch says nothing for hours on a large dataset."""
+
+    def __init__(self, every: float = 60.0):
+        super().__init__()
+        self.every = every
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch, self.started = epoch, time.perf_counter()
+        self.last = self.started
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last, steps = now, self.params.get("steps")
+        per_step = (now - self.started) / (batch + 1)
+        left = f", {per_step * (steps - batch - 1) / 60:.0f} min left" if steps else ""
+        log.info("epoch %d: step %d%s, loss %.4f, %.0f ms/step%s", self.epoch + 1, batch + 1,
+                 f"/{steps}" if steps else "", (logs or {}).get("loss", float("nan")),
+                 per_step * 1000, left)
 
 
 class ValidationMetrics(keras.callbacks.Callback):

@@ -174,3 +174,22 @@ def test_cold_start_query_follows_popularity():
     assert len(top_by_query & top_by_count) >= 40
     with pytest.raises(ValueError, match="must be \\[I, D\\]"):
         cold_start.popularity_query(candidates, counts[:10])
+
+
+def test_progress_log_reports_step_loss_and_time_left(caplog):
+    """In logs (no terminal), training says where it is within an epoch, not only at its end."""
+    import logging
+
+    import tf_keras as keras
+
+    from towers import train
+
+    toy = keras.Sequential([keras.layers.Dense(1)])
+    toy.compile(optimizer="sgd", loss="mse")
+    inputs = tf.data.Dataset.from_tensor_slices((np.ones((12, 2)), np.zeros((12, 1)))).batch(4)
+    with caplog.at_level(logging.INFO, logger="towers.train"):
+        toy.fit(inputs, epochs=1, verbose=0, callbacks=[train.ProgressLog(every=0.0)])
+    lines = [r.getMessage() for r in caplog.records if r.name == "towers.train"]
+    assert [line.split(",")[0] for line in lines] == [
+        "epoch 1: step 1/3", "epoch 1: step 2/3", "epoch 1: step 3/3"]
+    assert lines[0].endswith("min left") and "loss " in lines[0]
