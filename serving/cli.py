@@ -376,7 +376,8 @@ def _evaluate_retrieval(args) -> None:
         print(f"test users: a random sample of {sample['users']:,} of {sample['of_users']:,} "
               f"(seed {sample['seed']}; {sample['rows']:,} test rows)")
     print(retrieval_eval.format_table(table))
-    new_items = retrieval_eval.evaluate_new_items(args.run, loaded=loaded)
+    new_items = retrieval_eval.evaluate_new_items(args.run, loaded=loaded,
+                                                  sample_users=args.sample_users)
     if new_items is not None:  # e.g. --split cold-items: the new-arrivals shelf
         print()
         print(retrieval_eval.format_new_items(new_items))

@@ -30,14 +30,7 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
     test = (loaded or runs.run_data(run))[1].test
     queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
-    sample = {"test_sample": None}  # every test user
-    test_users = np.unique(users)
-    if 0 < sample_users < len(test_users):
-        chosen = np.random.default_rng(seed).choice(test_users, sample_users, replace=False)
-        keep = np.isin(users, chosen)
-        users, items = users[keep], items[keep]
-        sample = {"test_sample": {"users": sample_users, "of_users": len(test_users),
-                                  "rows": int(keep.sum()), "seed": seed}}
+    users, items, sample = sample_test_rows(users, items, sample_users, seed)
     scores = metrics.embedding_scores(queries, candidates)
     table = {
         "cascade_retrieval": metrics.evaluate(scores, users, items, seen, ks),
@@ -47,12 +40,26 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
         table["popularity"] = metrics.evaluate(peers.popularity_scores(seen), users, items, seen, ks)
         table["als"] = metrics.evaluate(peers.als_scores(seen), users, items, seen, ks)
         table["ease"] = metrics.evaluate(peers.ease_scores(seen), users, items, seen, ks)
-    runs.update_metrics(run, {"test": table, **sample})
+    runs.update_metrics(run, {"test": table, "test_sample": sample})
     return table
 
 
+def sample_test_rows(users: np.ndarray, items: np.ndarray, sample_users: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """The test rows of `sample_users` test users drawn with `seed` (all when 0 or more than
+    there are), and the record of the sample (None: every test user)."""
+    test_users = np.unique(users)
+    if not 0 < sample_users < len(test_users):
+        return users, items, None
+    chosen = np.random.default_rng(seed).choice(test_users, sample_users, replace=False)
+    keep = np.isin(users, chosen)
+    return users[keep], items[keep], {"users": sample_users, "of_users": len(test_users),
+                                      "rows": int(keep.sum()), "seed": seed}
+
+
 def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
-                       loaded: tuple[data.Dataset, data.Split] | None = None) -> dict | None:
+                       loaded: tuple[data.Dataset, data.Split] | None = None,
+                       sample_users: int = 0) -> dict | None:
     """The new-arrivals view of a split whose test holds items without a training row (the
     `cold-items` protocol; a pre-split folder may too): None when it has none. For the test
     interactions with such an item, and each ranking (the run's retrieval; the category profile,
@@ -62,12 +69,14 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
       arrivals" shelf), training items excluded;
     - `hit_rate@k` of those interactions in the full ranking, and `new_share@k`, the share of
       every test user's top k that is new items.
+    `sample_users` > 0: the test users `evaluate_run` samples with the same number and `seed`.
     Records the result as `test.new_items` in metrics.json."""
     run = pathlib.Path(run_dir)
     dataset, split = loaded or runs.run_data(run)
     tables = features.FeatureTables.load(run / runs.TABLES_FILE)
     new = new_item_mask(tables, split)
     users, items, seen = test_rows(tables, split.test)
+    users, items, _ = sample_test_rows(users, items, sample_users, seed)
     wanted = new[items]
     if not wanted.any():
         return None

@@ -87,3 +87,7 @@ def test_a_sample_of_test_users_is_evaluated_on_their_rows_alone(cold_run, tmp_p
     assert recorded == {"users": 7, "of_users": len(np.unique(users)), "rows": int(keep.sum()),
                         "seed": 3}
     assert recorded["rows"] < len(users)
+    # The new-items view reads the same sample: its test rows are the sampled users' rows with a
+    # new item (every test item is new under cold-items).
+    view = retrieval_eval.evaluate_new_items(run, seed=3, sample_users=7)
+    assert view["test_rows"] == int(keep.sum()) and view["test_users"] == 7
