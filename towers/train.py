@@ -173,8 +173,10 @@ def training_dataset(rows: data.Interactions, config: model.RetrievalConfig,
                "item_row": features.rows_of(tables.item_ids, rows.item_id, "item") + 1,
                "timestamp": rows.timestamp.astype(np.int64)}
     columns = {name: tf.constant(values, tf.int64) for name, values in columns.items()}
+
+    def gather(at: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {name: tf.gather(values, at) for name, values in columns.items()}
+
     return (tf.data.Dataset.range(len(rows))
             .shuffle(len(rows), seed=config.seed, reshuffle_each_iteration=True)
-            .batch(config.batch_size)
-            .map(lambda at: {name: tf.gather(values, at) for name, values in columns.items()})
-            .prefetch(tf.data.AUTOTUNE))
+            .batch(config.batch_size).map(gather).prefetch(tf.data.AUTOTUNE))
