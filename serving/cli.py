@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import sys
 
 from rerank import config as rerank_config
@@ -38,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    # SIGTERM (a scheduler stopping the job) unwinds like an error: staging folders and temporary
+    # files are removed, the previous output stays, and the exit code says it was stopped.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.handler(args) or 0
     except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as error:  # carry details
         log.error("%s", error)
         return 1
+
+
+def _terminated(signum: int, frame) -> None:
+    log.error("stopped by signal %d", signum)
+    raise SystemExit(128 + signum)
 
 
 def _parser() -> argparse.ArgumentParser:

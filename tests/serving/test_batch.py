@@ -56,6 +56,34 @@ def test_tfrecord_output_and_rerun_replaces_the_folder(tiny_export, tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # no staging or old folder left behind
 
 
+def test_sigterm_stops_the_job_with_an_error_and_keeps_the_previous_output(tiny_export, tmp_path):
+    """A scheduler's SIGTERM mid-pipeline: exit code 143 (not 0), the staging folder removed, and
+    the previous output as it was."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.parquet").write_text("kept")
+    job = subprocess.Popen([sys.executable, "-m", "serving.cli", "batch", "--model-base-path",
+                            str(tiny_export), "--model", "retrieval", "--users", "synthetic:2000000",
+                            "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.staging-*")) and job.poll() is None:  # the pipeline runs
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert b"stopped by signal 15" in stderr
+    assert not list(tmp_path.glob(".out.*"))
+    assert [p.name for p in out.iterdir()] == ["previous.parquet"]
+    assert (out / "previous.parquet").read_text() == "kept"
+
+
 def test_a_failing_user_goes_to_the_dead_letter(tmp_path):
     class Picky(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
