@@ -13,8 +13,8 @@ from towers import data, features, metrics, model, peers, runs
 def evaluate_model(retrieval: model.RetrievalModel, tables: features.FeatureTables,
                    test: data.Interactions, ks: tuple[int, ...] = (10, 50, 100)) -> dict[str, float]:
     """Hit rate / Recall / NDCG of the model on `test`, training items excluded."""
-    queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
+    queries, candidates = model.embeddings(retrieval, tables, users=users)
     return metrics.evaluate(metrics.embedding_scores(queries, candidates), users, items, seen, ks)
 
 
@@ -28,9 +28,9 @@ def evaluate_run(run_dir: str | os.PathLike, ks: tuple[int, ...] = (10, 50, 100)
     run = pathlib.Path(run_dir)
     retrieval, tables = runs.load_run(run)
     test = (loaded or runs.run_data(run))[1].test
-    queries, candidates = model.embeddings(retrieval, tables)
     users, items, seen = test_rows(tables, test)
     users, items, sample = sample_test_rows(users, items, sample_users, seed)
+    queries, candidates = model.embeddings(retrieval, tables, users=users)
     scores = metrics.embedding_scores(queries, candidates)
     table = {
         "cascade_retrieval": metrics.evaluate(scores, users, items, seen, ks),
