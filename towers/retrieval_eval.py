@@ -73,14 +73,13 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
     Records the result as `test.new_items` in metrics.json."""
     run = pathlib.Path(run_dir)
     dataset, split = loaded or runs.run_data(run)
-    tables = features.FeatureTables.load(run / runs.TABLES_FILE)
+    retrieval, tables = runs.load_run(run)
     new = new_item_mask(tables, split)
     users, items, seen = test_rows(tables, split.test)
     users, items, _ = sample_test_rows(users, items, sample_users, seed)
     wanted = new[items]
     if not wanted.any():
         return None
-    retrieval, tables = runs.load_run(run)
     queries, candidates = model.embeddings(retrieval, tables)
     rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
                 "category_profile": category_profile_scores(dataset, tables, seen),
