@@ -26,7 +26,7 @@ import scipy.sparse
 import tensorflow as tf
 
 from rerank.config import RerankerConfig
-from towers import data, features, files, peers
+from towers import data, features, files, peers, saving
 
 
 
@@ -73,6 +73,21 @@ def candidate_texts(dataset: data.Dataset, item_ids: np.ndarray) -> np.ndarray:
     return np.array(dataset.item_texts(np.asarray(item_ids).astype(str)), dtype=object)
 
 
+class Column(tf.Module):
+    """key -> value through a key -> row table (-1: unknown) and a variable of the values (the
+    default in a last row): a SavedModel keeps the values in variables/, not in its graph."""
+
+    def __init__(self, rows: tf.lookup.StaticHashTable, values: np.ndarray, default):
+        super().__init__()
+        self.rows = rows
+        values = np.asarray(values)
+        self.values = saving.frozen(np.append(values, np.array([default], values.dtype)), "values")
+
+    def lookup(self, keys: tf.Tensor) -> tf.Tensor:
+        row = self.rows.lookup(keys)
+        return tf.gather(self.values, tf.where(row >= 0, row, tf.shape(self.values)[0] - 1))
+
+
 class PairTexts(tf.Module):
     """In-graph tables: user_id -> context text and training history (item rows, ragged),
     item_id -> candidate text and log(1 + count), and the bounded EASE weights
@@ -109,23 +124,30 @@ class PairTexts(tf.Module):
                            history_liked=np.asarray(history_liked, bool))
         table = lambda keys, values, default: tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, values), default)
-        # An unknown user is read as a context with no user features and no history.
-        self.context = table(user_ids, self.arrays["contexts"], "")
-        self.item_text = table(item_ids, self.arrays["item_texts"], "")
-        self.popularity = table(item_ids, self.arrays["popularity"], 0.0)
         self.user_row = table(user_ids, np.arange(len(user_ids), dtype=np.int32), -1)
         self.item_row = table(item_ids, np.arange(len(item_ids), dtype=np.int32), -1)
+        # An unknown user is read as a context with no user features and no history.
+        self.context = Column(self.user_row, self.arrays["contexts"], "")
+        self.item_text = Column(self.item_row, self.arrays["item_texts"], "")
+        self.popularity = Column(self.item_row, self.arrays["popularity"], 0.0)
         self.items = len(item_ids)
         self.users = len(user_ids)
-        self.history_values = tf.constant(self.arrays["history_values"])
+        # Arrays as variables: a SavedModel keeps them in variables/, not in its graph.
+        self.history_values = saving.frozen(self.arrays["history_values"], "history_values")
         splits = self.arrays["history_splits"]
-        self.history_splits = tf.constant(np.append(splits, splits[-1]))  # last row: empty
-        self.history_liked = tf.constant(self.arrays["history_liked"])
-        self.item_id = tf.constant(np.append(item_ids, ""))  # row -> ID; the last: none
+        self.history_splits = saving.frozen(np.append(splits, splits[-1]), "history_splits")  # last: empty
+        self.history_liked = saving.frozen(self.arrays["history_liked"], "history_liked")
+        self.item_id = saving.frozen(np.append(item_ids, ""), "item_id")  # row -> ID; the last: none
+        # The EASE weights by key source row x I + target row, sorted: a lookup is a binary search
+        # (a hash table of I x k entries would hold several times their bytes).
         index, weight = self.arrays["neighbour_index"], self.arrays["neighbour_weight"]
         keys = (np.repeat(np.arange(len(item_ids), dtype=np.int64), index.shape[1]) * len(item_ids)
                 + index.ravel())
-        self.weight = table(tf.constant(keys, tf.int64), tf.constant(weight.ravel()), 0.0)
+        order = np.argsort(keys, kind="stable")  # a last key above every real one: never empty
+        self.weight_keys = saving.frozen(np.append(keys[order], np.iinfo(np.int64).max),
+                                         "weight_keys")
+        self.weight_values = saving.frozen(
+            np.append(weight.ravel()[order], np.float32(0)).astype(np.float32), "weight_values")
 
     def neighbours(self) -> peers.ItemNeighbours:
         return peers.ItemNeighbours(self.arrays["neighbour_index"], self.arrays["neighbour_weight"])
@@ -160,8 +182,13 @@ class PairTexts(tf.Module):
         items = self.item_row.lookup(item_ids)
         keys = (tf.cast(history, tf.int64) * self.items
                 + tf.cast(items, tf.int64)[:, None])
-        weights = tf.ragged.map_flat_values(self.weight.lookup, keys)
+        weights = tf.ragged.map_flat_values(self._weight, keys)
         return history, weights * tf.cast(items >= 0, tf.float32)[:, None]
+
+    def _weight(self, keys: tf.Tensor) -> tf.Tensor:
+        """float32 [N]: the EASE weight of each key (source row x I + target row); 0 when absent."""
+        at = tf.searchsorted(self.weight_keys, keys)  # < size: the last key is above every key
+        return tf.where(tf.gather(self.weight_keys, at) == keys, tf.gather(self.weight_values, at), 0.0)
 
     def reasons(self, user_ids: tf.Tensor, item_ids: tf.Tensor, count: int = 2) -> tf.Tensor:
         """string [N, count]: the IDs of the user's liked history items whose EASE weight towards

@@ -55,19 +55,25 @@ class RerankerModule(tf.Module):
         self.query_tower = query_tower
         self.cold_start = tf.constant(np.asarray(cold_start_query, np.float32)[None, :])  # [1, D]
         # Row I is all zeros: the embedding of an unknown item ID.
-        self.candidates = tf.constant(np.concatenate(
-            [candidate_embeddings, np.zeros((1, candidate_embeddings.shape[1]), np.float32)]))
+        self.candidates = saving.frozen(np.concatenate(  # in variables/, not in the graph
+            [candidate_embeddings, np.zeros((1, candidate_embeddings.shape[1]), np.float32)]),
+            "candidates")
         self.item_row = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(item_ids), tf.range(len(item_ids), dtype=tf.int32)), len(item_ids))
         self.inverse_temperature = tf.constant(1.0 / temperature, tf.float32)
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike) -> RerankerModule:
-        """The module of a run with a trained re-ranker (`cascade train reranker`)."""
+    def from_run(cls, run_dir: str | os.PathLike, loaded=None) -> RerankerModule:
+        """The module of a run with a trained re-ranker (`cascade train reranker`); `loaded`: the
+        run's (retrieval model, feature tables, candidate embeddings) when already at hand (the
+        module then shares that query tower)."""
         run = pathlib.Path(run_dir)
         reranker = ce.load_reranker(run)
-        retrieval, tables = runs.load_run(run)
-        _, candidates = towers_model.embeddings(retrieval, tables)
+        if loaded is None:
+            retrieval, tables = runs.load_run(run)
+            candidates = towers_model.candidate_embeddings(retrieval, tables)
+        else:
+            retrieval, tables, candidates = loaded
         query = cold_start.popularity_query(candidates, tables.item_count)
         return cls(reranker, retrieval.query_tower, query, tables.item_ids, candidates,
                    retrieval.config.temperature)

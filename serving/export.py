@@ -121,16 +121,18 @@ class RetrievalModule(tf.Module):
         self.k = config.k
         self.item_ids = tf.constant(tables.item_ids)
         self.source_names = tf.constant(sources.SOURCES)
-        self.candidates = tf.constant(np.asarray(candidates, np.float32))  # [I, D]
+        # Arrays as variables: the SavedModel keeps them in variables/, not in its graph.
+        self.candidates = saving.frozen(np.asarray(candidates, np.float32), "candidates")  # [I, D]
         # Row 0 of the query tower's lookup is an unknown user: an empty history.
-        self.seen_values = tf.constant(tables.seen_items)
-        self.seen_splits = tf.constant(np.concatenate([[0], tables.seen_splits]).astype(np.int64))
+        self.seen_values = saving.frozen(tables.seen_items, "seen_values")
+        self.seen_splits = saving.frozen(
+            np.concatenate([[0], tables.seen_splits]).astype(np.int64), "seen_splits")
         self.widest = max(1, int(np.diff(tables.seen_splits).max(initial=0)))
         self.num_items = len(tables.item_ids)
         neighbours = neighbours or peers.ItemNeighbours(
             np.zeros((self.num_items, 0), np.int32), np.zeros((self.num_items, 0), np.float32))
-        self.neighbour_index = tf.constant(neighbours.index)
-        self.neighbour_weight = tf.constant(neighbours.weight)
+        self.neighbour_index = saving.frozen(neighbours.index, "neighbour_index")
+        self.neighbour_weight = saving.frozen(neighbours.weight, "neighbour_weight")
         self.is_new = tf.constant(tables.item_count <= config.new_item_max_count)
 
     def seen(self, user_id: tf.Tensor) -> tf.RaggedTensor:
@@ -292,7 +294,7 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     if "cascade" in wanted and not 1 <= n <= k:
         raise ExportError(f"n={n}: the cascade's final list must hold 1 to k={k} items")
     retrieval, tables = runs.load_run(run_dir)
-    queries, candidates = towers_model.embeddings(retrieval, tables)
+    candidates = towers_model.candidate_embeddings(retrieval, tables)
     trained = _reranker_record(run)
     slots = sources.SourceConfig(
         k, trained.get("item_item_candidates", 0) if item_item is None else item_item,
@@ -327,16 +329,21 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     if {"reranker", "cascade"} & set(wanted):
         from rerank import reranker_graph
 
-        reranker = reranker_graph.RerankerModule.from_run(run)
+        # One query tower, one set of tables: the cascade's graph holds each once.
+        reranker = reranker_graph.RerankerModule.from_run(run, loaded=(retrieval, tables, candidates))
         modules["reranker"] = (reranker, {"user_id": users, "item_ids": candidates_in})
     if {"copywriter", "cascade"} & set(wanted):
         from rerank.copy import graph
 
-        copywriter = graph.CopywriterModule.from_run(run)
-        modules["copywriter"] = (copywriter, {"user_id": users, "item_ids": candidates_in})
-    if "cascade" in wanted:
         source = runs.data_config(run)
         dataset = data.load(source.data_dir, source.card)
+        # The re-ranker's tables name the reasons (`graph.reason_tables` reads the same file):
+        # shared, the data and the tables are read once and the cascade's graph holds them once.
+        copywriter = (graph.CopywriterModule.from_run(run, dataset=dataset,
+                                                      reasons=reranker.reranker.texts)
+                      if "reranker" in modules else graph.CopywriterModule.from_run(run))
+        modules["copywriter"] = (copywriter, {"user_id": users, "item_ids": candidates_in})
+    if "cascade" in wanted:
         titles = dict(zip(tables.item_ids, dataset.labels(tables.item_ids)))
         modules["cascade"] = (CascadeModule(retrieval_module, reranker, copywriter, titles,
                                             retrieval.config.temperature, n, depth=k),

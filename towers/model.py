@@ -246,18 +246,29 @@ class RetrievalModel(tfrs.Model):
                          compute_metrics=False)
 
 
+def candidate_embeddings(retrieval: RetrievalModel, tables: features.FeatureTables,
+                         batch_size: int = 4096) -> np.ndarray:
+    """Candidate embeddings [I, D] in `tables.item_ids` order (no user is embedded)."""
+    return _embed(retrieval.candidate_tower, tables.item_ids, batch_size,
+                  retrieval.config.embedding_dim)
+
+
 def embeddings(retrieval: RetrievalModel, tables: features.FeatureTables,
                batch_size: int = 4096, users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(query embeddings [U, D] in `tables.user_ids` order, candidate embeddings [I, D]).
     `users`: the user rows to embed (the others' rows are left zero), every user by default. The
     towers run as one traced graph per batch shape, not eagerly (minutes at a million users)."""
-    def run(tower, ids):
-        call = tf.function(lambda batch: tower(batch), reduce_retracing=True)
-        out = [call(tf.constant(ids[i:i + batch_size])).numpy() for i in range(0, len(ids), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, retrieval.config.embedding_dim), np.float32)
+    dim = retrieval.config.embedding_dim
+    candidates = candidate_embeddings(retrieval, tables, batch_size)
     if users is None:
-        return run(retrieval.query_tower, tables.user_ids), run(retrieval.candidate_tower, tables.item_ids)
+        return _embed(retrieval.query_tower, tables.user_ids, batch_size, dim), candidates
     users = np.unique(users)
-    queries = np.zeros((len(tables.user_ids), retrieval.config.embedding_dim), np.float32)
-    queries[users] = run(retrieval.query_tower, tables.user_ids[users])
-    return queries, run(retrieval.candidate_tower, tables.item_ids)
+    queries = np.zeros((len(tables.user_ids), dim), np.float32)
+    queries[users] = _embed(retrieval.query_tower, tables.user_ids[users], batch_size, dim)
+    return queries, candidates
+
+
+def _embed(tower, ids: np.ndarray, batch_size: int, dim: int) -> np.ndarray:
+    call = tf.function(lambda batch: tower(batch), reduce_retracing=True)
+    out = [call(tf.constant(ids[i:i + batch_size])).numpy() for i in range(0, len(ids), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)

@@ -16,6 +16,14 @@ import tensorflow as tf
 from tf_keras.src.saving.legacy.saved_model import utils as keras_saving
 
 
+def frozen(value, name: str | None = None) -> tf.Variable:
+    """A read-only array a graph looks up, as a non-trainable variable: a SavedModel keeps it in
+    variables/ (a checkpoint, read in shards), where a constant would sit inside saved_model.pb.
+    That protobuf may not pass 2 GiB (at a million users the cascade's reached 1.4 GB), and it is
+    copied several times in memory while it is written."""
+    return tf.Variable(value, trainable=False, name=name)
+
+
 def save(module: tf.Module, path: str | os.PathLike, signatures: dict,
          options: tf.saved_model.SaveOptions | None = None) -> None:
     """`tf.saved_model.save(module, path, signatures, options)` without Keras layer traces."""

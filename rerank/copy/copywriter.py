@@ -323,14 +323,18 @@ def _write_run(run: pathlib.Path, model, tokenizer, heldout, record: dict) -> No
 def load_run(run_dir: str | os.PathLike):
     """(config record, model, tokenizer, dataset, split) of a trained copywriter run; the dataset
     and split are the retrieval run's (`towers.runs.run_data`)."""
+    record, model, tokenizer = load_model(run_dir)
+    return (record, model, tokenizer, *runs.run_data(run_dir))
+
+
+def load_model(run_dir: str | os.PathLike):
+    """(config record, model, tokenizer) of a trained copywriter run, without its data."""
     folder = pathlib.Path(run_dir) / SUBDIR
     if not (folder / CONFIG_FILE).is_file():
         raise CopywriterError(f"{folder / CONFIG_FILE}: not found; train first with "
                               f"`cascade train copywriter --run {run_dir}`")
     record = json.loads((folder / CONFIG_FILE).read_text())
-    dataset, split = runs.run_data(run_dir)
-    return (record, load_gpt2(folder / MODEL_DIR), load_tokenizer(folder / MODEL_DIR),
-            dataset, split)
+    return record, load_gpt2(folder / MODEL_DIR), load_tokenizer(folder / MODEL_DIR)
 
 
 def config_of(record: dict) -> CopywriterConfig:

@@ -100,18 +100,24 @@ class CopywriterModule(tf.Module):
         self.salt = tf.Variable(0, dtype=tf.int64, trainable=False, name="salt")
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, loaded=None) -> CopywriterModule:
+    def from_run(cls, run_dir: str | os.PathLike, loaded=None, dataset: data.Dataset | None = None,
+                 reasons: pairs.PairTexts | None = None) -> CopywriterModule:
         """Built from a trained run: `run_dir` is the retrieval run directory (e.g. runs/ml100k)
         that holds `copywriter/` (`cascade train copywriter --run RUN`); `loaded`: what
-        `copywriter.load_run` returned, if at hand.
+        `copywriter.load_run` returned, if at hand. With the run's `dataset` and the re-ranker's
+        tables (`reasons`, the re-ranker module's own, to share them in one graph) at hand, only
+        the model is read.
 
         `serve(user_id [B], item_ids [B, N]) -> {"copy": [B, N]}` can be called inside another
         `tf.function` (the one-call cascade does, on its top-N item IDs) and saved with it."""
+        if loaded is None and dataset is not None and reasons is not None:
+            loaded = (*copywriter.load_model(run_dir), dataset, None)
         record, model, tokenizer, dataset, split = loaded or copywriter.load_run(run_dir)
         decoder = decoding.Decoder(model, copywriter.config_of(record), tokenizer.eos_token_id)
         items = templates.catalog(dataset)
         tables = copywriter.PromptTables.build(tokenizer, items)
-        return cls(decoder, tokenizer, tables, items, reason_tables(run_dir, dataset, split))
+        return cls(decoder, tokenizer, tables, items,
+                   reasons if reasons is not None else reason_tables(run_dir, dataset, split))
 
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
     def serve(self, user_id, item_ids):
