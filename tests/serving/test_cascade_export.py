@@ -96,6 +96,27 @@ def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
         assert _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(users))["copy"].shape == (len(users), 5)
 
 
+def test_the_cascade_holds_each_table_once_in_its_variables(tiny_cascade_export, tiny_cascade_run):
+    """The per-user and per-pair arrays are variables (in variables/, not constants in
+    saved_model.pb, which may not pass 2 GiB), and the stages share them: one query tower, one
+    set of re-ranker tables, though retrieval, re-ranker and copywriter each use them."""
+    from rerank import cross_encoder
+
+    _, tables = runs.load_run(tiny_cascade_run)
+    texts = cross_encoder.load_reranker(tiny_cascade_run).texts
+    shapes = dict(tf.train.list_variables(
+        str(tiny_cascade_export / "cascade" / "1" / "variables" / "variables")))
+    named = lambda suffix: [tuple(shape) for name, shape in shapes.items()
+                            if name.endswith(f"{suffix}/.ATTRIBUTES/VARIABLE_VALUE")]
+    id_dim = json.loads((tiny_cascade_run / runs.CONFIG_FILE).read_text())["id_dim"]
+    pairs = texts.arrays["neighbour_index"].size
+    assert [tuple(s) for s in shapes.values()].count((tables.num_user_ids, id_dim)) == 1
+    assert named("seen_values") == [(len(tables.seen_items),)]
+    assert named("context/values") == [(len(texts.arrays["user_ids"]) + 1,)]  # + unknown user
+    assert named("history_values") == [(len(texts.arrays["history_values"]),)]
+    assert named("weight_keys") == named("weight_values") == [(pairs + 1,)]  # + the last key
+
+
 def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth,
                                                                 tiny_cascade_run):
     """retrieval's 28 merged candidates; the re-ranker's scalar terms (no BERT) keep 20, in
