@@ -9,9 +9,10 @@ of the run's feature tables has a text, those without a training interaction too
 text alone, the item's text), so new users and new items are scored. Only training rows are read,
 and the pair is truncated longest-first to `max_length` tokens, so the newest titles survive.
 
-`PairTexts` holds, as lookup tables inside the exported graphs, each user's context and training
-history, each item's text and log(1 + training count), and the bounded EASE weights, from which
-the EASE score of (user, item) is summed over the user's history.
+`PairTexts` holds, as ID lookup tables and variables of the exported graphs (the arrays in a
+SavedModel's variables/, not in its graph), each user's context and training history, each item's
+text and log(1 + training count), and the bounded EASE weights, from which the EASE score of (user,
+item) is summed over the user's history.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Column(tf.Module):
 
     def lookup(self, keys: tf.Tensor) -> tf.Tensor:
         row = self.rows.lookup(keys)
-        return tf.gather(self.values, tf.where(row >= 0, row, tf.shape(self.values)[0] - 1))
+        values = saving.read(self.values)
+        return tf.gather(values, tf.where(row >= 0, row, tf.shape(values)[0] - 1))
 
 
 class PairTexts(tf.Module):
@@ -166,7 +168,8 @@ class PairTexts(tf.Module):
 
     def _history_of(self, user_ids: tf.Tensor) -> tf.RaggedTensor:
         """int32 [N, (h)]: the history item rows of each user (none for an unknown user)."""
-        history = tf.RaggedTensor.from_row_splits(self.history_values, self.history_splits)
+        history = tf.RaggedTensor.from_row_splits(saving.read(self.history_values),
+                                                  saving.read(self.history_splits))
         return tf.gather(history, self._history_rows(user_ids))
 
     def _history_rows(self, user_ids: tf.Tensor) -> tf.Tensor:
@@ -187,8 +190,10 @@ class PairTexts(tf.Module):
 
     def _weight(self, keys: tf.Tensor) -> tf.Tensor:
         """float32 [N]: the EASE weight of each key (source row x I + target row); 0 when absent."""
-        at = tf.searchsorted(self.weight_keys, keys)  # < size: the last key is above every key
-        return tf.where(tf.gather(self.weight_keys, at) == keys, tf.gather(self.weight_values, at), 0.0)
+        sorted_keys = saving.read(self.weight_keys)
+        at = tf.searchsorted(sorted_keys, keys)  # < size: the last key is above every key
+        return tf.where(tf.gather(sorted_keys, at) == keys,
+                        tf.gather(saving.read(self.weight_values), at), 0.0)
 
     def reasons(self, user_ids: tf.Tensor, item_ids: tf.Tensor, count: int = 2) -> tf.Tensor:
         """string [N, count]: the IDs of the user's liked history items whose EASE weight towards
@@ -196,7 +201,8 @@ class PairTexts(tf.Module):
         The EASE term is a sum over history items, so each one's share of the item's final score
         is exactly w_e times its weight: these are the history items that raised it most."""
         history, weights = self.contributions(user_ids, item_ids)
-        liked = tf.gather(tf.RaggedTensor.from_row_splits(self.history_liked, self.history_splits),
+        liked = tf.gather(tf.RaggedTensor.from_row_splits(saving.read(self.history_liked),
+                                                          saving.read(self.history_splits)),
                           self._history_rows(user_ids))
         eligible = liked & (weights > 0)
         scores = tf.where(eligible, weights, -np.inf).to_tensor(-np.inf)  # [N, h]
@@ -206,7 +212,7 @@ class PairTexts(tf.Module):
         rows = tf.pad(rows, [[0, 0], [0, pad]], constant_values=self.items)
         best, order = tf.math.top_k(scores, k=count)  # ties: the lower item row first
         chosen = tf.where(best > -np.inf, tf.gather(rows, order, batch_dims=1), self.items)
-        return tf.gather(self.item_id, chosen)
+        return tf.gather(saving.read(self.item_id), chosen)
 
     def ease_score(self, user_ids: tf.Tensor, item_ids: tf.Tensor) -> tf.Tensor:
         """string [N], string [N] -> float32 [N]; 0 for an unknown user or item (no history)."""

@@ -82,7 +82,7 @@ class RerankerModule(tf.Module):
         """string [B], string [B, M] -> float32 [B, M]: query . candidate / temperature."""
         known = self.query_tower.lookup(user_id) > 0  # row 0 is out of vocabulary
         query = tf.where(known[:, None], self.query_tower(user_id), self.cold_start)  # [B, D]
-        candidates = tf.gather(self.candidates, self.item_row.lookup(item_ids))  # [B, M, D]
+        candidates = tf.gather(saving.read(self.candidates), self.item_row.lookup(item_ids))  # [B, M, D]
         return tf.einsum("bd,bmd->bm", query, candidates) * self.inverse_temperature
 
     def score(self, user_id: tf.Tensor, item_ids: tf.Tensor,

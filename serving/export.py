@@ -137,7 +137,8 @@ class RetrievalModule(tf.Module):
 
     def seen(self, user_id: tf.Tensor) -> tf.RaggedTensor:
         """int32 ragged [B, None]: each user's training item rows (none for an unknown user)."""
-        seen = tf.RaggedTensor.from_row_splits(self.seen_values, self.seen_splits)
+        seen = tf.RaggedTensor.from_row_splits(saving.read(self.seen_values),
+                                               saving.read(self.seen_splits))
         return tf.gather(seen, self.query.tower.lookup(user_id))
 
     @tf.function(input_signature=[USER_ID])
@@ -157,7 +158,7 @@ class RetrievalModule(tf.Module):
             # Exact search: every score, the seen items set to -inf, top k (ties to the lower
             # row, as the index's own top_k). Cost B x I, where TFRS's exclusions compare each
             # of k + S candidates with each of S seen items (S: the longest history).
-            logits = tf.matmul(query, self.candidates, transpose_b=True)  # [B, I]
+            logits = tf.matmul(query, saving.read(self.candidates), transpose_b=True)  # [B, I]
             where = tf.stack([tf.cast(seen.value_rowids(), tf.int32), seen.values], axis=1)
             logits = tf.tensor_scatter_nd_update(
                 logits, where, tf.fill([tf.shape(where)[0]], tf.constant(-np.inf, tf.float32)))
@@ -188,7 +189,7 @@ class RetrievalModule(tf.Module):
             parts.append(self._take(key, config.item_item, 1))
             taken = mark(taken, parts[-1][0], parts[-1][1])
         if config.new_items:
-            logits = tf.matmul(query, self.candidates, transpose_b=True)  # [B, I]
+            logits = tf.matmul(query, saving.read(self.candidates), transpose_b=True)  # [B, I]
             key = tf.where(taken | ~self.is_new[None, :], neg_inf, logits)
             parts.append(self._take(key, config.new_items, 2))
             taken = mark(taken, parts[-1][0], parts[-1][1])
@@ -202,7 +203,7 @@ class RetrievalModule(tf.Module):
         first = tf.math.top_k(tf.where(valid, -slot, -slot - 1_000_000), k=config.k).indices
         rows = tf.gather(rows, first, batch_dims=1)
         codes = tf.gather(codes, first, batch_dims=1)
-        scores = tf.einsum("bd,bkd->bk", query, tf.gather(self.candidates, rows))
+        scores = tf.einsum("bd,bkd->bk", query, tf.gather(saving.read(self.candidates), rows))
         # By score, then by item row: sort by row, then stably by score.
         by_row = tf.argsort(rows, axis=1, stable=True)
         order = tf.gather(by_row, tf.argsort(tf.gather(scores, by_row, batch_dims=1), axis=1,
@@ -212,8 +213,8 @@ class RetrievalModule(tf.Module):
 
     def item_item_scores(self, seen: tf.RaggedTensor, batch: tf.Tensor) -> tf.Tensor:
         """float32 [B, I]: the sum of each history item's neighbour weights per target item."""
-        index = tf.gather(self.neighbour_index, seen.values)  # [N, k]
-        weight = tf.gather(self.neighbour_weight, seen.values)
+        index = tf.gather(saving.read(self.neighbour_index), seen.values)  # [N, k]
+        weight = tf.gather(saving.read(self.neighbour_weight), seen.values)
         segment = tf.cast(seen.value_rowids(), tf.int32)[:, None] * self.num_items + index
         flat = tf.math.unsorted_segment_sum(tf.reshape(weight, [-1]), tf.reshape(segment, [-1]),
                                             batch * self.num_items)

@@ -20,8 +20,17 @@ def frozen(value, name: str | None = None) -> tf.Variable:
     """A read-only array a graph looks up, as a non-trainable variable: a SavedModel keeps it in
     variables/ (a checkpoint, read in shards), where a constant would sit inside saved_model.pb.
     That protobuf may not pass 2 GiB (at a million users the cascade's reached 1.4 GB), and it is
-    copied several times in memory while it is written."""
+    copied several times in memory while it is written.
+
+    Read it whole with `read` and gather from that tensor: a gather on the variable itself
+    (ResourceGather) puts it in copy-on-read mode, after which every whole read copies the array
+    (measured: 178 ms per call for a searchsorted over 20M keys, against 0.8 ms)."""
     return tf.Variable(value, trainable=False, name=name)
+
+
+def read(variable: tf.Variable) -> tf.Tensor:
+    """The value of a `frozen` array, without a copy (see `frozen`)."""
+    return tf.convert_to_tensor(variable)
 
 
 def save(module: tf.Module, path: str | os.PathLike, signatures: dict,
