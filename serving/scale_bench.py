@@ -35,6 +35,7 @@ from towers import synth as towers_synth
 
 log = logging.getLogger(__name__)
 
+MEMORY_TARGET_GIB = 16  # every stage's peak RSS at a million users, on a 24 GiB machine
 STAGES = ("synth", "split", "train-retrieval", "evaluate-retrieval", "train-reranker",
           "train-copywriter", "export", "batch", "serve")
 CLI = (sys.executable, "-m", "serving.cli")
@@ -388,6 +389,10 @@ def _plot(results: dict, path: pathlib.Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
     axes[0].set_yscale("log")
+    axes[1].axhline(MEMORY_TARGET_GIB, color="red", linestyle="--", linewidth=1)
+    axes[1].annotate(f"{MEMORY_TARGET_GIB} GiB target", (0.01, MEMORY_TARGET_GIB),
+                     xycoords=("axes fraction", "data"), textcoords="offset points",
+                     xytext=(0, 3), color="red", fontsize=8)
     figure.tight_layout()
     staging = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(staging, dpi=110)
