@@ -141,7 +141,7 @@ class PairTexts(tf.Module):
         self.history_liked = saving.frozen(self.arrays["history_liked"], "history_liked")
         self.item_id = saving.frozen(np.append(item_ids, ""), "item_id")  # row -> ID; the last: none
         # The EASE weights by key source row x I + target row, sorted: a lookup is a binary search
-        # (a hash table of I x k entries would hold several times their bytes).
+        # over I x k keys (12 bytes an entry, in variables/; no hash table built at load).
         index, weight = self.arrays["neighbour_index"], self.arrays["neighbour_weight"]
         keys = (np.repeat(np.arange(len(item_ids), dtype=np.int64), index.shape[1]) * len(item_ids)
                 + index.ravel())
