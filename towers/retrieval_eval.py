@@ -80,7 +80,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
     wanted = new[items]
     if not wanted.any():
         return None
-    queries, candidates = model.embeddings(retrieval, tables)
+    queries, candidates = model.embeddings(retrieval, tables, users=users)  # only those ranked
     rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
                 "category_profile": category_profile_scores(dataset, tables, seen),
                 "random": random_scores(seen.shape, seed)}
