@@ -74,6 +74,8 @@ class TitleMatcher:
     """
 
     CHUNKS = 4
+    PREFIX = 16  # characters a title is indexed by: a text is checked only against the titles
+    #             whose first PREFIX characters (all of a shorter title) occur in it
 
     def __init__(self, items: dict[str, data.ItemFacts]):
         self.item_ids = list(items)
@@ -85,16 +87,34 @@ class TitleMatcher:
         size = -(-len(ordered) // self.CHUNKS)
         self.chunks = [ordered[start:start + size] for start in range(0, len(ordered), size)]
         self.passes = [pass_pattern(chunk) for chunk in self.chunks]
+        self._chunk = {title: c for c, chunk in enumerate(self.chunks) for title in chunk}
+        self._order = {title: r for r, title in enumerate(ordered)}
+        self._by_prefix: dict[str, list[str]] = {}
+        for title in self.titles:
+            self._by_prefix.setdefault(title[:self.PREFIX], []).append(title)
+        self._lengths = sorted({len(prefix) for prefix in self._by_prefix})
         self._speakable: dict[str, bool] = {}
+
+    def _present(self, text: str) -> list[list[str]]:
+        """Per chunk, its titles that occur in `text` as substrings, in the chunk's order: found
+        through the prefix index, so the cost grows with the text, not with the catalog."""
+        present = [[] for _ in self.chunks]
+        starts = {text[p:p + n] for n in self._lengths for p in range(len(text) - n + 1)}
+        for prefix in starts:
+            for title in self._by_prefix.get(prefix, ()):
+                if title in text:
+                    present[self._chunk[title]].append(title)
+        for titles in present:
+            titles.sort(key=self._order.__getitem__)
+        return present
 
     def titles_in(self, text: str) -> list[str]:
         """The titles found, in text order, none overlapping."""
-        for chunk in self.chunks:
+        for present in self._present(text):
             # Only titles that occur as substrings can match, so an alternation of those finds
             # what the chunk's pattern finds, and Python's backtracking `re` is fast on it.
-            present = tuple(title for title in chunk if title in text)
             if present:
-                text = _compiled(pass_pattern(present)).sub(
+                text = _compiled(pass_pattern(tuple(present))).sub(
                     lambda m: m.group(1) or f"\x01{m.group(2)}\x02", text)
         return re.findall("\x01([^\x02]*)\x02", text)
 

@@ -122,6 +122,21 @@ def test_title_matcher_respects_words_and_longest_titles(movielens):
     assert matcher.check("After Primal Fear, Fear.", fear, (primal,)) == (True, [])
 
 
+def test_title_index_finds_every_title_a_full_scan_finds(movielens):
+    """The prefix index hands the passes the same titles, in the same order, as a scan of every
+    title: one dropping titles shorter than its prefix (`Fear`, `M`), or a title met at the end
+    of a text, fails here."""
+    matcher = grounding.TitleMatcher(templates.catalog(movielens))
+    rng = np.random.default_rng(0)
+    texts = ["Primal Fear beats Fear.", "Babe", "Heat and Jaws 2", "It's a Wonderful Life"]
+    for _ in range(200):
+        titles = rng.choice(matcher.titles, size=rng.integers(1, 4))
+        texts.append(" and ".join(t[int(rng.integers(0, 3)):] for t in titles))
+    for text in texts:
+        assert matcher._present(text) == [[t for t in chunk if t in text]
+                                          for chunk in matcher.chunks], text
+
+
 def test_movielens_prompts_and_fallbacks_keep_their_words(movielens):
     """ML-100K's prompt and fallback text as before the data layer (written by hand): a port that
     drops the year, the categories' order or MovieLens's `unknown` rule fails here."""
