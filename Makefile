@@ -57,8 +57,12 @@ demo: data $(STAGES) $(RUN)/.exported
 	  $(BIN)/cascade recommend --server localhost:$(GRPC_PORT) --wait 300 --model cascade --user 42 --user new-user-not-in-data && \
 	  $(BIN)/cascade recommend --rest http://localhost:$(REST_PORT) --model cascade --user 7 --top 5
 
+# Two workers, each module's tests in one of them (its module fixtures built once); TEST_WORKERS=0
+# runs the suite in this process.
+TEST_WORKERS ?= 2
+
 test: data
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf $(RUN) $(MODELS)
