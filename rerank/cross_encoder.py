@@ -60,7 +60,10 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class CrossEncoder(keras.Model):
-    """BERT logit of each pair plus the learned retrieval, popularity and EASE terms.
+    """BERT logit of each pair plus the learned retrieval, popularity and EASE terms, and two terms
+    for items without a training interaction (popularity 0: EASE and popularity say nothing of
+    them): a bias and an extra weight on their retrieval score, both 0 unless the validation
+    groups hold such items (`fit_head`).
 
     The pair is read as sentence-transformers reads text, by the mean of BERT's last hidden states
     over the pair's tokens, then one linear unit. (MiniLM's [CLS] pooler was never trained: its
@@ -83,22 +86,38 @@ class CrossEncoder(keras.Model):
         self.ease_feature = ease_feature
         self.ease_weight = self.add_weight(
             name="ease_weight", shape=(), initializer="zeros", trainable=ease_feature)
+        self.new_item_weight = self.add_weight(name="new_item_weight", shape=(),
+                                               initializer="zeros")
+        self.new_retrieval_weight = self.add_weight(name="new_retrieval_weight", shape=(),
+                                                    initializer="zeros")
+
+    @tf.autograph.experimental.do_not_convert  # see Reranker.call
+    def text_score(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """The BERT term alone: `input_ids` etc. int32 [N, T] -> [N]."""
+        hidden = self.bert(**{key: inputs[key] for key in TOKEN_KEYS},
+                           training=training).last_hidden_state  # [N, T, H]
+        mask = tf.cast(inputs["attention_mask"], hidden.dtype)[..., None]  # [N, T, 1]
+        pooled = tf.reduce_sum(hidden * mask, axis=1) / tf.reduce_sum(mask, axis=1)  # [N, H]
+        return self.classifier(self.dropout(pooled, training=training))[:, 0]
+
+    def scalar_terms(self, retrieval: tf.Tensor, popularity: tf.Tensor, ease: tf.Tensor
+                     ) -> tf.Tensor:
+        """The final score's terms besides BERT's, for features of any one shape."""
+        new = tf.cast(tf.equal(popularity, 0.0), retrieval.dtype)  # no training interaction
+        score = (self.retrieval_weight + self.new_retrieval_weight * new) * retrieval
+        score += self.new_item_weight * new
+        if self.popularity_feature:
+            score += self.popularity_weight * popularity
+        if self.ease_feature:
+            score += self.ease_weight * ease
+        return score
 
     @tf.autograph.experimental.do_not_convert  # see Reranker.call
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """`input_ids` etc. int32 [N, T]; `retrieval_score`, `popularity`, `ease` float32 [N]
         -> [N]."""
-        hidden = self.bert(**{key: inputs[key] for key in TOKEN_KEYS},
-                           training=training).last_hidden_state  # [N, T, H]
-        mask = tf.cast(inputs["attention_mask"], hidden.dtype)[..., None]  # [N, T, 1]
-        pooled = tf.reduce_sum(hidden * mask, axis=1) / tf.reduce_sum(mask, axis=1)  # [N, H]
-        score = self.classifier(self.dropout(pooled, training=training))[:, 0]
-        score += self.retrieval_weight * inputs["retrieval_score"]
-        if self.popularity_feature:
-            score += self.popularity_weight * inputs["popularity"]
-        if self.ease_feature:
-            score += self.ease_weight * inputs["ease"]
-        return score
+        return self.text_score(inputs, training) + self.scalar_terms(
+            inputs["retrieval_score"], inputs["popularity"], inputs["ease"])
 
 
 class Reranker(keras.Model):
@@ -106,10 +125,12 @@ class Reranker(keras.Model):
     final scores [B, M]: text lookup, in-graph pair tokenization and the cross-encoder."""
 
     def __init__(self, encoder: CrossEncoder, texts: pairs.PairTexts,
-                 tokenizer: tokenizers.PairTokenizer, max_length: int, **kwargs):
+                 tokenizer: tokenizers.PairTokenizer, max_length: int,
+                 text_loss_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.encoder, self.texts, self.tokenizer = encoder, texts, tokenizer
         self.max_length = max_length
+        self.text_loss_weight = text_loss_weight  # of the BERT-alone loss (`train_step`)
 
     # No Python control flow on tensors in here, BERT's or ours: autograph's rewrite of the
     # transformers code only cost time (about 10 s of every trace on 2 cores).
@@ -128,6 +149,38 @@ class Reranker(keras.Model):
                               training=training)
         return tf.reshape(scores, shape)
 
+    @tf.autograph.experimental.do_not_convert
+    def text_scores(self, user_id: tf.Tensor, item_ids: tf.Tensor, training: bool = False
+                    ) -> tf.Tensor:
+        """The BERT term alone (string [B], string [B, M] -> [B, M])."""
+        shape = tf.shape(item_ids)
+        items = tf.reshape(item_ids, [-1])
+        users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
+        tokens = self.tokenizer.encode_pairs(self.texts.context.lookup(users),
+                                             self.texts.item_text.lookup(items), self.max_length)
+        return tf.reshape(self.encoder.text_score(tokens, training=training), shape)
+
+    def train_step(self, data):
+        """The listwise loss of the final score over each group of hard negatives, plus, when the
+        batch has `text_item_ids` (the positive, then random catalog items), `text_loss_weight`
+        x the listwise loss of the BERT term alone over those: retrieval already separates a
+        random item, so only this loss makes BERT read the pair's text for the topic, the part
+        that carries over to items retrieval knows nothing of."""
+        inputs, labels = data
+        if "text_item_ids" not in inputs:
+            return super().train_step(data)
+        inputs = dict(inputs)
+        text_items = inputs.pop("text_item_ids")
+        with tf.GradientTape() as tape:
+            loss = self.compiled_loss(labels, self(inputs, training=True),
+                                      regularization_losses=self.losses)
+            text = self.text_scores(inputs["user_id"], text_items, training=True)
+            text_loss = listwise_loss(tf.one_hot(tf.zeros(tf.shape(text)[:1], tf.int32),
+                                                 tf.shape(text)[1]), text)
+            total = loss + self.text_loss_weight * text_loss
+        self.optimizer.minimize(total, self.trainable_variables, tape=tape)
+        return {"loss": loss, "text_loss": text_loss}
+
     def head(self, user_id: tf.Tensor, item_ids: tf.Tensor, retrieval_score: tf.Tensor
              ) -> tf.Tensor:
         """The final score without the BERT term (string [B], string [B, M], float32 [B, M] ->
@@ -136,11 +189,10 @@ class Reranker(keras.Model):
         items = tf.reshape(item_ids, [-1])
         users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
         encoder = self.encoder
-        score = encoder.retrieval_weight * tf.reshape(retrieval_score, [-1])
-        if encoder.popularity_feature:
-            score += encoder.popularity_weight * self.texts.popularity.lookup(items)
-        if encoder.ease_feature:
-            score += encoder.ease_weight * self.texts.ease_score(users, items)
+        ease = (self.texts.ease_score(users, items) if encoder.ease_feature
+                else tf.zeros_like(items, tf.float32))
+        score = encoder.scalar_terms(tf.reshape(retrieval_score, [-1]),
+                                     self.texts.popularity.lookup(items), ease)
         return tf.reshape(score, shape)
 
     def head_scores(self, user_ids: np.ndarray, item_ids: np.ndarray,
@@ -232,6 +284,10 @@ def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.nda
     (three parameters, seconds): the point BERT fine-tuning starts from, and an ablation.
     `popularity` is [I]; `ease` [P, K], the EASE score of each group's candidates."""
     terms = [(encoder.retrieval_weight, groups.retrieval)]  # each weight with its [P, K] feature
+    new = (popularity[groups.candidates] == 0).astype(np.float32)  # no training interaction
+    if new[np.arange(len(new)), groups.positive].any():  # else the data says nothing of them
+        terms += [(encoder.new_item_weight, new),
+                  (encoder.new_retrieval_weight, new * groups.retrieval)]
     if encoder.popularity_feature:
         terms.append((encoder.popularity_weight, popularity[groups.candidates]))
     if encoder.ease_feature:
@@ -256,15 +312,17 @@ def head_weights(encoder: CrossEncoder) -> dict[str, float]:
     """The learned weights of the scalar terms of the final score."""
     return {"retrieval_weight": float(encoder.retrieval_weight),
             "popularity_weight": float(encoder.popularity_weight),
-            "ease_weight": float(encoder.ease_weight)}
+            "ease_weight": float(encoder.ease_weight),
+            "new_item_weight": float(encoder.new_item_weight),
+            "new_retrieval_weight": float(encoder.new_retrieval_weight)}
 
 
 def head_scores(encoder: CrossEncoder, retrieval: np.ndarray, popularity: np.ndarray,
                 ease: np.ndarray) -> np.ndarray:
     """The final score without the BERT term, for features of any one shape (an ablation)."""
-    return (float(encoder.retrieval_weight) * retrieval
-            + float(encoder.popularity_weight) * popularity * encoder.popularity_feature
-            + float(encoder.ease_weight) * ease * encoder.ease_feature)
+    return encoder.scalar_terms(tf.constant(retrieval, tf.float32),
+                                tf.constant(popularity, tf.float32),
+                                tf.constant(ease, tf.float32)).numpy()
 
 
 def score_candidates(reranker: Reranker, user_ids: np.ndarray, item_ids: np.ndarray,
@@ -372,7 +430,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     tf.keras.utils.set_random_seed(config.seed)
     encoder = new_encoder(base, config)
     reranker = Reranker(encoder, texts, tokenizers.PairTokenizer.from_directory(base),
-                        config.max_length)
+                        config.max_length, config.text_loss_weight)
     head = fit_head(encoder, groups, texts.arrays["popularity"], texts.ease_pairs(
         tables.user_ids[groups.user_row], tables.item_ids[groups.candidates]))
 
@@ -393,14 +451,16 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                  "head": check.metrics(ranking.reranked(scores, check.user_rows, top, head_only))}
     log.info("validation before BERT: %s", baselines)
 
-    batches = negatives.group_dataset(groups, tables.user_ids, tables.item_ids, config.group_size,
-                            config.batch_groups, config.seed)
+    batches = negatives.group_dataset(
+        groups, tables.user_ids, tables.item_ids, config.group_size, config.batch_groups,
+        config.seed, text_negatives=config.text_negatives if config.text_loss_weight else 0)
     steps = config.epochs * int(np.ceil(len(groups) / config.batch_groups))
     optimizer = keras.optimizers.AdamW(
         keras.optimizers.schedules.PolynomialDecay(config.learning_rate, steps, 0.0),
         weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(
-        var_names=["LayerNorm", "bias", "retrieval_weight", "popularity_weight", "ease_weight"])
+        var_names=["LayerNorm", "bias", "retrieval_weight", "popularity_weight", "ease_weight",
+                   "new_item_weight", "new_retrieval_weight"])
     reranker.compile(optimizer=optimizer, loss=listwise_loss)
     callbacks = [check, keras.callbacks.TensorBoard(log_dir=str(out / "logs")),
                  keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:02d}"),

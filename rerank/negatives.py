@@ -96,9 +96,12 @@ def build_groups(scores, seen, user_rows: np.ndarray, item_rows: np.ndarray,
 
 
 def group_dataset(groups: Groups, user_ids: np.ndarray, item_ids: np.ndarray, group_size: int,
-                  batch_groups: int, seed: int, shuffle: bool = True) -> tf.data.Dataset:
+                  batch_groups: int, seed: int, shuffle: bool = True,
+                  text_negatives: int = 0) -> tf.data.Dataset:
     """Batches of ({user_id [B], item_ids [B, G], retrieval_score [B, G]}, labels [B, G]): the
-    positive first, then `group_size - 1` negatives drawn from the top-K afresh each epoch."""
+    positive first, then `group_size - 1` negatives drawn from the top-K afresh each epoch. With
+    `text_negatives` > 0, also `text_item_ids` [B, 1 + text_negatives]: the positive, then items
+    drawn uniformly from the whole catalog (for the BERT-alone loss, `Reranker.train_step`)."""
     if groups.candidates.shape[1] < group_size:
         raise ValueError(f"group_size {group_size} is more than the {groups.candidates.shape[1]} "
                          "retrieval candidates the negatives are drawn from")
@@ -111,6 +114,10 @@ def group_dataset(groups: Groups, user_ids: np.ndarray, item_ids: np.ndarray, gr
         inputs = {"user_id": tf.gather(user_table, user_row),
                   "item_ids": tf.gather(item_table, tf.gather(candidates, index)),
                   "retrieval_score": tf.gather(retrieval, index)}
+        if text_negatives:
+            catalog = tf.random.uniform([text_negatives], 0, len(item_ids), tf.int32)
+            inputs["text_item_ids"] = tf.gather(item_table, tf.concat(
+                [candidates[positive][None], catalog], axis=0))
         return inputs, tf.one_hot(0, group_size)
 
     dataset = tf.data.Dataset.from_tensor_slices(

@@ -10,9 +10,11 @@
 - `cold-items`: a seeded round(share x items) of the items that occur in interactions is held
   out with all their interactions: test items never occur in training.
 
-Train rows keep file order except under `random` (shuffled order) and `temporal` (time order), so
-the last training rows, which `--holdout` takes for validation, are a random sample (`random`),
-the newest (`temporal`), or the last in file order (`user-temporal`, `cold-items`).
+Train rows keep file order except under `random` (shuffled order), `temporal` (time order) and
+`cold-items` (grouped by item, in a seeded order), so the last training rows, which `--holdout`
+takes for validation, are a random sample (`random`), the newest (`temporal`), the last in file
+order (`user-temporal`), or whole items (`cold-items`, the last item possibly in part), the
+validation counterpart of each protocol's test rows.
 `write_split` writes any split as RecBole pre-split files, so other tools score the same rows.
 """
 
@@ -99,9 +101,24 @@ def user_temporal_order(rows, test_share: float,
 def cold_items_order(rows, test_share: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
     items = np.array(sorted(set(rows.item_id), key=files.id_key))
-    held = items[np.random.default_rng(seed).permutation(len(items))[:half_up(len(items) * test_share)]]
-    is_test = np.isin(rows.item_id, held)
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    order = np.random.default_rng(seed).permutation(len(items))
+    held = half_up(len(items) * test_share)
+    # Training rows grouped by item in the permutation's order (each item's rows in file order),
+    # so the last training rows, which `--holdout` takes, are whole items as well: new to a
+    # model trained without them, as the test items are.
+    rank = np.empty(len(items), np.int64)
+    rank[order] = np.arange(len(items))
+    item_rank = rank[_positions(items, rows.item_id)]
+    is_test = item_rank < held
+    train = np.flatnonzero(~is_test)
+    return train[np.argsort(item_rank[train], kind="stable")], np.flatnonzero(is_test)
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The position of each of `ids` in `sorted_ids` (ordered by `files.id_key`, every ID there)."""
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    lookup = {value: position for position, value in enumerate(sorted_ids.tolist())}
+    return np.array([lookup[value] for value in distinct.tolist()], np.int64)[inverse.ravel()]
 
 
 def write_split(dataset, split, out: str | os.PathLike) -> pathlib.Path:

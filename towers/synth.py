@@ -8,6 +8,9 @@ own words with probability `text_signal` (else neutral words), and the first cat
 topic's with probability `category_signal`, so text and categories carry part of the preference and
 popularity is a real but weaker baseline. New items (`new_item_share`) exist only in the newest
 `NEW_WINDOW` of the time span; `text_only` leaves the preference visible in the titles alone.
+`new_words` names topics by real English words of one field each (sea, reef, harbor...) and gives
+new items only words no old item has (whale, dolphin...): a model that learned words from
+interactions knows nothing of a new item, one that reads language can still see its topic.
 
 Every per-user random number is a hash of (seed, stream, user, index), so users are generated in
 chunks (memory grows with the chunk, not with users x items) and the files do not depend on the
@@ -60,6 +63,21 @@ KINDS = """Affair Ballad Chronicle Diary Files Journey Legacy Legend Letters Not
 CATEGORIES = """adventure biography comedy crime documentary drama family fantasy history horror
     music mystery nature romance science sport thriller travel war western""".split()
 SYLLABLES = "ka lo mi ren tor vel zan dri sol fen bar qui nor pel sta".split()
+# `new_words`: one field of everyday English per topic, each word one token of the BERT vocabulary;
+# old items take their words from the first OLD_WORDS, new items from the rest.
+FIELDS = [line.split() for line in """
+    sea wave tide reef harbor sailor ship anchor shore island whale dolphin coral pearl beach voyage
+    mars planet galaxy rocket orbit comet moon astronaut cosmos meteor asteroid satellite telescope alien eclipse gravity
+    bread cheese soup kitchen chef recipe feast bakery dinner pie cake butter honey pasta spice wine
+    lyrics melody guitar piano drum violin choir rhythm concert symphony jazz chorus tune band singer opera
+    soldier battle army sword siege tank general rifle trench enemy fortress cannon invasion warrior victory weapon
+    tree oak pine leaf moss fern branch deer wolf owl bear woodland timber squirrel bark grove
+    detective murder thief police robbery gun prison gangster criminal suspect killer witness crime lawyer jury cop
+    romance kiss wedding affection bride lover passion darling sweetheart valentine marriage honeymoon date flirt embrace desire
+    football soccer tennis goal stadium team coach player match champion race boxing golf hockey baseball athlete
+    doctor nurse hospital surgeon patient medicine clinic fever virus cure surgery injury pill vaccine disease health
+    """.strip().splitlines()]
+OLD_WORDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +97,7 @@ class SynthConfig:
     explicit: bool = False  # add a 1-5 rating, higher on the user's preferred topics
     new_item_share: float = 0.0  # items that exist only in the newest NEW_WINDOW of time
     text_only: bool = False  # flat popularity and random categories: only titles carry topics
+    new_words: bool = False  # topics as English word fields; new items use words no old item has
 
     def __post_init__(self):
         for name in ("users", "items", "interactions", "topics"):
@@ -98,6 +117,9 @@ class SynthConfig:
         for name in ("text_signal", "category_signal"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.new_words and self.topics > len(FIELDS):
+            raise ValueError(f"new_words names at most {len(FIELDS)} topics (its word fields), "
+                             f"got topics={self.topics}")
         if not 0.0 <= self.new_item_share <= 0.5:
             raise ValueError(f"new_item_share must be between 0 and 0.5, got {self.new_item_share}")
         for name in ("concentration", "activity_skew"):
@@ -120,13 +142,14 @@ def synthesize(out_dir: str | os.PathLike, users: int, items: int, interactions:
                text_signal: float = SynthConfig.text_signal,
                category_signal: float = SynthConfig.category_signal,
                explicit: bool = False, new_item_share: float = 0.0, text_only: bool = False,
-               chunk_users: int = 20_000, progress: bool | None = None) -> pathlib.Path:
+               new_words: bool = False, chunk_users: int = 20_000,
+               progress: bool | None = None) -> pathlib.Path:
     """Writes `<out>/<name>.inter`, `<name>.item` and the card `<name>.yaml` (name default
     `synth`) and returns the folder. `chunk_users` bounds memory and does not change the files;
     `progress` None shows a bar on a terminal only."""
     config = SynthConfig(users, items, interactions, seed, topics, concentration, popularity,
                          activity_skew, text_signal, category_signal, explicit, new_item_share,
-                         text_only)
+                         text_only, new_words)
     return write(config, out_dir, name or "synth", chunk_users, progress)
 
 
@@ -207,6 +230,7 @@ def card(config: SynthConfig, name: str, written: int) -> str:
     rating = "rating" if config.explicit else "null"
     what = ("titles alone carry the topics (flat popularity, random categories)"
             if config.text_only else "titles and categories carry part of the topics")
+    what += ("; new items' titles use words no old item has" if config.new_words else "")
     return f"""# Synthetic data with planted structure (towers/synth.py): {written} interactions
 # of {config.users} users with {config.items} items in {config.topics} latent topics; {what}.
 # Rewrite it with: cascade data synth {' '.join(flags)}
@@ -255,6 +279,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explicit", action="store_true", help="add a 1-5 rating column")
     parser.add_argument("--text-only", action="store_true",
                         help="topics visible only in titles: flat popularity, random categories")
+    parser.add_argument("--new-words", action="store_true",
+                        help=f"topics as English word fields (at most {len(FIELDS)}); new items' "
+                             "titles use words no old item has")
     parser.add_argument("--chunk-users", type=int, default=20_000,
                         help="users generated at once; bounds memory (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -350,7 +377,8 @@ class Catalog:
         exponent = 0.0 if config.text_only else config.popularity
         weight = (rank + 1.0) ** -exponent
         new = (rng.random(count) < config.new_item_share) & (rank > 0)  # keep a topic's top old
-        titles = _titles(rng, topic, config)
+        titles = (_field_titles(rng, topic, new, config) if config.new_words
+                  else _titles(rng, topic, config))
         categories = _categories(rng, topic, config)
         return cls(topic, rank, new, np.flatnonzero(~new),
                    TopicTable.build(topic, np.where(new, 0.0, weight), topics),
@@ -391,6 +419,28 @@ def _titles(rng: np.random.Generator, topic: np.ndarray, config: SynthConfig) ->
     titles, seen = [], {}
     for adjective, noun, kind in zip(*columns, kinds):
         title = f"{adjective} {noun} {kind}"
+        seen[title] = seen.get(title, 0) + 1
+        titles.append(title if seen[title] == 1 else f"{title} {seen[title]}")
+    return titles
+
+
+def _field_titles(rng: np.random.Generator, topic: np.ndarray, new: np.ndarray,
+                  config: SynthConfig) -> list[str]:
+    """`Word Word Kind`: each of the two words its topic's field word with chance `text_signal`
+    (old items: the field's first OLD_WORDS; new items: the rest), else a neutral noun; repeats
+    get a number."""
+    count = len(topic)
+    fields = np.array([[word.capitalize() for word in field] for field in FIELDS])
+    columns = []
+    for _ in range(2):
+        own = np.where(new, OLD_WORDS + rng.integers(0, fields.shape[1] - OLD_WORDS, count),
+                       rng.integers(0, OLD_WORDS, count))
+        neutral = np.array(NEUTRAL_NOUNS)[rng.integers(0, len(NEUTRAL_NOUNS), count)]
+        columns.append(np.where(rng.random(count) < config.text_signal, fields[topic, own], neutral))
+    kinds = np.array(KINDS)[rng.integers(0, len(KINDS), count)]
+    titles, seen = [], {}
+    for first, second, kind in zip(*columns, kinds):
+        title = f"{first} {second} {kind}" if first != second else f"{first} {kind}"
         seen[title] = seen.get(title, 0) + 1
         titles.append(title if seen[title] == 1 else f"{title} {seen[title]}")
     return titles

@@ -66,3 +66,34 @@ def test_fit_head_ignores_candidates_that_are_not_negatives():
     groups = negatives.Groups(groups.user_row, candidates, groups.retrieval, groups.positive, negative)
     fitted = ce.fit_head(ce.CrossEncoder(bert=None), groups, popularity, ease, steps=300)
     assert fitted["popularity_weight"] == pytest.approx(PLANTED["popularity_weight"], abs=0.25)
+
+
+def test_fit_head_learns_the_new_item_terms_from_groups_with_new_positives():
+    """Items without a training interaction (popularity 0) get their own bias and an extra weight
+    on their retrieval score, recovered from planted values (new-item bias 1.0, retrieval weight
+    0.5 + 0.8 on new items). Groups whose positives never are new items leave both at 0: the
+    head of a run without new items scores exactly as before these terms existed."""
+    rng = np.random.default_rng(2)
+    count, size, items = 2500, 8, 300
+    popularity = rng.normal(size=items).astype(np.float32)
+    popularity[:75] = 0.0  # a quarter of the catalog is new
+    candidates = np.array([rng.choice(items, size, replace=False) for _ in range(count)], np.int32)
+    retrieval = rng.normal(size=(count, size)).astype(np.float32)
+    ease = np.zeros((count, size), np.float32)
+    new = (popularity[candidates] == 0).astype(np.float32)
+    logits = (0.5 + 0.8 * new) * retrieval + 1.5 * popularity[candidates] + 1.0 * new
+    probability = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probability /= probability.sum(axis=1, keepdims=True)
+    positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
+    negative = np.ones((count, size), bool)
+    negative[np.arange(count), positive] = False
+    groups = negatives.Groups(np.arange(count, dtype=np.int32), candidates, retrieval, positive,
+                              negative)
+    fitted = ce.fit_head(ce.CrossEncoder(bert=None), groups, popularity, ease, steps=400)
+    assert fitted["new_item_weight"] == pytest.approx(1.0, abs=0.2), fitted
+    assert fitted["new_retrieval_weight"] == pytest.approx(0.8, abs=0.2), fitted
+    assert fitted["retrieval_weight"] == pytest.approx(0.5, abs=0.15), fitted
+
+    old, old_popularity, old_ease = planted_groups(count=300, seed=3)
+    fitted = ce.fit_head(ce.CrossEncoder(bert=None), old, old_popularity, old_ease, steps=50)
+    assert fitted["new_item_weight"] == 0.0 and fitted["new_retrieval_weight"] == 0.0

@@ -91,10 +91,15 @@ def test_score_inside_another_function(module):
 
     np.testing.assert_allclose(outer(users, items, logits).numpy(),
                                module.score(users, items, logits).numpy(), rtol=1e-5, atol=1e-5)
-    # The retrieval term moves the score by exactly its learned weight.
+    # The retrieval term moves the score by exactly its learned weight, plus the new-item
+    # weight for items without a training interaction (an unknown one too: popularity 0).
     moved = module.score(users, items, logits + 1.0) - module.score(users, items, logits)
-    np.testing.assert_allclose(moved.numpy(), float(module.reranker.encoder.retrieval_weight),
-                               rtol=1e-4)
+    encoder = module.reranker.encoder
+    new = module.reranker.texts.popularity.lookup(tf.reshape(items, [-1])).numpy() == 0
+    assert new.reshape(3, 4)[1, 2]  # "no-such-item"
+    expected = (float(encoder.retrieval_weight)
+                + float(encoder.new_retrieval_weight) * new.reshape(3, 4))
+    np.testing.assert_allclose(moved.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_saved_model_in_a_fresh_process(module, tmp_path):

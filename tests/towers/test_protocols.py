@@ -98,6 +98,12 @@ def test_cold_items_holds_out_whole_items(tmp_path):
     np.testing.assert_array_equal(again.test_index, split.test_index)
     other = dataset.split("cold-items", test_share=0.25, seed=4)
     assert set(other.test.item_id) != held
+    # Training rows come grouped by item, so the last rows (what --holdout takes) are whole items.
+    train_items = list(split.train.item_id)
+    blocks = [item for k, item in enumerate(train_items) if k == 0 or item != train_items[k - 1]]
+    assert len(blocks) == len(set(train_items)) == 15
+    assert set(train_items[-4:]).isdisjoint(train_items[:-4])  # two items, two rows each
+    assert sorted(_rows(split.train)) == sorted(r for r in rows if r[1] not in held)
 
 
 def test_unknown_protocol_and_bad_share(small):

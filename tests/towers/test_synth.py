@@ -207,6 +207,35 @@ def test_new_items_appear_late_and_go_to_matching_users(tmp_path):
     assert len(np.setdiff1d(old.test.item_id, old.train.item_id)) <= 5
 
 
+def test_new_words_name_new_items_with_words_no_old_item_has(tmp_path):
+    """new_words: titles carry a topic's field words (old items the field's first OLD_WORDS, new
+    items only the rest), so no word of a new item's title was ever in an old item's; the topic
+    is still readable: both words of a title come from one field. New items have no training row
+    under the temporal protocol. Too many topics for the fields is refused by name."""
+    options = dict(topics=6, new_item_share=0.3, text_only=True, new_words=True, text_signal=1.0)
+    folder = synth.synthesize(tmp_path / "words", 400, 300, 4000, progress=False, **options)
+    dataset = load_quietly(folder)
+    catalog = synth.Catalog.build(synth.SynthConfig(400, 300, 4000, **options))
+    new = {str(i + 1) for i in np.flatnonzero(catalog.new)}
+    assert len(new) >= 60
+    split = dataset.split("temporal")
+    assert new.isdisjoint(split.train.item_id)
+    kinds = {k.lower() for k in synth.KINDS}
+    titles = dict(zip(dataset.items.ids, (" ".join(t) for t in dataset.items.columns["title"])))
+    words = lambda item_id: {w for w in titles[item_id].lower().split()
+                             if w not in kinds and not w.isdigit()}
+    old_words = set().union(*(words(i) for i in set(dataset.items.ids) - new))
+    new_words = set().union(*(words(i) for i in new))
+    assert new_words <= {w for field in synth.FIELDS[:6] for w in field[synth.OLD_WORDS:]}
+    assert old_words <= {w for field in synth.FIELDS[:6] for w in field[:synth.OLD_WORDS]}
+    field_of = {w: k for k, field in enumerate(synth.FIELDS) for w in field}
+    assert all(len({field_of[w] for w in words(i)}) == 1 for i in dataset.items.ids)
+    assert [field_of[min(words(str(i + 1)))] for i in range(20)] == list(catalog.topic[:20])
+    assert "--new-words" in (folder / "synth.yaml").read_text()
+    with pytest.raises(ValueError, match=rf"new_words names at most {len(synth.FIELDS)} topics"):
+        synth.SynthConfig(100, 100, 1000, topics=len(synth.FIELDS) + 1, new_words=True)
+
+
 # -- Errors, atomic writes, the CLI -------------------------------------------------------------
 
 
