@@ -111,7 +111,7 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     return table
 
 
-USER_BUCKETS = ((0, 5), (6, 20), (21, None))  # training interactions of the user
+USER_BUCKETS = ((0, 0), (1, 5), (6, 20), (21, None))  # training interactions of the user
 ITEM_BUCKETS = ((0, 0), (1, 5), (6, None))  # training interactions of the item
 
 

@@ -390,6 +390,10 @@ def _evaluate_retrieval(args) -> None:
     if new_items is not None:  # e.g. --split cold-items: the new-arrivals shelf
         print()
         print(retrieval_eval.format_new_items(new_items))
+    new_users = retrieval_eval.evaluate_new_users(args.run, loaded=loaded)
+    if new_users is not None:  # e.g. --split temporal: users known only by their features
+        print()
+        print(retrieval_eval.format_new_users(new_users))
 
 
 def _train_reranker(args) -> None:

@@ -101,6 +101,41 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
     return result
 
 
+def evaluate_new_users(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
+                       loaded: tuple[data.Dataset, data.Split] | None = None) -> dict | None:
+    """The new-users view of a split whose test holds users without a training row (the
+    `temporal` protocol; a pre-split folder may too): None when it has none. For the test
+    interactions of those users, hit rate@k of the run's retrieval (their query built from the
+    user features the card declares, through the cold ID row), of popularity (what a system
+    without user features can do) and of random. Recorded as `test.new_users` in metrics.json."""
+    run = pathlib.Path(run_dir)
+    _, split = loaded or runs.run_data(run)
+    retrieval, tables = runs.load_run(run)
+    users, items, seen = test_rows(tables, split.test)
+    known = np.isin(tables.user_ids.astype(str), split.train.user_id.astype(str))
+    wanted = ~known[users]
+    if not wanted.any():
+        return None
+    users, items = users[wanted], items[wanted]
+    queries, candidates = model.embeddings(retrieval, tables, users=users)
+    rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
+                "popularity": peers.popularity_scores(seen),
+                "random": random_scores(seen.shape, seed)}
+    result = {"new_users": int(len(np.unique(users))), "test_rows": int(len(users)),
+              **{name: metrics.evaluate(scores, users, items, seen, (k,))[f"hit_rate@{k}"]
+                 for name, scores in rankings.items()}}
+    runs.update_metrics(run, {"new_users": result}, "test")
+    return result
+
+
+def format_new_users(result: dict, k: int = 10) -> str:
+    lines = [f"New users (no training row): {result['new_users']:,}, with {result['test_rows']:,} "
+             "test interactions.", "", f"| ranking | hit_rate@{k} |", "|---|---|"]
+    lines += [f"| {name} | {result[name]:.4f} |"
+              for name in ("cascade_retrieval", "popularity", "random")]
+    return "\n".join(lines)
+
+
 def new_item_mask(tables: features.FeatureTables, split: data.Split) -> np.ndarray:
     """bool [I]: the items of the run's tables without a training row in `split`."""
     return ~np.isin(tables.item_ids.astype(str), split.train.item_id.astype(str))

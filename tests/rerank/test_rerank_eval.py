@@ -55,7 +55,8 @@ def test_evaluate_reranker_table(reranker_run):
     assert buckets["users >20"]["test_rows"] == busy.sum()
     assert buckets["users >20"]["retrieval"] == round(metrics.evaluate(
         logits, users[busy], items[busy], seen, (10,))["hit_rate@10"], 4)
-    assert "| users 0-5 |" in rerank_eval.format_buckets(buckets)
+    assert "| users 1-5 |" in rerank_eval.format_buckets(buckets)
+    assert buckets["users 1-5"]["test_rows"] == ((user_count >= 1) & (user_count <= 5)).sum()
 
 
 def test_table_changes_are_relative_to_retrieval():

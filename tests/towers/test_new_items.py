@@ -91,3 +91,35 @@ def test_a_sample_of_test_users_is_evaluated_on_their_rows_alone(cold_run, tmp_p
     # new item (every test item is new under cold-items).
     view = retrieval_eval.evaluate_new_items(run, seed=3, sample_users=7)
     assert view["test_rows"] == int(keep.sum()) and view["test_users"] == 7
+
+
+def test_new_users_view_under_the_temporal_protocol(tiny_config, tmp_path_factory):
+    """Under `temporal`, users whose activity starts after the cut have no training row. The view
+    covers exactly their test rows; popularity's hit rate is worked out here from the training
+    counts (top 10 by count, ties to the lower item row: a new user has nothing to exclude); and
+    a split where every user keeps a training row (`user-temporal`) gives None."""
+    folder = synth.synthesize(tmp_path_factory.mktemp("late"), 1200, 300, 20000, topics=5,
+                              progress=False)
+    run = tmp_path_factory.mktemp("temporal-run")
+    train.train(runs.DataConfig(str(folder), split="temporal"), run, tiny_config, verbose=0)
+    result = retrieval_eval.evaluate_new_users(run)
+    _, split = runs.run_data(run)
+    new_users = set(split.test.user_id) - set(split.train.user_id)
+    rows = np.isin(split.test.user_id, list(new_users))
+    assert result["new_users"] == len(new_users) >= 20 and result["test_rows"] == rows.sum()
+    _, tables = runs.load_run(run)
+    item_row = {item: row for row, item in enumerate(tables.item_ids)}
+    counts = np.zeros(len(tables.item_ids))
+    np.add.at(counts, [item_row[i] for i in split.train.item_id], 1)
+    top = set(np.lexsort((np.arange(len(counts)), -counts))[:10])
+    expected = np.mean([item_row[i] in top for i in split.test.item_id[rows]])
+    assert result["popularity"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 <= result["random"] < 0.2
+    recorded = json.loads((run / "metrics.json").read_text())["test"]["new_users"]
+    assert recorded == result
+    assert "| popularity |" in retrieval_eval.format_new_users(result)
+
+    known_run = tmp_path_factory.mktemp("user-temporal-run")
+    train.train(runs.DataConfig(str(folder), split="user-temporal"), known_run, tiny_config,
+                verbose=0)
+    assert retrieval_eval.evaluate_new_users(known_run) is None
