@@ -62,8 +62,8 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 class CrossEncoder(keras.Model):
     """BERT logit of each pair plus the learned retrieval, popularity and EASE terms, and two terms
     for items without a training interaction (popularity 0: EASE and popularity say nothing of
-    them): a bias and an extra weight on their retrieval score, both 0 unless the validation
-    groups hold such items (`fit_head`).
+    them): a bias and an extra weight on their retrieval score, gated off (and so 0, as fine-tuning
+    gives them no gradient) unless the held-out groups have such items as positives (`fit_head`).
 
     The pair is read as sentence-transformers reads text, by the mean of BERT's last hidden states
     over the pair's tokens, then one linear unit. (MiniLM's [CLS] pooler was never trained: its
@@ -90,6 +90,8 @@ class CrossEncoder(keras.Model):
                                                initializer="zeros")
         self.new_retrieval_weight = self.add_weight(name="new_retrieval_weight", shape=(),
                                                     initializer="zeros")
+        self.new_item_gate = self.add_weight(name="new_item_gate", shape=(), initializer="zeros",
+                                             trainable=False)  # 1: the two terms above are on
 
     @tf.autograph.experimental.do_not_convert  # see Reranker.call
     def text_score(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
@@ -103,7 +105,7 @@ class CrossEncoder(keras.Model):
     def scalar_terms(self, retrieval: tf.Tensor, popularity: tf.Tensor, ease: tf.Tensor
                      ) -> tf.Tensor:
         """The final score's terms besides BERT's, for features of any one shape."""
-        new = tf.cast(tf.equal(popularity, 0.0), retrieval.dtype)  # no training interaction
+        new = self.new_item_gate * tf.cast(tf.equal(popularity, 0.0), retrieval.dtype)
         score = (self.retrieval_weight + self.new_retrieval_weight * new) * retrieval
         score += self.new_item_weight * new
         if self.popularity_feature:
@@ -286,6 +288,7 @@ def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.nda
     terms = [(encoder.retrieval_weight, groups.retrieval)]  # each weight with its [P, K] feature
     new = (popularity[groups.candidates] == 0).astype(np.float32)  # no training interaction
     if new[np.arange(len(new)), groups.positive].any():  # else the data says nothing of them
+        encoder.new_item_gate.assign(1.0)
         terms += [(encoder.new_item_weight, new),
                   (encoder.new_retrieval_weight, new * groups.retrieval)]
     if encoder.popularity_feature:

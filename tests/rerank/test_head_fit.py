@@ -89,11 +89,21 @@ def test_fit_head_learns_the_new_item_terms_from_groups_with_new_positives():
     negative[np.arange(count), positive] = False
     groups = negatives.Groups(np.arange(count, dtype=np.int32), candidates, retrieval, positive,
                               negative)
-    fitted = ce.fit_head(ce.CrossEncoder(bert=None), groups, popularity, ease, steps=400)
+    encoder = ce.CrossEncoder(bert=None)
+    fitted = ce.fit_head(encoder, groups, popularity, ease, steps=400)
+    assert float(encoder.new_item_gate) == 1.0
+    # The served head adds the terms for new items only: one new and one old candidate.
+    scores = ce.head_scores(encoder, np.array([2.0, 2.0]), np.array([0.0, 0.5]), np.zeros(2))
+    assert scores[0] == pytest.approx((fitted["retrieval_weight"] + fitted["new_retrieval_weight"])
+                                      * 2.0 + fitted["new_item_weight"], rel=1e-5)
+    assert scores[1] == pytest.approx(fitted["retrieval_weight"] * 2.0
+                                      + fitted["popularity_weight"] * 0.5, rel=1e-5)
     assert fitted["new_item_weight"] == pytest.approx(1.0, abs=0.2), fitted
     assert fitted["new_retrieval_weight"] == pytest.approx(0.8, abs=0.2), fitted
     assert fitted["retrieval_weight"] == pytest.approx(0.5, abs=0.15), fitted
 
     old, old_popularity, old_ease = planted_groups(count=300, seed=3)
-    fitted = ce.fit_head(ce.CrossEncoder(bert=None), old, old_popularity, old_ease, steps=50)
+    encoder = ce.CrossEncoder(bert=None)
+    fitted = ce.fit_head(encoder, old, old_popularity, old_ease, steps=50)
     assert fitted["new_item_weight"] == 0.0 and fitted["new_retrieval_weight"] == 0.0
+    assert float(encoder.new_item_gate) == 0.0

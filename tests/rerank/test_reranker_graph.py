@@ -97,8 +97,8 @@ def test_score_inside_another_function(module):
     encoder = module.reranker.encoder
     new = module.reranker.texts.popularity.lookup(tf.reshape(items, [-1])).numpy() == 0
     assert new.reshape(3, 4)[1, 2]  # "no-such-item"
-    expected = (float(encoder.retrieval_weight)
-                + float(encoder.new_retrieval_weight) * new.reshape(3, 4))
+    expected = (float(encoder.retrieval_weight) + float(encoder.new_item_gate)
+                * float(encoder.new_retrieval_weight) * new.reshape(3, 4))
     np.testing.assert_allclose(moved.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
