@@ -136,15 +136,21 @@ class Reranker(keras.Model):
 
     # No Python control flow on tensors in here, BERT's or ours: autograph's rewrite of the
     # transformers code only cost time (about 10 s of every trace on 2 cores).
+    @staticmethod
+    def _pairs(user_id: tf.Tensor, item_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(shape [2] of `item_ids` [B, M], users [B*M], items [B*M]): one row per pair."""
+        shape = tf.shape(item_ids)
+        users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
+        return shape, users, tf.reshape(item_ids, [-1])
+
+    def _tokens(self, users: tf.Tensor, items: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self.tokenizer.encode_pairs(self.texts.context.lookup(users),
+                                           self.texts.item_text.lookup(items), self.max_length)
+
     @tf.autograph.experimental.do_not_convert
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        item_ids = inputs["item_ids"]  # [B, M]
-        shape = tf.shape(item_ids)
-        items = tf.reshape(item_ids, [-1])  # [B*M]
-        users = tf.reshape(tf.repeat(inputs["user_id"][:, None], shape[1], axis=1), [-1])
-        tokens = self.tokenizer.encode_pairs(self.texts.context.lookup(users),
-                                             self.texts.item_text.lookup(items), self.max_length)
-        scores = self.encoder({**tokens,
+        shape, users, items = self._pairs(inputs["user_id"], inputs["item_ids"])
+        scores = self.encoder({**self._tokens(users, items),
                                "retrieval_score": tf.reshape(inputs["retrieval_score"], [-1]),
                                "popularity": self.texts.popularity.lookup(items),
                                "ease": self.texts.ease_score(users, items)},
@@ -155,12 +161,9 @@ class Reranker(keras.Model):
     def text_scores(self, user_id: tf.Tensor, item_ids: tf.Tensor, training: bool = False
                     ) -> tf.Tensor:
         """The BERT term alone (string [B], string [B, M] -> [B, M])."""
-        shape = tf.shape(item_ids)
-        items = tf.reshape(item_ids, [-1])
-        users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
-        tokens = self.tokenizer.encode_pairs(self.texts.context.lookup(users),
-                                             self.texts.item_text.lookup(items), self.max_length)
-        return tf.reshape(self.encoder.text_score(tokens, training=training), shape)
+        shape, users, items = self._pairs(user_id, item_ids)
+        return tf.reshape(self.encoder.text_score(self._tokens(users, items), training=training),
+                          shape)
 
     def train_step(self, data):
         """The listwise loss of the final score over each group of hard negatives, plus, when the
@@ -187,9 +190,7 @@ class Reranker(keras.Model):
              ) -> tf.Tensor:
         """The final score without the BERT term (string [B], string [B, M], float32 [B, M] ->
         [B, M]): the cheap first pass over many candidates."""
-        shape = tf.shape(item_ids)
-        items = tf.reshape(item_ids, [-1])
-        users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
+        shape, users, items = self._pairs(user_id, item_ids)
         encoder = self.encoder
         ease = (self.texts.ease_score(users, items) if encoder.ease_feature
                 else tf.zeros_like(items, tf.float32))
