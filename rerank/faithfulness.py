@@ -1,14 +1,17 @@
 """Are the copy's reasons causes? The probability of necessity of a cited history item.
 
-A served (user, item) pair's reason is the user's liked history item whose EASE weight raises the
-item's final score most (`pairs.PairTexts.reasons`). It is necessary when taking it away lowers
-the item: remove it from the user's history everywhere the final score reads that history, that
-is from the query tower's pooled history (`QueryTower(..., exclude_item=...)`), from the
-cross-encoder's context text (rebuilt from the training rows without it) and from the EASE sum;
-re-score the served list with the same `Reranker`; the pair counts when the item's final score
-falls and its rank in the served list drops. The probability of necessity (PN) is the share of
-pairs that count. The baseline is the same measure for a liked history item of the user chosen at
-random, the reason a copywriter citing "a title you liked" would give.
+A served (user, item) pair's reason is the liked history item without which the item would rank
+lower (`rerank.reasons`, the `cascade` graph's own choice, which predicts that by occlusion of the
+scalar terms, BERT's held). It is necessary when taking it away in fact lowers the item: remove it
+from the user's history everywhere the final score reads that history, that is from the query
+tower's pooled history (`QueryTower(..., exclude_item=...)`), from the cross-encoder's context text
+(rebuilt from the training rows without it) and from the EASE sum; re-score the user's re-ranked
+candidates with the same `Reranker`, BERT included; the pair counts when the item's final score
+falls and its rank drops (it falls below a candidate that ranked under it, in the served list or
+out of it). The probability of necessity (PN) is the share of pairs that count. Two baselines get
+the same measure: the liked history item with the largest item-item (EASE) weight towards the item
+(the reason the copy cited before occlusion chose it) and a liked history item chosen at random,
+the reason a copywriter citing "a title you liked" would give.
 
 The user's ID embedding was trained with the item in their history; it is a parameter, not an
 input, and stays as it is (occlusion removes inputs).
@@ -27,60 +30,88 @@ import numpy as np
 import tensorflow as tf
 
 from rerank import cross_encoder as ce
-from rerank import pairs, rerank_eval
+from rerank import pairs, ranking, rerank_eval
+from rerank import reasons as rerank_reasons
 from towers import data, runs
 from towers import model as towers_model
 
 log = logging.getLogger(__name__)
 
 SEP = "\x1f"  # a virtual user, "<user>\x1f<removed item>", is the user without that item
+KINDS = ("reason", "item-item share", "random liked")
 
 
 def necessity(run_dir: str | os.PathLike, pairs_wanted: int = 1000, served: int = 10,
-              depth: int = 100, seed: int = 0) -> dict:
-    """PN of the reasons and of random liked items on about `pairs_wanted` served pairs of test
-    users (the top `served` of the re-ranked retrieval top `depth`), with the coverage (share of
-    served pairs that have a reason)."""
+              depth: int = 100, seed: int = 0, served_out: list | None = None) -> dict:
+    """PN of the reasons, of the largest item-item share and of random liked items on about
+    `pairs_wanted` served pairs with a reason, of test users (the top `served` of the re-ranked
+    retrieval top `depth`), with the coverage (share of served pairs that have a reason).
+    `served_out`, if given, receives each user's (user ID, served item IDs [served], their
+    reasons [served, 2]), for the copy written with them."""
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)
     logits, test_users, _, seen, tables = rerank_eval.test_inputs(run)
     retrieval, _ = runs.load_run(run)
     dataset, split = runs.run_data(run)
     rng = np.random.default_rng(seed)
-    user_rows = rng.permutation(np.unique(test_users))[:int(np.ceil(pairs_wanted / served * 1.25))]
-    top, final = rerank_eval.rerank_scores(reranker, logits, seen, user_rows, tables.user_ids,
-                                           tables.item_ids, depth)
-    order = np.argsort(-final, axis=1, kind="stable")[:, :served]
-    shown = np.take_along_axis(top, order, 1)  # [U, served] item rows, best first
-    shown_scores = np.take_along_axis(final, order, 1)
-    users = tables.user_ids[user_rows].astype(str)
+    user_rows = rng.permutation(np.unique(test_users))
     item_ids = tables.item_ids.astype(str)
-    reasons = reranker.texts.reasons(tf.constant(np.repeat(users, served)),
-                                     tf.constant(item_ids[shown].ravel()), count=1).numpy()
-    reasons = reasons.astype(str).reshape(len(users), served)
-    liked = _liked(reranker.texts, users)
-    cases = []  # (user index, position in the served list, removed item ID, kind)
-    for u, user in enumerate(users):
-        for position in range(served):
-            if reasons[u, position]:
-                cases.append((u, position, reasons[u, position], "reason"))
-                if len(liked[user]):
-                    cases.append((u, position, str(rng.choice(liked[user])), "random liked"))
-        if sum(kind == "reason" for *_, kind in cases) >= pairs_wanted:
+    finder = rerank_reasons.Reasons(reranker, retrieval.query_tower,
+                                    towers_model.embeddings(retrieval, tables)[1], item_ids,
+                                    retrieval.config.temperature)
+    cases = []  # (user index, position in the re-ranked list, removed item ID, kind)
+    users, lists, scores = [], [], []  # per user: ID, candidates best first, their final scores
+    shown_pairs = with_reason = 0
+    for start in range(0, len(user_rows), 32):
+        rows = user_rows[start:start + 32]
+        top, final = rerank_eval.rerank_scores(reranker, logits, seen, rows, tables.user_ids,
+                                               tables.item_ids, depth)
+        order = np.argsort(-final, axis=1, kind="stable")
+        top, final = np.take_along_axis(top, order, 1), np.take_along_axis(final, order, 1)
+        ids = tables.user_ids[rows].astype(str)
+        found = finder(tf.constant(ids), tf.constant(item_ids[top]),
+                       tf.constant(ranking.pair_scores(logits, rows, top), tf.float32),
+                       tf.constant(final),
+                       tf.constant(np.tile(np.arange(served), (len(rows), 1)))).numpy()
+        both, found = found.astype(str), found[:, :, 0].astype(str)
+        shares = reranker.texts.reasons(tf.constant(np.repeat(ids, served)),
+                                        tf.constant(item_ids[top[:, :served]].ravel()), count=1)
+        shares = shares.numpy().astype(str).reshape(len(rows), served)
+        liked = _liked(reranker.texts, ids)
+        for b, user in enumerate(ids):
+            u = len(users)
+            users.append(user)
+            if served_out is not None:
+                served_out.append((user, item_ids[top[b, :served]], both[b]))
+            lists.append(top[b])
+            scores.append(final[b])
+            for position in range(served):
+                shown_pairs += 1
+                if not found[b, position]:
+                    continue
+                with_reason += 1
+                cases.append((u, position, found[b, position], "reason"))
+                if shares[b, position]:
+                    cases.append((u, position, shares[b, position], "item-item share"))
+                cases.append((u, position, str(rng.choice(liked[user])), "random liked"))
+            if with_reason >= pairs_wanted:
+                break
+        if with_reason >= pairs_wanted:
             break
+    users, lists, scores = np.array(users), np.array(lists), np.array(scores)
     removed = sorted({(u, item) for u, _, item, _ in cases})
     after = _occluded_scores(reranker, retrieval, tables, dataset, split.train, run, users,
-                             removed, shown)
-    result = {"pairs": sum(kind == "reason" for *_, kind in cases),
-              "coverage": round(float((reasons != "").mean()), 4)}
-    for kind in ("reason", "random liked"):
+                             removed, lists)
+    result = {"pairs": with_reason, "served": shown_pairs,
+              "coverage": round(with_reason / max(shown_pairs, 1), 4)}
+    for kind in KINDS:
         hits = []
         for u, position, item, case_kind in cases:
             if case_kind != kind:
                 continue
-            scores = after[(u, item)]
-            rank = int(np.sum(scores > scores[position]))  # 0 = first
-            hits.append(scores[position] < shown_scores[u, position] and rank > position)
+            changed = after[(u, item)]
+            rank = int(np.sum(changed > changed[position]))  # 0 = first
+            hits.append(changed[position] < scores[u, position] and rank > position)
         result[kind] = {"pn": round(float(np.mean(hits)), 4) if hits else None,
                         "pairs": len(hits)}
     return result
@@ -105,8 +136,8 @@ def _liked(texts: pairs.PairTexts, users: np.ndarray) -> dict[str, np.ndarray]:
 def _occluded_scores(reranker: ce.Reranker, retrieval, tables, dataset: data.Dataset,
                      train: data.Interactions, run: pathlib.Path, users: np.ndarray,
                      removed: list[tuple[int, str]], shown: np.ndarray) -> dict:
-    """{(user index, removed item ID): final scores [served] of that user's served list with the
-    item taken out of the user's history}, through the same `Reranker`."""
+    """{(user index, removed item ID): final scores [K] of that user's candidates (`shown`, item
+    rows [U, K]) with the item taken out of the user's history}, through the same `Reranker`."""
     texts = reranker.texts.arrays
     virtual = np.array([f"{users[u]}{SEP}{item}" for u, item in removed])
     # The training rows of each virtual user: the user's rows without the removed item.

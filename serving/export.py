@@ -231,13 +231,20 @@ class CascadeModule(tf.Module):
     users), cross-encoder re-rank of the K, top N by the final score, a line of copy for each.
 
     `scores` is the re-ranker's final score (cross-encoder logit plus its learned retrieval and
-    popularity terms); `retrieval_scores` the retrieval stage's score of the same item.
+    popularity terms); `retrieval_scores` the retrieval stage's score of the same item; `reasons`
+    the liked history items without which the item would rank lower (`rerank.reasons`), the
+    titles its copy cites.
     """
 
     def __init__(self, retrieval: RetrievalModule, reranker, copywriter, titles: dict[str, str],
                  temperature: float, n: int, depth: int | None = None):
         super().__init__()
         self.retrieval, self.reranker, self.copywriter = retrieval, reranker, copywriter
+        from rerank import reasons
+
+        self.reasons = reasons.Reasons(
+            reranker.reranker, retrieval.query.tower, retrieval.candidates,
+            [item.decode() for item in retrieval.item_ids.numpy()], temperature)
         self.n = n
         self.depth = min(depth or retrieval.k, retrieval.k)  # candidates BERT re-scores
         self.inverse_temperature = tf.constant(1.0 / temperature, tf.float32)
@@ -260,7 +267,10 @@ class CascadeModule(tf.Module):
         scores = self.reranker.score(user_id, candidates, retrieval_scores * self.inverse_temperature)
         best = tf.math.top_k(scores, k=self.n)  # ties keep the retrieval order
         item_ids = tf.gather(candidates, best.indices, batch_dims=1)
-        copy = self.copywriter.serve(user_id, item_ids)
+        # The liked history items without which each served item would rank lower.
+        reasons = self.reasons(user_id, candidates, retrieval_scores * self.inverse_temperature,
+                               scores, best.indices)
+        copy = self.copywriter.write(user_id, item_ids, reasons)
         return {"item_ids": item_ids, "titles": self.titles.lookup(item_ids),
                 "scores": best.values,
                 "retrieval_scores": tf.gather(retrieval_scores, best.indices, batch_dims=1),
@@ -461,7 +471,10 @@ def save_version(module: tf.Module, model_dir: pathlib.Path, version: int,
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f"{model_dir.name}-{version}-", dir=staging_root))
     try:
-        saving.save(module, staging, {SIGNATURE: module.serve}, options)
+        signatures = {SIGNATURE: module.serve}
+        if hasattr(module, "other_signatures"):
+            signatures.update(module.other_signatures())
+        saving.save(module, staging, signatures, options)
         extra = staging / "assets.extra"
         extra.mkdir()
         with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:

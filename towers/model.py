@@ -167,6 +167,36 @@ class QueryTower(keras.Model):
         pooled = tf.math.unsorted_segment_sum(
             weights[:, None] * self.history_embedding(items), example, examples)
         pooled /= tf.maximum(tf.math.unsorted_segment_sum(weights, example, examples), 1.0)[:, None]
+        return self._query(row, id_row, pooled, timestamp)
+
+    def leave_one_out(self, user: tf.Tensor, exclude: tf.RaggedTensor) -> tf.Tensor:
+        """float32 [sum of h, D]: the query of `user[b]` (IDs string [B] or rows + 1) with each item
+        of `exclude[b]` (item rows + 1, ragged [B, (h)]) taken out of its history in turn, in the
+        ragged order; each row equals `call(user[b], exclude_item=that item)`. The pooled
+        history is each user's sum less the item's embedding (times it occurs), so the cost grows
+        with h + the history's length, not their product."""
+        row = user if user.dtype.is_integer else self.lookup(user)
+        history = tf.gather(tf.RaggedTensor.from_row_splits(
+            self.history_values, self.history_splits, validate=False), row)
+        items, example = history.flat_values, history.value_rowids()
+        total = tf.math.unsorted_segment_sum(self.history_embedding(items), example, tf.shape(row)[0])
+        span = tf.constant(2 ** 31, tf.int64)  # above every item row + 1
+        keys = tf.sort(example * span + tf.cast(items, tf.int64))
+        owner = exclude.value_rowids()
+        wanted = owner * span + tf.cast(exclude.flat_values, tf.int64)
+        times = tf.cast(tf.searchsorted(keys, wanted, side="right")
+                        - tf.searchsorted(keys, wanted, side="left"), tf.float32)
+        kept = tf.cast(tf.gather(history.row_lengths(), owner), tf.float32) - times
+        pooled = ((tf.gather(total, owner)
+                   - times[:, None] * self.history_embedding(tf.cast(exclude.flat_values, items.dtype)))
+                  / tf.maximum(kept, 1.0)[:, None])
+        rows = tf.gather(row, owner)
+        return self._query(rows, tf.gather(self.id_row, rows), pooled)
+
+    def _query(self, row: tf.Tensor, id_row: tf.Tensor, pooled: tf.Tensor,
+               timestamp: tf.Tensor | None = None) -> tf.Tensor:
+        """The embedding from the ID row, the user's side features, the pooled history and the
+        recency bucket (`timestamp`'s, else the user's newest row's)."""
         inputs = [self.user_embedding(id_row), *self.side(row), pooled]
         if self.use_recency:
             if timestamp is not None:

@@ -118,7 +118,10 @@ def evaluate_copywriter(run_dir: str | os.PathLike, pairs: int = 1000, examples:
     if (run / "reranker").is_dir() and necessity_pairs != 0:
         from rerank import faithfulness
 
-        result["reasons_necessity"] = faithfulness.necessity(run, necessity_pairs or pairs)
+        served = []
+        result["reasons_necessity"] = faithfulness.necessity(run, necessity_pairs or pairs,
+                                                             served_out=served)
+        result["cascade_lines"] = _cascade_lines(module, served, items, matcher, vocabulary)
     runs.update_metrics(run, {"evaluation": result}, copywriter.SUBDIR)
     return result
 
@@ -166,9 +169,13 @@ def format_report(result: dict) -> str:
     if necessity:
         lines.append(f"| reasons: probability of necessity ({necessity['pairs']} pairs) | "
                      f"{necessity['reason']['pn']} |")
-        lines.append(f"| random liked title: probability of necessity | "
-                     f"{necessity['random liked']['pn']} |")
+        for kind in ("item-item share", "random liked"):
+            if kind in necessity:
+                lines.append(f"| {kind} as the reason: probability of necessity | "
+                             f"{necessity[kind]['pn']} |")
         lines.append(f"| served items with a reason | {necessity['coverage']} |")
+    for key, value in result.get("cascade_lines", {}).items():
+        lines.append(f"| cascade's served lines: {key} | {value} |")
     lines.append("")
     for example in result.get("examples", []):
         reasons = ", ".join(example.get("reasons", ())) or "none"
@@ -216,6 +223,36 @@ def _details(module: graph.CopywriterModule, chosen: list[tuple[str, str]],
         out = module.details(tf.constant([u for u, _ in pairs]), tf.constant([[i] for _, i in pairs]))
         parts.append({key: value.numpy()[:, 0] for key, value in out.items()})
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _cascade_lines(module: graph.CopywriterModule, served: list, items: dict, matcher,
+                   vocabulary) -> dict:
+    """The lines the `cascade` serves: each user's served items written with the reasons its
+    ranking found (`served`: (user, item IDs [N], reasons [N, 2]) per user), checked again in
+    Python: claims that do not hold (independent scan), titles outside the cited reasons, the
+    fallback's share, the share that cites a liked title, distinct-2."""
+    write = tf.function(module.write, input_signature=[graph.USER_ID, graph.ITEM_IDS, graph.REASONS])
+    lines = []
+    for start in range(0, len(served), 25):
+        chunk = served[start:start + 25]
+        out = write(tf.constant([user for user, _, _ in chunk]),
+                    tf.constant(np.stack([i for _, i, _ in chunk])),
+                    tf.constant(np.stack([r for _, _, r in chunk])))
+        copy, cited, attempt = (out[key].numpy() for key in ("copy", "reasons", "attempt"))
+        for b, (_, row_items, _) in enumerate(chunk):
+            for n, item in enumerate(row_items):
+                line = copy[b, n].decode()
+                named = [r.decode() for r in cited[b, n] if r]
+                facts = grounding.spoken(items[item], matcher)
+                wrong = claims.find_claims(line, facts, [items[i] for i in named], vocabulary)
+                lines.append({"copy": line, "cites": bool(named), "fallback": attempt[b, n] < 0,
+                              "claim_error": any(wrong.values()),
+                              "grounded": matcher.check(line, item, named) == (True, [])})
+    rate = lambda key: round(float(np.mean([bool(line[key]) for line in lines])), 4)
+    return {"lines": len(lines), "cites_a_liked_title": rate("cites"),
+            "fallback_share": rate("fallback"), "claim_errors": rate("claim_error"),
+            "grounded": rate("grounded"),
+            "distinct_2": round(evaluation.distinct_n([line["copy"] for line in lines], 2), 4)}
 
 
 def format_sweep(rows: list[dict]) -> str:

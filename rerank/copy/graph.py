@@ -42,6 +42,7 @@ from towers import data
 MODEL_NAME = "copywriter"
 USER_ID = tf.TensorSpec([None], tf.string, name="user_id")
 ITEM_IDS = tf.TensorSpec([None, None], tf.string, name="item_ids")
+REASONS = tf.TensorSpec([None, None, templates.MAX_LIKED], tf.string, name="reasons")
 
 
 class Detokenizer(tf.Module):
@@ -124,10 +125,28 @@ class CopywriterModule(tf.Module):
         details = self.details(user_id, item_ids)
         return {"copy": details["copy"], "reasons": details["reasons"]}
 
+    @tf.function(input_signature=[USER_ID, ITEM_IDS, REASONS])
+    def with_reasons(self, user_id, item_ids, reasons):
+        """Copy for items ranked elsewhere, citing the caller's reasons (history item IDs
+        [B, N, 2], best first, "" for none; IDs the catalog lacks are dropped): the `cascade`'s
+        lines are this function's, given the reasons its ranking found (`rerank.reasons`)."""
+        details = self.write(user_id, item_ids, reasons)
+        return {"copy": details["copy"], "reasons": details["reasons"]}
+
+    def other_signatures(self) -> dict:
+        """Signatures the export saves beside `serving_default`."""
+        return {"with_reasons": self.with_reasons}
+
     @tf.function(input_signature=[USER_ID, ITEM_IDS])
     def details(self, user_id, item_ids):
         """The served copy and, per line, the first sample's text and the check's findings on it,
         and `attempt`: which sample is served (0, 1, ...; -1 when the fallback is)."""
+        return self.write(user_id, item_ids)
+
+    def write(self, user_id: tf.Tensor, item_ids: tf.Tensor, reasons: tf.Tensor | None = None
+              ) -> dict[str, tf.Tensor]:
+        """`details` (callable inside another `tf.function`); `reasons` [B, N, 2]: the liked
+        titles to cite, else the item-item term's (`PairTexts.reasons`)."""
         shape = tf.shape(item_ids)
         tf.debugging.assert_equal(tf.shape(user_id)[0], shape[0],
                                   message="user_id and item_ids must have the same batch size")
@@ -135,7 +154,15 @@ class CopywriterModule(tf.Module):
         item_row = self.item_rows.lookup(items)
         row = tf.maximum(item_row, 0)
         users = tf.repeat(user_id, shape[1])
-        reason_ids = self.reasons.reasons(users, items, templates.MAX_LIKED)  # [R, 2] best first
+        if reasons is None:
+            reason_ids = self.reasons.reasons(users, items, templates.MAX_LIKED)  # [R, 2]
+        else:
+            tf.debugging.assert_equal(tf.shape(reasons)[:2], shape, message=(
+                "reasons must be [B, N, 2]: one pair of history item IDs per item of item_ids"))
+            reason_ids = tf.reshape(reasons, [-1, templates.MAX_LIKED])
+            reason_ids = tf.ragged.boolean_mask(
+                reason_ids, self.item_rows.lookup(reason_ids) >= 0).to_tensor(
+                    "", shape=[None, templates.MAX_LIKED])
         liked = self.item_rows.lookup(reason_ids)
         liked = tf.ragged.boolean_mask(liked, liked >= 0)  # [R, (<=2)] item rows
         ids, mask = self._prompts(row, liked)

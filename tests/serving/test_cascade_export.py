@@ -17,10 +17,12 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from rerank.copy import graph, grounding, templates
+from rerank import reasons
+from rerank.copy import grounding, templates
 from serving import cli, export
 from serving.model_server import server
 from serving.model_server import config as server_config
+from towers import model as towers_model
 from towers import runs
 
 MODELS = ("query_tower", "candidate_tower", "retrieval", "reranker", "copywriter", "cascade")
@@ -61,17 +63,12 @@ def _signature(version_dir):
 
 @pytest.fixture(scope="module")
 def truth(tiny_cascade_run):
-    """What the answers must respect: training items per user, catalog labels, liked titles."""
+    """What the answers must respect: the catalog (labels, titles) and training items per user."""
     dataset, split = runs.run_data(tiny_cascade_run)
     seen = {}
     for user, item in zip(split.train.user_id, split.train.item_id):
         seen.setdefault(str(user), set()).add(str(item))
-    tables = graph.reason_tables(tiny_cascade_run, dataset, split)
-
-    def liked(user: str, item: str) -> list[str]:  # the item's reasons for the user, best first
-        found = tables.reasons(tf.constant([user]), tf.constant([item]), templates.MAX_LIKED)
-        return [r.decode() for r in found.numpy()[0] if r]
-    return templates.catalog(dataset), seen, liked
+    return templates.catalog(dataset), seen
 
 
 def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
@@ -117,58 +114,87 @@ def test_the_cascade_holds_each_table_once_in_its_variables(tiny_cascade_export,
     assert named("weight_keys") == named("weight_values") == [(pairs + 1,)]  # + the last key
 
 
-def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth,
-                                                                tiny_cascade_run):
-    """retrieval's 28 merged candidates; the re-ranker's scalar terms (no BERT) keep 20, in
-    retrieval order; the `reranker` signature's scores of those; the top 5; their copy."""
+def _parts(export_dir, run, users: list[str]) -> dict:
+    """The cascade rebuilt from its parts for `users`: retrieval's 28 merged candidates; the
+    re-ranker's scalar terms (no BERT) keep 20, in retrieval order; the `reranker` signature's
+    scores of those; the top 5; the liked history items without which each would rank lower
+    among the 20 (`rerank.reasons`, in Python), the reasons their copy is written with."""
     from rerank import cross_encoder
 
-    catalog, seen, _ = truth
-    cascade = _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(USERS))
-    found = _signature(tiny_cascade_export / "retrieval" / "1")(user_id=tf.constant(USERS))
+    found = _signature(export_dir / "retrieval" / "1")(user_id=tf.constant(users))
     candidates, retrieval_scores = found["item_ids"].numpy(), found["scores"].numpy()  # [B, 28]
     origin = found["sources"].numpy()
-    assert candidates.shape == (3, 28) and b"item_item" in origin[:2]
-    temperature = runs.load_run(tiny_cascade_run)[0].config.temperature
-    head = cross_encoder.load_reranker(tiny_cascade_run).head_scores(
-        np.array(USERS), candidates.astype(str), retrieval_scores / temperature)
+    retrieval_model, tables = runs.load_run(run)
+    temperature = retrieval_model.config.temperature
+    reranker = cross_encoder.load_reranker(run)
+    head = reranker.head_scores(np.array(users), candidates.astype(str),
+                                retrieval_scores / temperature)
     keep = np.sort(np.argsort(-head, axis=1, kind="stable")[:, :20], axis=1)
     candidates, retrieval_scores, origin = (np.take_along_axis(a, keep, axis=1)
                                             for a in (candidates, retrieval_scores, origin))
-    reranked = _signature(tiny_cascade_export / "reranker" / "1")(
-        user_id=tf.constant(USERS), item_ids=tf.constant(candidates))["scores"].numpy()
+    reranked = _signature(export_dir / "reranker" / "1")(
+        user_id=tf.constant(users), item_ids=tf.constant(candidates))["scores"].numpy()
+    served = np.argsort(-reranked, axis=1, kind="stable")[:, :5]
+    finder = reasons.Reasons(reranker, retrieval_model.query_tower,
+                             towers_model.embeddings(retrieval_model, tables)[1], tables.item_ids,
+                             temperature)
+    offered = finder(tf.constant(users), tf.constant(candidates),
+                     tf.constant(retrieval_scores / temperature, tf.float32),
+                     tf.constant(reranked), tf.constant(served)).numpy()
+    return dict(candidates=candidates, retrieval_scores=retrieval_scores, origin=origin,
+                reranked=reranked, served=served, offered=offered, merged=found)
+
+
+def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_export, truth,
+                                                                tiny_cascade_run):
+    """The cascade's items, scores and sources are `_parts`'; its lines are the copywriter's
+    `with_reasons` signature's given the reasons `_parts` found, and it cites only those."""
+    catalog, seen = truth
+    cascade = _signature(tiny_cascade_export / "cascade" / "1")(user_id=tf.constant(USERS))
+    parts = _parts(tiny_cascade_export, tiny_cascade_run, USERS)
+    assert parts["merged"]["item_ids"].shape == (3, 28)
+    assert b"item_item" in parts["merged"]["sources"].numpy()[:2]
+    candidates, reranked = parts["candidates"], parts["reranked"]
     for b in range(len(USERS)):
-        order = np.argsort(-reranked[b], kind="stable")[:5]
+        order = parts["served"][b]
         np.testing.assert_array_equal(cascade["item_ids"].numpy()[b], candidates[b][order])
         np.testing.assert_allclose(cascade["scores"].numpy()[b], reranked[b][order], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(cascade["retrieval_scores"].numpy()[b], retrieval_scores[b][order], rtol=1e-6)
-        np.testing.assert_array_equal(cascade["sources"].numpy()[b], origin[b][order])
-    copy = _signature(tiny_cascade_export / "copywriter" / "1")(
-        user_id=tf.constant(USERS), item_ids=cascade["item_ids"])["copy"]
-    np.testing.assert_array_equal(cascade["copy"].numpy(), copy.numpy())
+        np.testing.assert_allclose(cascade["retrieval_scores"].numpy()[b],
+                                   parts["retrieval_scores"][b][order], rtol=1e-6)
+        np.testing.assert_array_equal(cascade["sources"].numpy()[b], parts["origin"][b][order])
+    offered = parts["offered"]
+    assert (offered[:2] != b"").any() and (offered[:2, :, 0] == b"").any()  # both kinds served
+    copywriter = tf.saved_model.load(str(tiny_cascade_export / "copywriter" / "1")).signatures
+    copy = copywriter["with_reasons"](user_id=tf.constant(USERS), item_ids=cascade["item_ids"],
+                                      reasons=tf.constant(offered))
+    np.testing.assert_array_equal(cascade["copy"].numpy(), copy["copy"].numpy())
+    np.testing.assert_array_equal(cascade["reasons"].numpy(), copy["reasons"].numpy())
+    cited = cascade["reasons"].numpy()
+    assert all(r in offered[b, n] for b, n in np.ndindex(cited.shape[:2]) for r in cited[b, n] if r)
     labels = [[catalog[i.decode()].label() for i in row] for row in cascade["item_ids"].numpy()]
     assert cascade["titles"].numpy().astype(str).tolist() == labels
 
 
 def test_a_users_line_for_an_item_is_the_same_in_every_request(tiny_cascade_export, truth,
-                                                                tmp_path):
+                                                                tiny_cascade_run, tmp_path):
     """Issue #15 ("the same line everywhere"): a user's line for each of their cascade items is
-    byte-identical from `cascade` beside 39 other users and alone, from `copywriter` asked for
-    that item alone and with other users in the request and the item at another position, and
-    from `cascade batch` (Beam, the `cascade` signature in batches). Catches sampling randomness
+    byte-identical from `cascade` beside 39 other users and alone, from `copywriter`'s
+    `with_reasons` (given the cascade's reasons) asked for that item alone and with other users in
+    the request and the item at another position, and from `cascade batch` (Beam, the `cascade`
+    signature in batches). Catches sampling randomness
     drawn from the whole request or the row's position (the seed this replaced), and a salt that
     differs between the two models of one export. The sampled lines themselves are compared too
     (`details`' `generated`), since a served line may be the deterministic fallback, which would
     match by construction; and the reasons."""
     from serving import batch
 
-    catalog, _, _ = truth
+    catalog, _ = truth
     cascade_model = tf.saved_model.load(str(tiny_cascade_export / "cascade" / "1"))
     copywriter_model = tf.saved_model.load(str(tiny_cascade_export / "copywriter" / "1"))
     # One export, one salt: the version, in both models.
     assert cascade_model.copywriter.salt.numpy() == copywriter_model.salt.numpy() == 1
     cascade = cascade_model.signatures[export.SIGNATURE]
-    copywriter = copywriter_model.signatures[export.SIGNATURE]
+    copywriter = copywriter_model.signatures["with_reasons"]
     users = [str(user) for user in range(1, 41)]
     among = cascade(user_id=tf.constant(users))
     row = 3
@@ -188,7 +214,13 @@ def test_a_users_line_for_an_item_is_the_same_in_every_request(tiny_cascade_expo
     shifted = np.roll(items, 2)  # every item at another position, beside other users' requests
     requests = dict(user_id=tf.constant([before, user, after]), item_ids=tf.constant(
         [[*items[::-1], ""], [other, *shifted], [*shifted, other]]))
-    several = copywriter(**requests)["copy"].numpy()
+    parts = _parts(tiny_cascade_export, tiny_cascade_run, [before, user, after])
+    np.testing.assert_array_equal(parts["candidates"][1][parts["served"][1]], items)
+    mine, none = parts["offered"][1], np.full((1, 2), b"", dtype=object)
+    shifted_reasons = np.roll(mine, 2, axis=0)  # the reasons travel with their items
+    several = copywriter(**requests, reasons=tf.constant(np.stack([
+        np.concatenate([mine[::-1], none]), np.concatenate([none, shifted_reasons]),
+        np.concatenate([shifted_reasons, none])])))["copy"].numpy()
     several_generated = copywriter_model.details(**requests)["generated"].numpy()
     out = tmp_path / "batch"
     batch.run_batch(tiny_cascade_export, "cascade", [before, user, "nobody", after], out)
@@ -196,7 +228,8 @@ def test_a_users_line_for_an_item_is_the_same_in_every_request(tiny_cascade_expo
     batched = {r["user_id"]: r for r in table}
     assert batched[user]["item_ids"] == items.astype(str).tolist()
     for n, item in enumerate(items):
-        single = copywriter(user_id=tf.constant([user]), item_ids=tf.constant([[item]]))["copy"]
+        single = copywriter(user_id=tf.constant([user]), item_ids=tf.constant([[item]]),
+                            reasons=tf.constant([[mine[n]]]))["copy"]
         single_generated = copywriter_model.details(
             user_id=tf.constant([user]), item_ids=tf.constant([[item]]))["generated"]
         assert single_generated.numpy()[0, 0] == generated[n], item
@@ -210,7 +243,7 @@ def test_a_users_line_for_an_item_is_the_same_in_every_request(tiny_cascade_expo
 @pytest.mark.parametrize("index_kind", ["bruteforce", "scann"])
 def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_run, tiny_cascade_export,
                                                       truth, tmp_path):
-    catalog, seen, liked = truth
+    catalog, seen = truth
     if index_kind == "bruteforce":
         version = tiny_cascade_export / "cascade" / "1"
     else:
@@ -231,9 +264,9 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
         assert not set(items) & seen.get(user, set()), f"user {user} got a training item"
         assert values["scores"][b] == sorted(values["scores"][b], reverse=True)
         assert values["titles"][b] == [catalog[i].label() for i in items]
-        for item, line in zip(items, values["copy"][b]):  # served copy is always grounded
-            allowed = liked(user, item)
-            assert matcher.check(line, item, allowed) == (True, []), line
+        for item, line, cited in zip(items, values["copy"][b], values["reasons"][b]):
+            # served copy is always grounded, and names no title but the reasons it returns
+            assert matcher.check(line, item, [r for r in cited if r]) == (True, []), line
 
 
 def test_cascade_over_grpc_and_rest_through_the_client(tiny_cascade_export, tmp_path, capsys):

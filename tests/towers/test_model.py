@@ -75,6 +75,28 @@ def test_target_is_hidden_from_its_own_history(tiny, tiny_config):
     assert not np.allclose(tower(user, exclude_item=in_history).numpy(), full)
 
 
+def test_leave_one_out_is_the_query_without_each_item(tiny, tiny_config):
+    """`leave_one_out` (each user's pooled sum less one item) equals `call` with that item
+    excluded, for items in the history, an item outside it and a user with no history. Catches a
+    sum taken over the wrong user, a count not lowered, or an item missing from the history
+    treated as present."""
+    tables = tiny[2]
+    tower = model.QueryTower(tables, tiny_config)
+    lengths = np.diff(tables.history_splits)
+    rows = [int(np.argmax(lengths)), int(np.argmin(np.where(lengths > 0, lengths, lengths.max() + 1)))]
+    users = [str(tables.user_ids[r]) for r in rows] + ["nobody"]
+    outside = next(i for i in range(1, len(tables.item_ids) + 1)
+                   if i not in set(tables.history_of(rows[0])))
+    exclude = [[int(i) for i in tables.history_of(rows[0])[:3]] + [outside],
+               [int(i) for i in tables.history_of(rows[1])[:1]], [outside]]
+    got = tower.leave_one_out(tf.constant(users), tf.ragged.constant(exclude, tf.int32)).numpy()
+    expected = tower(tf.constant([u for u, items in zip(users, exclude) for _ in items]),
+                     exclude_item=tf.constant([i for items in exclude for i in items])).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    full = tower(tf.constant(users[:1])).numpy()[0]
+    assert not np.allclose(got[0], full) and np.allclose(got[3], full, atol=1e-6)
+
+
 def test_a_step_touches_only_the_rows_of_its_batch(tiny, tiny_config):
     """The ID tables' gradients are sparse (the L2 penalty is on the batch's rows only), so a step
     costs the batch, not the table: at 1M users a whole-table penalty made every step dense."""
