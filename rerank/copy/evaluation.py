@@ -169,11 +169,13 @@ def format_report(result: dict) -> str:
     if necessity:
         lines.append(f"| reasons: probability of necessity ({necessity['pairs']} pairs) | "
                      f"{necessity['reason']['pn']} |")
-        for kind in ("item-item share", "random liked"):
+        for kind in ("item-item share", "random liked", "item-item share, all served"):
             if kind in necessity:
                 lines.append(f"| {kind} as the reason: probability of necessity | "
                              f"{necessity[kind]['pn']} |")
         lines.append(f"| served items with a reason | {necessity['coverage']} |")
+        if "ms_per_user" in necessity:
+            lines.append(f"| ms to find one user's reasons (median) | {necessity['ms_per_user']} |")
     for key, value in result.get("cascade_lines", {}).items():
         lines.append(f"| cascade's served lines: {key} | {value} |")
     lines.append("")
