@@ -350,8 +350,11 @@ for example in templates.build_corpus(dataset, split.train, 4, seed=7):
     print("  copy:    ", example.target)'''),
         md("## Generate copy for one user's films\n\n`CopywriterModule` is the exported graph: "
            "`details` returns the served line, the reasons it cites (the user's liked films whose "
-           "item-item weight raised the film's score most), the first sample and what the "
-           "checks found in it, and which sample was served (the first of four that passes)."),
+           "item-item weight raised the film's score most: the copywriter alone sees no ranking; "
+           "the `cascade` cites instead the liked films without which the film would rank lower, "
+           "found by occlusion over its re-ranked candidates, `rerank/reasons.py`, and passes "
+           "them to `write`), the first sample and what the checks found in it, and which sample "
+           "was served (the first of four that passes)."),
         code('''\
 module = graph.CopywriterModule.from_run(RUN, (record, gpt2, tokenizer, dataset, split))
 by_user = {}
