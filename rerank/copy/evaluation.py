@@ -177,7 +177,10 @@ def format_report(result: dict) -> str:
         if "ms_per_user" in necessity:
             lines.append(f"| ms to find one user's reasons (median) | {necessity['ms_per_user']} |")
     for key, value in result.get("cascade_lines", {}).items():
-        lines.append(f"| cascade's served lines: {key} | {value} |")
+        if isinstance(value, dict):  # the ablation
+            lines += [f"| cascade's served items, {key}: {k} | {v} |" for k, v in value.items()]
+        else:
+            lines.append(f"| cascade's served lines: {key} | {value} |")
     lines.append("")
     for example in result.get("examples", []):
         reasons = ", ".join(example.get("reasons", ())) or "none"
@@ -232,8 +235,21 @@ def _cascade_lines(module: graph.CopywriterModule, served: list, items: dict, ma
     """The lines the `cascade` serves: each user's served items written with the reasons its
     ranking found (`served`: (user, item IDs [N], reasons [N, 2]) per user), checked again in
     Python: claims that do not hold (independent scan), titles outside the cited reasons, the
-    fallback's share, the share that cites a liked title, distinct-2."""
+    fallback's share, the share that cites a liked title, distinct-2; and, as the ablation, the
+    same items written with the copywriter's own reasons (the item-item share)."""
     write = tf.function(module.write, input_signature=[graph.USER_ID, graph.ITEM_IDS, graph.REASONS])
+    result = _served_lines(write, served, items, matcher, vocabulary)
+    # Ablation: the same items written with the copywriter's own reasons (the item-item share).
+    own = [(user, row_items, module.reasons.reasons(
+        tf.constant([user] * len(row_items)), tf.constant(row_items), templates.MAX_LIKED
+    ).numpy().astype(str)) for user, row_items, _ in served]
+    ablation = _served_lines(write, own, items, matcher, vocabulary)
+    result["with_item_item_share_reasons"] = {key: ablation[key] for key in (
+        "cites_a_liked_title", "fallback_share", "distinct_2")}
+    return result
+
+
+def _served_lines(write, served: list, items: dict, matcher, vocabulary) -> dict:
     lines = []
     for start in range(0, len(served), 25):
         chunk = served[start:start + 25]
