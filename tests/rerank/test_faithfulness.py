@@ -74,3 +74,26 @@ def test_removing_a_history_item_is_the_user_without_it(scored, tiny_cascade_run
     np.testing.assert_allclose(captured["ease"][0], expected, rtol=1e-4, atol=1e-5)
     title = dataset.item_texts([dropped])[0]
     assert title.encode() not in captured["context"]
+
+
+def test_falling_out_of_the_served_list_is_a_drop(tiny_cascade_run, monkeypatch):
+    """The rank after occlusion is taken over every re-ranked candidate, not only the served ones:
+    when removing a history item puts every served item below every unserved candidate (in their
+    served order), every pair counts, the last served item's included. Ranked within the served
+    list alone, their order is unchanged and none would."""
+    served, depth = 4, 12
+
+    def below_the_rest(reranker, retrieval, tables, dataset, train, run, users, removed, lists):
+        assert lists.shape[1] == depth  # the whole re-ranked list is re-scored
+        scores = -100.0 - np.arange(depth, dtype=np.float32)
+        scores[:served] = -1000.0 - np.arange(served)
+        return {key: scores for key in removed}
+
+    monkeypatch.setattr(faithfulness, "_occluded_scores", below_the_rest)
+    served_out = []
+    result = faithfulness.necessity(tiny_cascade_run, pairs_wanted=6, served=served, depth=depth,
+                                    served_out=served_out)
+    assert result["pairs"] >= 1 and len(served_out) * served == result["served"]
+    for kind in faithfulness.KINDS:
+        if result[kind]["pairs"]:
+            assert result[kind]["pn"] == 1.0, kind
