@@ -10,11 +10,13 @@ import pathlib
 import subprocess
 import sys
 
+import grpc
 import numpy as np
 import pyarrow.parquet as parquet
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from rerank import reasons
@@ -293,6 +295,22 @@ def test_cascade_over_grpc_and_rest_through_the_client(tiny_cascade_export, tmp_
             assert cli.main(["recommend", "--model", "cascade", "--user", "1", "--user", "nobody",
                              "--json", *flags]) == 0
             answers.append(json.loads(capsys.readouterr().out))
+        # The copywriter's second signature over gRPC: lines for a caller's own ranking and reasons.
+        items = [[row["item_id"] for row in local_answer["1"]]]
+        reasons = [[(row.get("reasons", []) + ["", ""])[:2] for row in local_answer["1"]]]
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.signature_name = "copywriter", "with_reasons"
+        for key, value in (("user_id", ["1"]), ("item_ids", items), ("reasons", reasons)):
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                request, timeout=120)
+    assert response.model_spec.signature_name == "with_reasons"
+    local = tf.saved_model.load(str(tiny_cascade_export / "copywriter" / "1")).signatures[
+        "with_reasons"](user_id=tf.constant(["1"]), item_ids=tf.constant(items),
+                        reasons=tf.constant(reasons))
+    for key in ("copy", "reasons"):
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs[key]), local[key].numpy())
     for answer in answers:
         for user in ("1", "nobody"):
             assert [r["item_id"] for r in answer[user]] == [r["item_id"] for r in local_answer[user]]
