@@ -143,6 +143,13 @@ class Reranker(keras.Model):
         users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
         return shape, users, tf.reshape(item_ids, [-1])
 
+    def pair_features(self, users: tf.Tensor, items: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(popularity, EASE score) of each pair, the scalar terms' inputs besides retrieval's
+        (EASE 0 when the head has no EASE term)."""
+        ease = (self.texts.ease_score(users, items) if self.encoder.ease_feature
+                else tf.zeros_like(items, tf.float32))
+        return self.texts.popularity.lookup(items), ease
+
     def _tokens(self, users: tf.Tensor, items: tf.Tensor) -> dict[str, tf.Tensor]:
         return self.tokenizer.encode_pairs(self.texts.context.lookup(users),
                                            self.texts.item_text.lookup(items), self.max_length)
@@ -150,10 +157,10 @@ class Reranker(keras.Model):
     @tf.autograph.experimental.do_not_convert
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         shape, users, items = self._pairs(inputs["user_id"], inputs["item_ids"])
+        popularity, ease = self.pair_features(users, items)
         scores = self.encoder({**self._tokens(users, items),
                                "retrieval_score": tf.reshape(inputs["retrieval_score"], [-1]),
-                               "popularity": self.texts.popularity.lookup(items),
-                               "ease": self.texts.ease_score(users, items)},
+                               "popularity": popularity, "ease": ease},
                               training=training)
         return tf.reshape(scores, shape)
 
@@ -191,11 +198,8 @@ class Reranker(keras.Model):
         """The final score without the BERT term (string [B], string [B, M], float32 [B, M] ->
         [B, M]): the cheap first pass over many candidates."""
         shape, users, items = self._pairs(user_id, item_ids)
-        encoder = self.encoder
-        ease = (self.texts.ease_score(users, items) if encoder.ease_feature
-                else tf.zeros_like(items, tf.float32))
-        score = encoder.scalar_terms(tf.reshape(retrieval_score, [-1]),
-                                     self.texts.popularity.lookup(items), ease)
+        score = self.encoder.scalar_terms(tf.reshape(retrieval_score, [-1]),
+                                          *self.pair_features(users, items))
         return tf.reshape(score, shape)
 
     def head_scores(self, user_ids: np.ndarray, item_ids: np.ndarray,

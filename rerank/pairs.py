@@ -182,11 +182,28 @@ class PairTexts(tf.Module):
         """(history item rows int32 [N, (h)], each one's EASE weight towards the pair's item
         float32 [N, (h)]): the terms whose sum is `ease_score`."""
         history = self._history_of(user_ids)
-        items = self.item_row.lookup(item_ids)
-        keys = (tf.cast(history, tf.int64) * self.items
-                + tf.cast(items, tf.int64)[:, None])
-        weights = tf.ragged.map_flat_values(self._weight, keys)
-        return history, weights * tf.cast(items >= 0, tf.float32)[:, None]
+        items = tf.gather(self.item_row.lookup(item_ids), history.value_rowids())
+        return history, history.with_flat_values(self.weights(history.flat_values, items))
+
+    def weights(self, sources: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        """float32, `targets`' shape: the EASE weight of item row `sources` (broadcast over
+        `targets`' last axes) towards item row `targets`; 0 when absent or a target is -1."""
+        sources = tf.reshape(tf.cast(sources, tf.int64),
+                             tf.concat([tf.shape(sources), tf.ones(tf.rank(targets) - tf.rank(sources),
+                                                                   tf.int32)], axis=0))
+        keys = sources * self.items + tf.cast(targets, tf.int64)
+        found = tf.reshape(self._weight(tf.reshape(keys, [-1])), tf.shape(keys))
+        return tf.where(targets >= 0, found, 0.0)
+
+    def liked_history(self, user_ids: tf.Tensor) -> tf.RaggedTensor:
+        """int32 [N, (h)]: each user's liked history item rows (the possible reasons)."""
+        return tf.ragged.boolean_mask(self._history_of(user_ids), self._liked_of(user_ids))
+
+    def _liked_of(self, user_ids: tf.Tensor) -> tf.RaggedTensor:
+        """bool [N, (h)], aligned with `_history_of`: which history items the user liked."""
+        return tf.gather(tf.RaggedTensor.from_row_splits(saving.read(self.history_liked),
+                                                         saving.read(self.history_splits)),
+                         self._history_rows(user_ids))
 
     def _weight(self, keys: tf.Tensor) -> tf.Tensor:
         """float32 [N]: the EASE weight of each key (source row x I + target row); 0 when absent."""
@@ -201,10 +218,7 @@ class PairTexts(tf.Module):
         The EASE term is a sum over history items, so each one's share of the item's final score
         is exactly w_e times its weight: these are the history items that raised it most."""
         history, weights = self.contributions(user_ids, item_ids)
-        liked = tf.gather(tf.RaggedTensor.from_row_splits(saving.read(self.history_liked),
-                                                          saving.read(self.history_splits)),
-                          self._history_rows(user_ids))
-        eligible = liked & (weights > 0)
+        eligible = self._liked_of(user_ids) & (weights > 0)
         scores = tf.where(eligible, weights, -np.inf).to_tensor(-np.inf)  # [N, h]
         rows = history.to_tensor(self.items)
         pad = tf.maximum(count - tf.shape(scores)[1], 0)

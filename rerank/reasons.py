@@ -91,22 +91,16 @@ class Reasons(tf.Module):
         items taken out in turn, BERT's term held; the history item IDs [sum of h], in the same
         order)."""
         texts, encoder = self.reranker.texts, self.reranker.encoder
-        history = texts._history_of(user_id)
-        liked = tf.gather(tf.RaggedTensor.from_row_splits(saving.read(texts.history_liked),
-                                                          saving.read(texts.history_splits)),
-                          texts._history_rows(user_id))
-        history = tf.ragged.boolean_mask(history, liked)  # [B, (h)] item rows
+        history = texts.liked_history(user_id)  # [B, (h)] item rows
         owner, rows = history.value_rowids(), history.flat_values
         item_rows = texts.item_row.lookup(item_ids)  # [B, K], -1 for an item the tables lack
         shape, users, items = self.reranker._pairs(user_id, item_ids)
-        ease = tf.reshape(texts.ease_score(users, items), shape) if encoder.ease_feature else (
-            tf.zeros(shape, tf.float32))
-        popularity = tf.reshape(texts.popularity.lookup(items), shape)
-        # EASE: history item h's weight towards each candidate.
-        targets = tf.gather(item_rows, owner)  # [H, K]
-        keys = tf.cast(rows, tf.int64)[:, None] * texts.items + tf.cast(targets, tf.int64)
-        weight = tf.reshape(texts._weight(tf.reshape(keys, [-1])), tf.shape(keys))
-        weight = tf.where(targets >= 0, weight, 0.0) if encoder.ease_feature else 0.0 * weight
+        popularity, ease = (tf.reshape(value, shape)
+                            for value in self.reranker.pair_features(users, items))
+        # EASE: history item h's weight towards each candidate (none without the EASE term).
+        weight = texts.weights(rows, tf.gather(item_rows, owner))  # [H, K]
+        if not encoder.ease_feature:
+            weight = tf.zeros_like(weight)
         # Retrieval: the query without h against each candidate's embedding.
         query = self.tower(user_id)  # [B, D]
         without = self.tower.leave_one_out(user_id, history + 1)  # [H, D]
