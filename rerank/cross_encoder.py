@@ -390,6 +390,67 @@ class RerankValidation(keras.callbacks.Callback):
         result = metrics.evaluate(matrix, self.users, self.items, self.seen, (10,))
         return {key: round(value, 4) for key, value in result.items()}
 
+    def depth_rankings(self, depths: tuple[int, ...]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{D: (item rows [U, D], final scores [U, D])} when the scalar terms keep only their best
+        D candidates for BERT, for each D in `depths` (D = 0: the scalar terms alone over the
+        largest depth's candidates, no BERT), from one BERT pass over the largest: a pair's final
+        score does not depend on the other candidates, and the head's best D are the first D of
+        its best max(depths)."""
+        top, final = rerank_candidates(self.reranker, self.user_ids[self.user_rows],
+                                       self.item_ids, self.candidates, self.retrieval,
+                                       max(depths))
+        head = self.reranker.head_scores(self.user_ids[self.user_rows], self.item_ids[top],
+                                         ranking.pair_scores(self.scores, self.user_rows, top))
+        order = np.argsort(-head, axis=1, kind="stable")  # the head's best first
+        out = {}
+        for depth in depths:
+            keep = np.sort(order[:, :depth], axis=1)  # in retrieval order, as served
+            out[depth] = ((top, head) if depth == 0 else
+                          tuple(np.take_along_axis(t, keep, axis=1) for t in (top, final)))
+        return out
+
+    def depths(self, depths: tuple[int, ...]) -> list[dict]:
+        """Hit rate / NDCG @10 of each of `depth_rankings`, smallest depth first."""
+        return [{"depth": depth, **self.metrics(ranking.reranked(self.scores, self.user_rows,
+                                                                 *ranked))}
+                for depth, ranked in sorted(self.depth_rankings(depths).items())]
+
+
+DEPTHS = (0, 20, 30, 50, 100)  # candidates BERT re-scores in the cascade, tried on validation
+
+
+def depth_grid(candidates: int) -> tuple[int, ...]:
+    """The depths tried for a re-ranker of `candidates` candidates: `DEPTHS` up to it, and it."""
+    return tuple(sorted({d for d in DEPTHS if d <= candidates} | {candidates}))
+
+
+def choose_depth(rows: list[dict], served: int = 10) -> int:
+    """The candidates the cascade's BERT re-scores: the fewest (at least twice the served list,
+    so BERT can still change which items are served) whose validation hit rate@10 is no lower
+    than the largest depth's. BERT's cost grows with the count; where it adds nothing the head's
+    best few are enough, and where it pays the larger depth wins."""
+    widest = max(r["depth"] for r in rows)
+    tried = sorted((r for r in rows if r["depth"] >= min(2 * served, widest) and r["depth"]),
+                   key=lambda r: r["depth"])
+    if not tried:
+        raise ValueError(f"no depth above 0 was tried: {rows}")
+    best = tried[-1]["hit_rate@10"]
+    return next(r["depth"] for r in tried if r["hit_rate@10"] >= best)
+
+
+def record_depth(run_dir: str | os.PathLike, rows: list[dict]) -> int:
+    """Chooses the cascade's BERT depth from validation `rows` (`RerankValidation.depths`) and
+    records it as `serve_depth` in the re-ranker's config (what `cascade export` serves unless
+    told otherwise) and the rows under `reranker.validation.depths` in metrics.json."""
+    run = pathlib.Path(run_dir)
+    path = run / RERANKER_DIR / CONFIG_FILE
+    record = json.loads(path.read_text())
+    record["serve_depth"] = choose_depth(rows)
+    files.write_atomic(path, json.dumps(record, indent=2).encode())
+    runs.update_metrics(run, {"depths": rows, "serve_depth": record["serve_depth"]},
+                        ("reranker", "validation"))
+    return record["serve_depth"]
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.history.append(self.evaluate())
         log.info("epoch %d validation %s", epoch + 1, self.history[-1])
@@ -442,10 +503,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     head = fit_head(encoder, groups, texts.arrays["popularity"], texts.ease_pairs(
         tables.user_ids[groups.user_row], tables.item_ids[groups.candidates]))
 
-    rng = np.random.default_rng(config.seed)
-    val_users = np.unique(users[validation:])
-    if 0 < config.validation_users < len(val_users):
-        val_users = rng.choice(val_users, config.validation_users, replace=False)
+    val_users = validation_users(users[validation:], config)
     keep = np.isin(users[validation:], val_users)
     check = RerankValidation(reranker, scores, seen, users[validation:][keep],
                              items[validation:][keep], tables.user_ids, tables.item_ids,
@@ -497,7 +555,20 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
               "validation": {**baselines, "reranked_per_epoch": check.history,
                              "rows": int(keep.sum()), "users": len(val_users)}}
     runs.update_metrics(run, {"reranker": result})
+    # How many candidates the cascade's BERT re-scores, chosen on the same validation rows.
+    result["validation"]["serve_depth"] = record_depth(
+        run, check.depths(depth_grid(config.candidates)))
     return result
+
+
+def validation_users(users: np.ndarray, config: RerankerConfig) -> np.ndarray:
+    """The user rows whose validation rows (`users`: the user row of each) the re-ranker is
+    validated on: all, or a seeded sample of `config.validation_users`."""
+    chosen = np.unique(users)
+    if 0 < config.validation_users < len(chosen):
+        chosen = np.random.default_rng(config.seed).choice(chosen, config.validation_users,
+                                                           replace=False)
+    return chosen
 
 
 def load_reranker(run_dir: str | os.PathLike) -> Reranker:

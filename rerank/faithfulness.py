@@ -43,15 +43,20 @@ KINDS = ("reason", "item-item share", "random liked", "item-item share, all serv
 
 
 def necessity(run_dir: str | os.PathLike, pairs_wanted: int = 1000, served: int = 10,
-              depth: int = 100, seed: int = 0, served_out: list | None = None) -> dict:
+              depth: int | None = None, seed: int = 0, served_out: list | None = None) -> dict:
     """PN of the reasons, of the largest item-item share and of random liked items on about
     `pairs_wanted` served pairs with a reason (and of the item-item share on every served pair,
     the reason the copy cited before), of test users (the top `served` of the re-ranked
-    retrieval top `depth`), with the coverage (share of served pairs that have a reason).
+    retrieval top K whose best `depth` by the scalar terms BERT re-scores, as the cascade serves
+    them; default: the run's `serve_depth`), with the coverage (share of served pairs that have
+    a reason).
     `served_out`, if given, receives each user's (user ID, served item IDs [served], their
     reasons [served, 2]), for the copy written with them."""
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)
+    record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
+    k = record.get("candidates", ce.RerankerConfig.candidates)
+    depth = min(k, depth or record.get("serve_depth") or k)
     logits, test_users, _, seen, tables = rerank_eval.test_inputs(run)
     retrieval, _ = runs.load_run(run)
     dataset, split = runs.run_data(run)
@@ -67,8 +72,9 @@ def necessity(run_dir: str | os.PathLike, pairs_wanted: int = 1000, served: int 
     shown_pairs = with_reason = 0
     for start in range(0, len(user_rows), 32):
         rows = user_rows[start:start + 32]
-        top, final = rerank_eval.rerank_scores(reranker, logits, seen, rows, tables.user_ids,
-                                               tables.item_ids, depth)
+        top = ranking.top_candidates(logits, seen, k, users=rows)
+        top, final = ce.rerank_candidates(reranker, tables.user_ids[rows], tables.item_ids, top,
+                                          ranking.pair_scores(logits, rows, top), depth)
         order = np.argsort(-final, axis=1, kind="stable")
         top, final = np.take_along_axis(top, order, 1), np.take_along_axis(final, order, 1)
         ids = tables.user_ids[rows].astype(str)

@@ -100,6 +100,12 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
             ranking.pair_scores(logits, user_rows, merged), source.two_tower))
         candidates = _candidate_rates(reranker, logits, seen, users, items, user_rows, merged,
                                       codes, source)
+    served = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text()).get("serve_depth")
+    if served and served < source.two_tower:  # the cascade's BERT re-scores fewer (`sweep_depth`)
+        pool = merged if candidates is not None else top
+        rankings[f"served@{served}"] = replaced(*ce.rerank_candidates(
+            reranker, tables.user_ids[user_rows], tables.item_ids, pool,
+            ranking.pair_scores(logits, user_rows, pool), served))
     table = {name: _rounded(metrics.evaluate(scores, users, items, seen, KS))
              for name, scores in rankings.items()}
     buckets = bucket_table(rankings, users, items, seen, tables.item_count)
@@ -219,6 +225,61 @@ def sweep_candidates(run_dir: str | os.PathLike, slots=SWEEP) -> list[dict]:
     return out
 
 
+def validation_check(run_dir: str | os.PathLike) -> ce.RerankValidation:
+    """The re-ranker's validation as its training ran it: its held-out rows (the validation
+    share, the same sampled users), the shadow retrieval model and the merged candidates, user
+    contexts and EASE weights from the shadow's training rows. Needs a trained re-ranker."""
+    from rerank import negatives, pairs
+
+    run = pathlib.Path(run_dir)
+    reranker = ce.load_reranker(run)
+    record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
+    names = {f.name for f in dataclasses.fields(ce.RerankerConfig)}
+    config = ce.RerankerConfig(**{k: v for k, v in record.items() if k in names})
+    shadow, tables = runs.load_run(run / ce.RERANKER_DIR / "shadow")
+    dataset, split = runs.run_data(run)
+    fit_rows, held_out = negatives.split_rows(split.train, config.holdout)
+    users, items, seen = retrieval_eval.test_rows(tables, held_out)
+    tail = slice(len(held_out) - int(len(held_out) * config.validation_share), None)
+    keep = np.isin(users[tail], ce.validation_users(users[tail], config))
+    users, items = users[tail][keep], items[tail][keep]
+    queries, candidates = towers_model.embeddings(shadow, tables)
+    logits = metrics.embedding_scores(queries, candidates, 1.0 / shadow.config.temperature)
+    ease_l2 = config.ease_l2 if config.ease_feature or config.item_item_candidates else None
+    texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
+                                  config.history_titles, ease_l2, config.ease_neighbours,
+                                  ce.liked_rating(dataset), config.ease_max_items)
+    user_rows = np.unique(users)
+    merged, _ = sources.batched(logits, seen, texts.neighbours(), tables.item_count,
+                                ce.source_config(config), users=user_rows)
+    return ce.RerankValidation(
+        ce.Reranker(reranker.encoder, texts, reranker.tokenizer, config.max_length), logits,
+        seen, users, items, tables.user_ids, tables.item_ids, merged, user_rows,
+        config.candidates)
+
+
+def sweep_depth(run_dir: str | os.PathLike) -> list[dict]:
+    """How many candidates the cascade's BERT re-scores, chosen on training rows only: the
+    re-ranker's validation (`validation_check`) re-ranked at each depth of
+    `cross_encoder.depth_grid`; records the choice in the run (`cross_encoder.record_depth`)
+    and returns the rows. What training does at its end, for a run trained before it did."""
+    check = validation_check(run_dir)
+    rows = check.depths(ce.depth_grid(check.depth))
+    ce.record_depth(run_dir, rows)
+    return rows
+
+
+def format_depths(rows: list[dict], chosen: int) -> str:
+    lines = ["Candidates BERT re-scores (the scalar terms keep the best D of the merged list), on "
+             "the re-ranker's validation rows:", "",
+             "| D | hit rate@10 | NDCG@10 |", "|---|---|---|"]
+    for r in rows:
+        label = "0 (scalar terms alone)" if r["depth"] == 0 else str(r["depth"])
+        mark = " **(chosen)**" if r["depth"] == chosen else ""
+        lines.append(f"| {label}{mark} | {r['hit_rate@10']:.4f} | {r['ndcg@10']:.4f} |")
+    return "\n".join(lines)
+
+
 def format_sweep(results: list[dict]) -> str:
     lines = ["Merged candidates on the re-ranker's validation rows (held-out training rows, "
              "shadow retrieval model):", "", "| K | two-tower | item-to-item | hit rate |",
@@ -327,6 +388,9 @@ def _label(name: str) -> str:
         return "merged candidates, learned scalar terms only (no BERT)"
     if name == "reranked@merged":
         return "merged candidates, scalar terms keep the top k, re-ranked (cross-encoder)"
+    if name.startswith("served@"):
+        return (f"retrieval's candidates, scalar terms keep the best {name.split('@')[1]} for "
+                "BERT, re-ranked (as the cascade serves)")
     if name.startswith("reranked@"):
         return f"retrieval top-{name.split('@')[1]} re-ranked (cross-encoder)"
     if name.startswith("head@"):

@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_reranker.add_argument("--sweep-candidates", action="store_true",
                                    help="instead: the merged candidates' hit rate for each split "
                                    "of the slots, on validation rows (how the defaults were chosen)")
+    evaluate_reranker.add_argument("--sweep-depth", action="store_true",
+                                   help="instead: validation hit rate for each count of "
+                                   "candidates BERT re-scores; records the chosen count in the "
+                                   "run (what training does, for a run trained before it did)")
     evaluate_reranker.set_defaults(handler=_evaluate_reranker)
 
     bench = commands.add_parser("bench", help="measure speed and quality side by side, "
@@ -215,7 +219,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="bruteforce serves on stock TF Serving; scann needs its ScaNN build")
     export.add_argument("--k", type=int, default=100,
                         help="two-tower items in `retrieval`'s list, and the candidates BERT "
-                             "re-scores in `cascade` (default: %(default)s)")
+                             "scalar terms keep of the merged list in `cascade` "
+                             "(default: %(default)s)")
+    export.add_argument("--bert-depth", type=int, metavar="D",
+                        help="the candidates BERT re-scores in `cascade`: the scalar terms' best "
+                             "D of the k (default: the run's `serve_depth`, chosen on "
+                             "validation rows when the re-ranker was trained, else k)")
     export.add_argument("--item-item", type=int, metavar="SLOTS",
                         help="more candidates from the item-to-item source (default: what the "
                              "run's re-ranker was trained with, else 0)")
@@ -414,6 +423,12 @@ def _evaluate_reranker(args) -> None:
     if args.sweep_candidates:
         print(rerank_eval.format_sweep(rerank_eval.sweep_candidates(args.run)))
         return
+    if args.sweep_depth:
+        from rerank import cross_encoder
+
+        rows = rerank_eval.sweep_depth(args.run)
+        print(rerank_eval.format_depths(rows, cross_encoder.choose_depth(rows)))
+        return
     print(rerank_eval.format_table(rerank_eval.evaluate_reranker(args.run,
                                                                  with_als=not args.no_peers)))
     recorded = json.loads((pathlib.Path(args.run) / "metrics.json").read_text())["reranker"]["test"]
@@ -517,7 +532,8 @@ def _export(args) -> None:
 
     paths = export.export(args.run, args.model_base_path, args.version, args.index, args.k,
                           n=args.n, models=args.models, item_item=args.item_item,
-                          new_items=args.new_items, new_item_max_count=args.new_item_max_count)
+                          new_items=args.new_items, new_item_max_count=args.new_item_max_count,
+                          bert_depth=args.bert_depth)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

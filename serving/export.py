@@ -282,8 +282,8 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
            version: int | None = None, index_kind: str = "bruteforce", k: int = 100,
            scann: index.ScannConfig | None = None, n: int = 10,
            models: tuple[str, ...] | None = None, item_item: int | None = None,
-           new_items: int | None = None, new_item_max_count: int | None = None
-           ) -> dict[str, pathlib.Path]:
+           new_items: int | None = None, new_item_max_count: int | None = None,
+           bert_depth: int | None = None) -> dict[str, pathlib.Path]:
     """Writes one version of every model the run can make (or of `models`); returns their paths.
 
     query_tower, candidate_tower and retrieval always; reranker when the run has a trained
@@ -291,8 +291,9 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     two-tower's slots in retrieval's list and the candidates BERT re-scores in the cascade;
     `item_item`, `new_items` and `new_item_max_count` the other sources' (`towers.sources`;
     default: what the run's re-ranker was trained with, else none), so `retrieval` returns
-    k + item_item + new_items items, of which the cascade's scalar terms keep k for BERT; `n` is
-    the cascade's final list.
+    k + item_item + new_items items, of which the cascade's scalar terms keep k, and BERT
+    re-scores their best `bert_depth` (default: the run's `serve_depth`, chosen on validation
+    rows by `rerank.cross_encoder.record_depth`, else k); `n` is the cascade's final list.
     """
     base = pathlib.Path(model_base_path).resolve()
     run = pathlib.Path(run_dir)
@@ -302,11 +303,13 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     if missing:
         raise ExportError(f"{run}: cannot export {', '.join(missing)}: " + "; ".join(
             _HOW_TO_MAKE[name].format(run=run) for name in missing))
-    if "cascade" in wanted and not 1 <= n <= k:
-        raise ExportError(f"n={n}: the cascade's final list must hold 1 to k={k} items")
+    trained = _reranker_record(run)
+    depth = min(k, bert_depth or trained.get("serve_depth") or k)
+    if "cascade" in wanted and not 1 <= n <= depth:
+        raise ExportError(f"n={n}: the cascade's final list must hold 1 to {depth} items (the "
+                          f"candidates BERT re-scores: k={k}, --bert-depth {bert_depth})")
     retrieval, tables = runs.load_run(run_dir)
     candidates = towers_model.candidate_embeddings(retrieval, tables)
-    trained = _reranker_record(run)
     slots = sources.SourceConfig(
         k, trained.get("item_item_candidates", 0) if item_item is None else item_item,
         trained.get("new_item_candidates", 0) if new_items is None else new_items,
@@ -357,14 +360,14 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     if "cascade" in wanted:
         titles = dict(zip(tables.item_ids, dataset.labels(tables.item_ids)))
         modules["cascade"] = (CascadeModule(retrieval_module, reranker, copywriter, titles,
-                                            retrieval.config.temperature, n, depth=k),
+                                            retrieval.config.temperature, n, depth=depth),
                               {"user_id": users})
     modules = {name: modules[name] for name in STAGES if name in wanted}
     version = version or next_version(base, modules)
     if {"copywriter", "cascade"} & set(wanted):
         copywriter.salt.assign(version)  # the same lines from `copywriter` and `cascade`
     record = {"run_dir": str(run.resolve()), "version": version,
-              "index": index_kind, "k": slots.k, "n": n, "embedding_dim": int(candidates.shape[1]),
+              "index": index_kind, "k": slots.k, "n": n, "bert_depth": depth, "embedding_dim": int(candidates.shape[1]),
               "sources": dataclasses.asdict(slots),
               "num_items": len(tables.item_ids), "num_users": len(tables.user_ids),
               "scann": (dataclasses.asdict((scann or index.ScannConfig()).for_catalog(len(rows)))

@@ -131,3 +131,47 @@ def test_new_arrivals_shelf_reranked(tiny_cascade_run):
     assert 0 <= shelf["reranked"] <= 1
     table = rerank_eval.format_new_items(result)
     assert "| re-ranked (cross-encoder) |" in table and "| retrieval alone |" in table
+
+
+def test_choose_depth_takes_the_fewest_candidates_that_lose_nothing_on_validation():
+    def rows(*pairs):
+        return [{"depth": d, "hit_rate@10": h} for d, h in pairs]
+
+    # BERT adds nothing: 30 already reaches the widest depth's hit rate (0 is never chosen).
+    assert ce.choose_depth(rows((0, 0.30), (20, 0.16), (30, 0.17), (50, 0.17), (100, 0.17))) == 30
+    # BERT pays with depth: only the widest keeps its gain.
+    assert ce.choose_depth(rows((20, 0.10), (50, 0.12), (100, 0.13))) == 100
+    # At least twice the served list, unless the re-ranker has fewer candidates than that.
+    assert ce.choose_depth(rows((10, 0.2), (20, 0.1), (40, 0.1)), served=10) == 20
+    assert ce.choose_depth(rows((0, 0.2), (12, 0.1)), served=10) == 12
+    assert ce.depth_grid(100) == (0, 20, 30, 50, 100) and ce.depth_grid(12) == (0, 12)
+    with pytest.raises(ValueError, match="no depth above 0"):
+        ce.choose_depth(rows((0, 0.2)))
+
+
+def test_depth_sweep_is_the_served_two_pass_ranking_on_the_training_validation(reranker_run,
+                                                                                capsys):
+    """The rebuilt validation has training's rows and users; each depth's ranking is the served
+    two passes (the scalar terms keep D, BERT re-scores them) from one BERT pass, and depth 0
+    the scalar terms alone; the CLI records the depth it prints as chosen."""
+    recorded = json.loads((reranker_run / "metrics.json").read_text())["reranker"]["validation"]
+    check = rerank_eval.validation_check(reranker_run)
+    assert (len(check.users), len(check.user_rows)) == (recorded["rows"], recorded["users"])
+    ranked = check.depth_rankings((0, 4, 8, 12))
+    user_ids = check.user_ids[check.user_rows]
+    for depth in (4, 8, 12):
+        items, scores = ce.rerank_candidates(check.reranker, user_ids, check.item_ids,
+                                             check.candidates, check.retrieval, depth)
+        assert items.shape == (len(user_ids), depth)
+        np.testing.assert_array_equal(ranked[depth][0], items)
+        np.testing.assert_allclose(ranked[depth][1], scores, rtol=1e-5, atol=1e-5)
+    head = check.reranker.head_scores(user_ids, check.item_ids[ranked[0][0]],
+                                      ranking.pair_scores(check.scores, check.user_rows,
+                                                          ranked[0][0]))
+    np.testing.assert_allclose(ranked[0][1], head, rtol=1e-5, atol=1e-5)
+    # Training recorded its sweep (the tiny re-ranker has 12 candidates: depths 0 and 12).
+    assert [r["depth"] for r in recorded["depths"]] == [0, 12] and recorded["serve_depth"] == 12
+    assert cli.main(["evaluate", "reranker", "--run", str(reranker_run), "--sweep-depth"]) in (0, None)
+    assert "| 12 **(chosen)** |" in capsys.readouterr().out
+    config = json.loads((reranker_run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
+    assert config["serve_depth"] == 12

@@ -84,6 +84,8 @@ def test_every_model_is_exported_with_k_and_n_recorded(tiny_cascade_export):
     record = json.loads((tiny_cascade_export / "cascade" / "1" / "assets.extra" / export.RECORD_FILE).read_text())
     # k = 20 two-tower + 6 item-to-item + 2 new-item slots (the tiny re-ranker's sources).
     assert (record["k"], record["n"], record["index"], record["model"]) == (28, 5, "bruteforce", "cascade")
+    # BERT re-scores the run's serve_depth (12, chosen when its re-ranker was trained), not k = 20.
+    assert record["bert_depth"] == 12
     assert record["sources"] == {"two_tower": 20, "item_item": 6, "new_items": 2,
                                  "new_item_max_count": 0}
     # Warmup requests are real requests: the cascade's replays through its signature.
@@ -118,9 +120,10 @@ def test_the_cascade_holds_each_table_once_in_its_variables(tiny_cascade_export,
 
 def _parts(export_dir, run, users: list[str]) -> dict:
     """The cascade rebuilt from its parts for `users`: retrieval's 28 merged candidates; the
-    re-ranker's scalar terms (no BERT) keep 20, in retrieval order; the `reranker` signature's
-    scores of those; the top 5; the liked history items without which each would rank lower
-    among the 20 (`rerank.reasons`, in Python), the reasons their copy is written with."""
+    re-ranker's scalar terms (no BERT) keep 12 (the run's `serve_depth`: its re-ranker was
+    trained on 12 candidates), in retrieval order; the `reranker` signature's scores of those;
+    the top 5; the liked history items without which each would rank lower among the 12
+    (`rerank.reasons`, in Python), the reasons their copy is written with."""
     from rerank import cross_encoder
 
     found = _signature(export_dir / "retrieval" / "1")(user_id=tf.constant(users))
@@ -131,7 +134,7 @@ def _parts(export_dir, run, users: list[str]) -> dict:
     reranker = cross_encoder.load_reranker(run)
     head = reranker.head_scores(np.array(users), candidates.astype(str),
                                 retrieval_scores / temperature)
-    keep = np.sort(np.argsort(-head, axis=1, kind="stable")[:, :20], axis=1)
+    keep = np.sort(np.argsort(-head, axis=1, kind="stable")[:, :12], axis=1)
     candidates, retrieval_scores, origin = (np.take_along_axis(a, keep, axis=1)
                                             for a in (candidates, retrieval_scores, origin))
     reranked = _signature(export_dir / "reranker" / "1")(
@@ -323,4 +326,6 @@ def test_cascade_needs_both_stages_and_a_sane_n(tiny_run, tiny_cascade_run, tmp_
         export.export(tiny_run, tmp_path / "a", models=("cascade",))
     with pytest.raises(export.ExportError, match="n=30"):
         export.export(tiny_cascade_run, tmp_path / "b", k=20, n=30)
+    with pytest.raises(export.ExportError, match="n=5: .* 1 to 4 items .*--bert-depth 4"):
+        export.export(tiny_cascade_run, tmp_path / "b", k=20, n=5, bert_depth=4)
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*/1"))
