@@ -416,6 +416,13 @@ class RerankValidation(keras.callbacks.Callback):
                 for depth, ranked in sorted(self.depth_rankings(depths).items())]
 
 
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.history.append(self.evaluate())
+        log.info("epoch %d validation %s", epoch + 1, self.history[-1])
+        if logs is not None:
+            logs.update({f"val_{key}": value for key, value in self.history[-1].items()})
+
+
 DEPTHS = (0, 20, 30, 50, 100)  # candidates BERT re-scores in the cascade, tried on validation
 
 
@@ -450,13 +457,6 @@ def record_depth(run_dir: str | os.PathLike, rows: list[dict]) -> int:
     runs.update_metrics(run, {"depths": rows, "serve_depth": record["serve_depth"]},
                         ("reranker", "validation"))
     return record["serve_depth"]
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.history.append(self.evaluate())
-        log.info("epoch %d validation %s", epoch + 1, self.history[-1])
-        if logs is not None:
-            logs.update({f"val_{key}": value for key, value in self.history[-1].items()})
-
 
 def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                    config: RerankerConfig = RerankerConfig(), verbose: int | None = None) -> dict:

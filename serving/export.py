@@ -306,8 +306,9 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     trained = _reranker_record(run)
     depth = min(k, bert_depth or trained.get("serve_depth") or k)
     if "cascade" in wanted and not 1 <= n <= depth:
-        raise ExportError(f"n={n}: the cascade's final list must hold 1 to {depth} items (the "
-                          f"candidates BERT re-scores: k={k}, --bert-depth {bert_depth})")
+        raise ExportError(f"n={n}: the cascade's final list must hold 1 to {depth} items, the "
+                          f"candidates BERT re-scores (k={k}; --bert-depth "
+                          f"{bert_depth or trained.get('serve_depth')})")
     retrieval, tables = runs.load_run(run_dir)
     candidates = towers_model.candidate_embeddings(retrieval, tables)
     slots = sources.SourceConfig(

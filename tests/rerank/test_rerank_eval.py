@@ -155,8 +155,10 @@ def test_depth_sweep_is_the_served_two_pass_ranking_on_the_training_validation(r
     two passes (the scalar terms keep D, BERT re-scores them) from one BERT pass, and depth 0
     the scalar terms alone; the CLI records the depth it prints as chosen."""
     recorded = json.loads((reranker_run / "metrics.json").read_text())["reranker"]["validation"]
+    assert len(recorded["reranked_per_epoch"]) == 1  # the callback ran at the end of its epoch
     check = rerank_eval.validation_check(reranker_run)
     assert (len(check.users), len(check.user_rows)) == (recorded["rows"], recorded["users"])
+    assert check.evaluate() == recorded["reranked_per_epoch"][0]
     ranked = check.depth_rankings((0, 4, 8, 12))
     user_ids = check.user_ids[check.user_rows]
     for depth in (4, 8, 12):

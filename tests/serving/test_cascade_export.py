@@ -326,6 +326,6 @@ def test_cascade_needs_both_stages_and_a_sane_n(tiny_run, tiny_cascade_run, tmp_
         export.export(tiny_run, tmp_path / "a", models=("cascade",))
     with pytest.raises(export.ExportError, match="n=30"):
         export.export(tiny_cascade_run, tmp_path / "b", k=20, n=30)
-    with pytest.raises(export.ExportError, match="n=5: .* 1 to 4 items .*--bert-depth 4"):
+    with pytest.raises(export.ExportError, match=r"n=5: .* 1 to 4 items.*--bert-depth 4"):
         export.export(tiny_cascade_run, tmp_path / "b", k=20, n=5, bert_depth=4)
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*/1"))
