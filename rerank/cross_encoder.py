@@ -556,8 +556,8 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                              "rows": int(keep.sum()), "users": len(val_users)}}
     runs.update_metrics(run, {"reranker": result})
     # How many candidates the cascade's BERT re-scores, chosen on the same validation rows.
-    result["validation"]["serve_depth"] = record_depth(
-        run, check.depths(depth_grid(config.candidates)))
+    rows = check.depths(depth_grid(config.candidates))
+    result["validation"].update(depths=rows, serve_depth=record_depth(run, rows))
     return result
 
 
