@@ -380,10 +380,12 @@ class RerankValidation(keras.callbacks.Callback):
         self.retrieval = ranking.pair_scores(scores, self.user_rows, self.candidates)
         self.depth = depth
         self.user_ids, self.item_ids, self.history = user_ids, item_ids, []
+        self.last = None  # (depth, candidates, final scores) of the last `evaluate`
 
     def evaluate(self) -> dict[str, float]:
         top, final = rerank_candidates(self.reranker, self.user_ids[self.user_rows],
                                        self.item_ids, self.candidates, self.retrieval, self.depth)
+        self.last = (self.depth, top, final)  # the end of training's sweep reuses it
         return self.metrics(ranking.reranked(self.scores, self.user_rows, top, final))
 
     def metrics(self, matrix) -> dict[str, float]:
@@ -395,10 +397,14 @@ class RerankValidation(keras.callbacks.Callback):
         D candidates for BERT, for each D in `depths` (D = 0: the scalar terms alone over the
         largest depth's candidates, no BERT), from one BERT pass over the largest: a pair's final
         score does not depend on the other candidates, and the head's best D are the first D of
-        its best max(depths)."""
-        top, final = rerank_candidates(self.reranker, self.user_ids[self.user_rows],
-                                       self.item_ids, self.candidates, self.retrieval,
-                                       max(depths))
+        its best max(depths). The last `evaluate`'s pass serves when it was at that depth (the
+        weights are not trained between them)."""
+        if self.last is not None and self.last[0] == max(depths):
+            _, top, final = self.last
+        else:
+            top, final = rerank_candidates(self.reranker, self.user_ids[self.user_rows],
+                                           self.item_ids, self.candidates, self.retrieval,
+                                           max(depths))
         head = self.reranker.head_scores(self.user_ids[self.user_rows], self.item_ids[top],
                                          ranking.pair_scores(self.scores, self.user_rows, top))
         order = np.argsort(-head, axis=1, kind="stable")  # the head's best first
@@ -450,10 +456,8 @@ def record_depth(run_dir: str | os.PathLike, rows: list[dict]) -> int:
     records it as `serve_depth` in the re-ranker's config (what `cascade export` serves unless
     told otherwise) and the rows under `reranker.validation.depths` in metrics.json."""
     run = pathlib.Path(run_dir)
-    path = run / RERANKER_DIR / CONFIG_FILE
-    record = json.loads(path.read_text())
-    record["serve_depth"] = choose_depth(rows)
-    files.write_atomic(path, json.dumps(record, indent=2).encode())
+    record = {**_record(run), "serve_depth": choose_depth(rows)}
+    files.write_atomic(run / RERANKER_DIR / CONFIG_FILE, json.dumps(record, indent=2).encode())
     runs.update_metrics(run, {"depths": rows, "serve_depth": record["serve_depth"]},
                         ("reranker", "validation"))
     return record["serve_depth"]
@@ -571,6 +575,29 @@ def validation_users(users: np.ndarray, config: RerankerConfig) -> np.ndarray:
     return chosen
 
 
+def _record(run_dir: str | os.PathLike) -> dict:
+    """The run's reranker_config.json: the training config, the checkpoint, `serve_depth`."""
+    path = pathlib.Path(run_dir) / RERANKER_DIR / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; train first with "
+                                f"`cascade train reranker --run {run_dir}`")
+    return json.loads(path.read_text())
+
+
+def run_config(run_dir: str | os.PathLike) -> RerankerConfig:
+    """The config the run's re-ranker was trained with."""
+    names = {f.name for f in dataclasses.fields(RerankerConfig)}
+    return RerankerConfig(**{k: v for k, v in _record(run_dir).items() if k in names})
+
+
+def served_depth(run_dir: str | os.PathLike) -> int:
+    """The candidates the run's cascade has BERT re-score: its `serve_depth` (`record_depth`),
+    else all the re-ranker was trained on."""
+    record = _record(run_dir)
+    candidates = record.get("candidates", RerankerConfig.candidates)
+    return min(candidates, record.get("serve_depth") or candidates)
+
+
 def load_reranker(run_dir: str | os.PathLike) -> Reranker:
     """The trained re-ranker of a run, reading test-time texts (all training rows)."""
     out = pathlib.Path(run_dir) / RERANKER_DIR
@@ -578,9 +605,7 @@ def load_reranker(run_dir: str | os.PathLike) -> Reranker:
         if not (out / needed).exists():
             raise FileNotFoundError(f"{out / needed}: not found; train first with "
                                     f"`cascade train reranker --run {run_dir}`")
-    record = json.loads((out / CONFIG_FILE).read_text())
-    names = {f.name for f in dataclasses.fields(RerankerConfig)}
-    config = RerankerConfig(**{k: v for k, v in record.items() if k in names})
+    config = run_config(run_dir)
     encoder = new_encoder(out / BASE_DIR, config, pretrained=False)
     encoder.load_weights(str(out / WEIGHTS)).expect_partial()
     return Reranker(encoder, pairs.PairTexts.load(out / TEXTS_FILE),

@@ -54,9 +54,8 @@ def necessity(run_dir: str | os.PathLike, pairs_wanted: int = 1000, served: int 
     reasons [served, 2]), for the copy written with them."""
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)
-    record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
-    k = record.get("candidates", ce.RerankerConfig.candidates)
-    depth = min(k, depth or record.get("serve_depth") or k)
+    k = ce.run_config(run).candidates
+    depth = min(k, depth or ce.served_depth(run))
     logits, test_users, _, seen, tables = rerank_eval.test_inputs(run)
     retrieval, _ = runs.load_run(run)
     dataset, split = runs.run_data(run)

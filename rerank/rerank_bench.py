@@ -62,7 +62,7 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
                            bfloat16: bool = True, seed: int = 0) -> dict:
     """Measures every variant; writes `reranker.json`, `reranker.md`, `reranker.png` to `out`."""
     run, out = pathlib.Path(run_dir), pathlib.Path(out)
-    config = _config(run)
+    config = ce.run_config(run)
     reranker = ce.load_reranker(run)
     retrieval, tables = runs.load_run(run)
     _, candidates = towers_model.embeddings(retrieval, tables)
@@ -124,16 +124,6 @@ def run_reranker_benchmark(run_dir: str | os.PathLike, out: str | os.PathLike,
     files.write_atomic(out / "reranker.md", format_markdown(result).encode())
     _plot(result, out / "reranker.png")
     return result
-
-
-def _config(run: pathlib.Path) -> ce.RerankerConfig:
-    path = run / ce.RERANKER_DIR / ce.CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; train first with "
-                                f"`cascade train reranker --run {run}`")
-    names = {f.name for f in dataclasses.fields(ce.RerankerConfig)}
-    return ce.RerankerConfig(**{k: v for k, v in json.loads(path.read_text()).items()
-                                if k in names})
 
 
 def _variant_reranker(run: pathlib.Path, trained: ce.Reranker, config: ce.RerankerConfig,

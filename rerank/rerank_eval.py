@@ -100,8 +100,8 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
             ranking.pair_scores(logits, user_rows, merged), source.two_tower))
         candidates = _candidate_rates(reranker, logits, seen, users, items, user_rows, merged,
                                       codes, source)
-    served = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text()).get("serve_depth")
-    if served and served < source.two_tower:  # the cascade's BERT re-scores fewer (`sweep_depth`)
+    served = ce.served_depth(run)
+    if served < source.two_tower:  # the cascade's BERT re-scores fewer (`sweep_depth`)
         pool = merged if candidates is not None else top
         rankings[f"served@{served}"] = replaced(*ce.rerank_candidates(
             reranker, tables.user_ids[user_rows], tables.item_ids, pool,
@@ -233,9 +233,7 @@ def validation_check(run_dir: str | os.PathLike) -> ce.RerankValidation:
 
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)
-    record = json.loads((run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
-    names = {f.name for f in dataclasses.fields(ce.RerankerConfig)}
-    config = ce.RerankerConfig(**{k: v for k, v in record.items() if k in names})
+    config = ce.run_config(run)
     shadow, tables = runs.load_run(run / ce.RERANKER_DIR / "shadow")
     dataset, split = runs.run_data(run)
     fit_rows, held_out = negatives.split_rows(split.train, config.holdout)
