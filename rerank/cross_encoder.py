@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -92,6 +94,12 @@ class CrossEncoder(keras.Model):
                                                     initializer="zeros")
         self.new_item_gate = self.add_weight(name="new_item_gate", shape=(), initializer="zeros",
                                              trainable=False)  # 1: the two terms above are on
+        # The BERT term's weight for items with and without a training interaction: 1 (the term
+        # as fine-tuned) until `fit_text_weights` sets them on validation rows after fine-tuning.
+        self.text_weight = self.add_weight(name="text_weight", shape=(), initializer="ones",
+                                           trainable=False)
+        self.new_text_weight = self.add_weight(name="new_text_weight", shape=(),
+                                               initializer="ones", trainable=False)
 
     @tf.autograph.experimental.do_not_convert  # see Reranker.call
     def text_score(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
@@ -114,12 +122,18 @@ class CrossEncoder(keras.Model):
             score += self.ease_weight * ease
         return score
 
+    def text_weights(self, popularity: tf.Tensor) -> tf.Tensor:
+        """The BERT term's weight for each item: `new_text_weight` where it has no training
+        interaction (popularity 0), else `text_weight`."""
+        return tf.where(tf.equal(popularity, 0.0), self.new_text_weight, self.text_weight)
+
     @tf.autograph.experimental.do_not_convert  # see Reranker.call
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """`input_ids` etc. int32 [N, T]; `retrieval_score`, `popularity`, `ease` float32 [N]
         -> [N]."""
-        return self.text_score(inputs, training) + self.scalar_terms(
-            inputs["retrieval_score"], inputs["popularity"], inputs["ease"])
+        return (self.text_score(inputs, training) * self.text_weights(inputs["popularity"])
+                + self.scalar_terms(inputs["retrieval_score"], inputs["popularity"],
+                                    inputs["ease"]))
 
 
 class Reranker(keras.Model):
@@ -316,6 +330,40 @@ def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.nda
     return {"loss": float(loss), **head_weights(encoder)}
 
 
+MIN_FIT_ROWS = 20  # validation positives of a kind (warm / new items) needed to fit its weight
+
+
+def fit_text_weights(encoder: CrossEncoder, text: np.ndarray, head: np.ndarray, new: np.ndarray,
+                     positive: np.ndarray, allowed: np.ndarray, steps: int = 300
+                     ) -> dict[str, float | int]:
+    """Sets the BERT term's weights for items with and without training rows
+    (`CrossEncoder.text_weight`, `new_text_weight`) by the listwise loss of validation rows: row p's
+    positive `positive[p]` against the `allowed[p]` of its user's candidates, scored
+    `head + weight * text` (`text`, `head`, `new` [P, K]: the BERT term at weight 1, the scalar
+    terms, no training interaction). A weight is fit only when at least `MIN_FIT_ROWS` positives
+    are of its kind, else it keeps its value; neither goes below 0 (the term may be switched off,
+    never turned round). Returns both weights and the count of rows of each kind."""
+    is_new = new[np.arange(len(positive)), positive]
+    counts = {"text_weight": int((~is_new).sum()), "new_text_weight": int(is_new.sum())}
+    weights = [getattr(encoder, name) for name, count in counts.items() if count >= MIN_FIT_ROWS]
+    if weights:
+        text, head, new = (tf.constant(a, tf.float32) for a in (text, head, new))
+        labels = tf.one_hot(positive, text.shape[1])
+        mask = tf.constant(allowed)
+        optimizer = keras.optimizers.Adam(0.05)
+        for _ in range(steps):
+            with tf.GradientTape() as tape:
+                tape.watch(weights)  # not trainable: fine-tuning leaves them alone
+                scale = encoder.new_text_weight * new + encoder.text_weight * (1.0 - new)
+                loss = listwise_loss(labels, tf.where(mask, head + scale * text, -1e9))
+            optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
+            for weight in weights:
+                weight.assign(tf.maximum(weight, 0.0))
+    return {"text_weight": float(encoder.text_weight),
+            "new_text_weight": float(encoder.new_text_weight),
+            "rows": counts["text_weight"], "new_rows": counts["new_text_weight"]}
+
+
 def head_weights(encoder: CrossEncoder) -> dict[str, float]:
     """The learned weights of the scalar terms of the final score."""
     return {"retrieval_weight": float(encoder.retrieval_weight),
@@ -391,6 +439,40 @@ class RerankValidation(keras.callbacks.Callback):
     def metrics(self, matrix) -> dict[str, float]:
         result = metrics.evaluate(matrix, self.users, self.items, self.seen, (10,))
         return {key: round(value, 4) for key, value in result.items()}
+
+    def fit_text_weights(self) -> dict[str, float | int]:
+        """Fits the BERT term's weights for items with and without training rows
+        (`fit_text_weights`) on these validation rows, over the candidates BERT re-scores at
+        this validation's depth, and leaves `last` as the encoder now scores them (no second
+        BERT pass). Returns the weights, the rows of each kind, and the validation metrics at
+        weight 1 (`before`) and at the fitted weights (`after`)."""
+        encoder = self.reranker.encoder
+        if (self.last is None or self.last[0] != self.depth
+                or float(encoder.text_weight) != 1.0 or float(encoder.new_text_weight) != 1.0):
+            encoder.text_weight.assign(1.0)
+            encoder.new_text_weight.assign(1.0)
+            self.evaluate()  # the BERT term at weight 1: final - head
+        _, top, final = self.last
+        retrieval = ranking.pair_scores(self.scores, self.user_rows, top)
+        head = self.reranker.head_scores(self.user_ids[self.user_rows], self.item_ids[top],
+                                         retrieval)
+        text = final - head
+        new = self.reranker.texts.popularity.lookup(
+            tf.constant(self.item_ids[top].astype(str))).numpy() == 0
+        user = np.searchsorted(self.user_rows, self.users)  # each row's user position
+        match = top[user] == self.items[:, None]  # [N, D]: where the row's item is
+        positives = np.zeros(top.shape, bool)
+        np.logical_or.at(positives, user, match)  # every validation item of the user
+        found = match.any(axis=1)  # rows whose item BERT re-scores
+        rows = user[found]
+        before = self.metrics(ranking.reranked(self.scores, self.user_rows, top, final))
+        result = fit_text_weights(encoder, text[rows], head[rows], new[rows],
+                                  match[found].argmax(axis=1),
+                                  ~positives[rows] | match[found])
+        final = head + np.where(new, result["new_text_weight"], result["text_weight"]) * text
+        self.last = (self.depth, top, final.astype(np.float32))
+        after = self.metrics(ranking.reranked(self.scores, self.user_rows, top, final))
+        return {**result, "before": before, "after": after}
 
     def depth_rankings(self, depths: tuple[int, ...]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """{D: (item rows [U, D], final scores [U, D])} when the scalar terms keep only their best
@@ -540,7 +622,11 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     fit_started = time.perf_counter()
     history = reranker.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     fit_seconds = time.perf_counter() - fit_started
-    encoder.save_weights(str(out / WEIGHTS))
+    # How much the BERT term counts, for items with and without training rows: set on the
+    # validation rows from the last epoch's pass (where it hurts there, it is switched off).
+    text_weights = check.fit_text_weights()
+    log.info("BERT term weights on validation rows: %s", text_weights)
+    save_encoder(encoder, run)
 
     # Test-time texts for every ID of the run's own tables (the shadow's have the same IDs).
     run_tables = features.FeatureTables.load(run / runs.TABLES_FILE)
@@ -557,12 +643,28 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                            "loss": [round(float(v), 4) for v in history.history["loss"]],
                            "head": head},
               "validation": {**baselines, "reranked_per_epoch": check.history,
+                             "text_weights": text_weights,
                              "rows": int(keep.sum()), "users": len(val_users)}}
     runs.update_metrics(run, {"reranker": result})
     # How many candidates the cascade's BERT re-scores, chosen on the same validation rows.
     rows = check.depths(depth_grid(config.candidates))
     result["validation"].update(depths=rows, serve_depth=record_depth(run, rows))
     return result
+
+
+def save_encoder(encoder: CrossEncoder, run_dir: str | os.PathLike) -> None:
+    """Writes the encoder's weights as the run's re-ranker (`WEIGHTS`): into a temporary folder
+    beside them, then each file renamed into place, so a failed write leaves the old weights."""
+    target = pathlib.Path(run_dir) / RERANKER_DIR / WEIGHTS
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".weights.", dir=target.parent.parent))
+    try:
+        encoder.save_weights(str(staging / target.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = sorted(staging.glob(target.name + ".*"), key=lambda f: f.suffix == ".index")
+        for path in written:  # the data files first, the index that names them last
+            os.replace(path, target.parent / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def validation_users(users: np.ndarray, config: RerankerConfig) -> np.ndarray:

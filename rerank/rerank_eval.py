@@ -267,6 +267,30 @@ def sweep_depth(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def calibrate(run_dir: str | os.PathLike) -> dict:
+    """What training does at its end, for a run trained before it did: on the re-ranker's
+    validation (`validation_check`) fits the BERT term's weights for items with and without
+    training rows (`RerankValidation.fit_text_weights`), saves them into the run's re-ranker,
+    then chooses the depth (`sweep_depth`'s rows, recorded). Returns {"text_weights", "depths"}."""
+    check = validation_check(run_dir)
+    weights = check.fit_text_weights()
+    ce.save_encoder(check.reranker.encoder, run_dir)
+    runs.update_metrics(pathlib.Path(run_dir), {"text_weights": weights},
+                        ("reranker", "validation"))
+    rows = check.depths(ce.depth_grid(check.depth))
+    ce.record_depth(run_dir, rows)
+    return {"text_weights": weights, "depths": rows}
+
+
+def format_text_weights(weights: dict) -> str:
+    return (f"BERT term weight on validation rows: items with training rows "
+            f"{weights['text_weight']:.3f} ({weights['rows']} rows), without "
+            f"{weights['new_text_weight']:.3f} ({weights['new_rows']} rows; fit from "
+            f"{ce.MIN_FIT_ROWS}, else kept as fine-tuned); validation hit rate@10 at the widest "
+            f"depth {weights['before']['hit_rate@10']:.4f} at weight 1 -> "
+            f"{weights['after']['hit_rate@10']:.4f}")
+
+
 def format_depths(rows: list[dict], chosen: int) -> str:
     lines = ["Candidates BERT re-scores (the scalar terms keep the best D of the merged list), on "
              "the re-ranker's validation rows:", "",

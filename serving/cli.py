@@ -141,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
                                    help="instead: validation hit rate for each count of "
                                    "candidates BERT re-scores; records the chosen count in the "
                                    "run (what training does, for a run trained before it did)")
+    evaluate_reranker.add_argument("--calibrate", action="store_true",
+                                   help="instead: fit the BERT term's weight for items with and "
+                                   "without training rows, then the depth, on validation rows; "
+                                   "records both in the run (what training does at its end, for "
+                                   "a run trained before it did)")
     evaluate_reranker.set_defaults(handler=_evaluate_reranker)
 
     bench = commands.add_parser("bench", help="measure speed and quality side by side, "
@@ -422,6 +427,15 @@ def _evaluate_reranker(args) -> None:
     print(retrieval_eval.protocol_line(args.run))
     if args.sweep_candidates:
         print(rerank_eval.format_sweep(rerank_eval.sweep_candidates(args.run)))
+        return
+    if args.calibrate:
+        from rerank import cross_encoder
+
+        result = rerank_eval.calibrate(args.run)
+        print(rerank_eval.format_text_weights(result["text_weights"]))
+        print()
+        print(rerank_eval.format_depths(result["depths"],
+                                        cross_encoder.choose_depth(result["depths"])))
         return
     if args.sweep_depth:
         from rerank import cross_encoder

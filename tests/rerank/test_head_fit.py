@@ -107,3 +107,49 @@ def test_fit_head_learns_the_new_item_terms_from_groups_with_new_positives():
     fitted = ce.fit_head(encoder, old, old_popularity, old_ease, steps=50)
     assert fitted["new_item_weight"] == 0.0 and fitted["new_retrieval_weight"] == 0.0
     assert float(encoder.new_item_gate) == 0.0
+
+
+def planted_text_rows(count: int, new_share: float, warm: float, new: float, seed: int = 4):
+    """Validation rows whose positive is drawn from softmax(head + w * text) over 10 candidates,
+    w = `warm` on items with training rows and `new` on the others (`new_share` of them)."""
+    rng = np.random.default_rng(seed)
+    size = 10
+    head = rng.normal(size=(count, size)).astype(np.float32)
+    text = rng.normal(size=(count, size)).astype(np.float32)
+    is_new = rng.random((count, size)) < new_share
+    logits = head + np.where(is_new, new, warm) * text
+    probability = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probability /= probability.sum(axis=1, keepdims=True)
+    positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
+    return text, head, is_new, positive, np.ones((count, size), bool)
+
+
+def test_fit_text_weights_switches_off_a_bert_term_that_hurts_and_keeps_one_that_pays():
+    """Planted: BERT's score points the wrong way on items with training rows (-1) and the right
+    way on new items (1.5). The warm weight is switched off (0, never negative) and the new
+    one recovered; the head's own weights are not touched. Catches the two weights swapped (the
+    new mask inverted), the clip missing (a negative weight), or the scalar terms refit."""
+    text, head, is_new, positive, allowed = planted_text_rows(3000, 0.5, warm=-1.0, new=1.5)
+    encoder = ce.CrossEncoder(bert=None)
+    fitted = ce.fit_text_weights(encoder, text, head, is_new, positive, allowed)
+    assert fitted["text_weight"] == 0.0, fitted
+    assert fitted["new_text_weight"] == pytest.approx(1.5, abs=0.25), fitted
+    assert fitted["rows"] + fitted["new_rows"] == 3000
+    assert fitted["new_rows"] == int(is_new[np.arange(3000), positive].sum())
+    assert float(encoder.retrieval_weight) == 1.0 and float(encoder.ease_weight) == 0.0
+    # The served score uses the weight of the item's kind: popularity 0 is a new item.
+    scores = encoder.text_weights(np.array([0.0, 1.2], np.float32)).numpy()
+    np.testing.assert_allclose(scores, [fitted["new_text_weight"], 0.0])
+
+
+def test_fit_text_weights_keeps_the_fine_tuned_weight_of_a_kind_validation_does_not_show():
+    """A temporal holdout has (next to) no new items among its positives: their weight stays at
+    1, the term as fine-tuned with the text loss for them, while the warm weight is fit (here
+    the planted 0.6)."""
+    text, head, is_new, positive, allowed = planted_text_rows(3000, 0.002, warm=0.6, new=3.0,
+                                                              seed=5)
+    fitted = ce.fit_text_weights(ce.CrossEncoder(bert=None), text, head, is_new, positive,
+                                 allowed)
+    assert fitted["new_rows"] < ce.MIN_FIT_ROWS
+    assert fitted["new_text_weight"] == 1.0
+    assert fitted["text_weight"] == pytest.approx(0.6, abs=0.15), fitted

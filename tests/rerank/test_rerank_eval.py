@@ -158,7 +158,13 @@ def test_depth_sweep_is_the_served_two_pass_ranking_on_the_training_validation(r
     assert len(recorded["reranked_per_epoch"]) == 1  # the callback ran at the end of its epoch
     check = rerank_eval.validation_check(reranker_run)
     assert (len(check.users), len(check.user_rows)) == (recorded["rows"], recorded["users"])
-    assert check.evaluate() == recorded["reranked_per_epoch"][0]
+    # The saved re-ranker scores the rebuilt validation as training's last pass did once the
+    # BERT term's weights were fit on it (recorded beside it).
+    weights = recorded["text_weights"]
+    encoder = check.reranker.encoder
+    assert (float(encoder.text_weight), float(encoder.new_text_weight)) == pytest.approx(
+        (weights["text_weight"], weights["new_text_weight"]))
+    assert check.evaluate() == weights["after"]
     ranked = check.depth_rankings((0, 4, 8, 12))
     user_ids = check.user_ids[check.user_rows]
     for depth in (4, 8, 12):
@@ -177,3 +183,56 @@ def test_depth_sweep_is_the_served_two_pass_ranking_on_the_training_validation(r
     assert "| 12 **(chosen)** |" in capsys.readouterr().out
     config = json.loads((reranker_run / ce.RERANKER_DIR / ce.CONFIG_FILE).read_text())
     assert config["serve_depth"] == 12
+
+
+def test_calibrate_refits_the_bert_weights_training_fit_and_saves_them(reranker_run, capsys):
+    """`--calibrate` (for runs trained before the fit existed) rebuilds the validation, starts the
+    BERT term from weight 1 and lands on the weights training fit at its end; they are saved into
+    the run (a fresh load has them) and printed, and the depth is chosen again."""
+    trained = json.loads((reranker_run / "metrics.json").read_text())["reranker"]["validation"]
+    assert cli.main(["evaluate", "reranker", "--run", str(reranker_run), "--calibrate"]) in (0, None)
+    out = capsys.readouterr().out
+    weights = json.loads((reranker_run / "metrics.json").read_text())["reranker"]["validation"][
+        "text_weights"]
+    for name in ("text_weight", "new_text_weight"):
+        assert weights[name] == pytest.approx(trained["text_weights"][name], abs=1e-4)
+    assert f"items with training rows {weights['text_weight']:.3f} ({weights['rows']} rows)" in out
+    assert weights["before"] == trained["reranked_per_epoch"][0]  # the pass at weight 1
+    encoder = ce.load_reranker(reranker_run).encoder
+    assert float(encoder.text_weight) == pytest.approx(weights["text_weight"])
+    assert float(encoder.new_text_weight) == pytest.approx(weights["new_text_weight"])
+    assert "| 12 **(chosen)** |" in out
+
+
+def test_fitted_bert_weights_are_what_the_saved_reranker_serves(reranker_run, tmp_path,
+                                                                 monkeypatch):
+    """The validation's scores after the fit (head + weight x BERT term, weight by the item's
+    kind) are what a fresh load of the saved re-ranker computes, here with planted weights (the
+    tiny validation is too small to fit any: the fit itself is tested in test_head_fit.py).
+    Catches weights left out of the checkpoint, or the fit's scores not the encoder's. (The tiny
+    validation's candidates all have training rows; the new-item weight's place in the served
+    score is tested in test_head_fit.py.)"""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reranker_run, run)
+
+    def planted(encoder, *args, **kwargs):
+        encoder.text_weight.assign(0.25)
+        encoder.new_text_weight.assign(2.0)
+        return {"text_weight": 0.25, "new_text_weight": 2.0, "rows": 0, "new_rows": 0}
+
+    monkeypatch.setattr(ce, "fit_text_weights", planted)
+    check = rerank_eval.validation_check(run)
+    check.evaluate()
+    _, top, at_one = check.last
+    check.fit_text_weights()
+    _, _, fitted = check.last
+    ce.save_encoder(check.reranker.encoder, run)
+    again = rerank_eval.validation_check(run)
+    encoder = again.reranker.encoder
+    assert (float(encoder.text_weight), float(encoder.new_text_weight)) == (0.25, 2.0)
+    again.evaluate()
+    np.testing.assert_array_equal(again.last[1], top)
+    np.testing.assert_allclose(again.last[2], fitted, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(fitted, at_one, atol=1e-3)  # the weights changed the scores
