@@ -39,8 +39,9 @@ def _shelf(run, **config):
 
 def test_cross_encoder_finds_the_topic_in_words_retrieval_never_saw(text_run):
     """Measured at these sizes: retrieval 0.158 on the shelf (chance: 10 of 72 new items, 0.14),
-    re-ranked 0.325 (2.1x; the warm BERT weight fit on 22 validation rows, 0.48, new items at 1), and 0.187 with the text loss off (the ablation: the hard negatives
-    alone teach BERT no topic, because retrieval already ranks by it on the items it knows).
+    re-ranked 0.325 (2.1x; BERT's weight for warm items fit on 22 validation rows, 0.48, new
+    items at 1), and 0.187 with the text loss off (the ablation: the hard negatives alone teach
+    BERT no topic, because retrieval already ranks by it on the items it knows).
     The bounds leave room for numerics; the full-size run in the README measures 2x and more."""
     shelf = _shelf(text_run)
     assert shelf["retrieval"] < 0.2, shelf  # new words: the towers rank the shelf as chance would
