@@ -8,6 +8,8 @@ the new words. Tiny sizes here; the full-size run is in the README."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rerank import checkpoint as checkpoints
@@ -47,5 +49,15 @@ def test_cross_encoder_finds_the_topic_in_words_retrieval_never_saw(text_run):
     assert shelf["retrieval"] < 0.2, shelf  # new words: the towers rank the shelf as chance would
     assert shelf["head_only"] == shelf["retrieval"]  # no scalar term knows a new item
     assert shelf["reranked"] >= 1.7 * shelf["retrieval"], shelf
+    # Training fit BERT's weight for warm items on its validation rows (new items, none among
+    # them, keep 1); `--calibrate`, for runs trained before the fit, finds the same weights again
+    # from the rebuilt validation.
+    trained = json.loads((text_run / "metrics.json").read_text())["reranker"]["validation"][
+        "text_weights"]
+    assert trained["rows"] >= ce.MIN_FIT_ROWS and trained["text_weight"] != 1.0, trained
+    again = rerank_eval.calibrate(text_run)["text_weights"]
+    for name in ("text_weight", "new_text_weight"):
+        assert again[name] == pytest.approx(trained[name], abs=1e-4), (again, trained)
+    assert again["after"] == trained["after"]
     ablation = _shelf(text_run, text_loss_weight=0.0)["reranked"]
     assert ablation <= 0.75 * shelf["reranked"], (ablation, shelf)
