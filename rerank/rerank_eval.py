@@ -256,12 +256,13 @@ def validation_check(run_dir: str | os.PathLike) -> ce.RerankValidation:
         config.candidates)
 
 
-def sweep_depth(run_dir: str | os.PathLike) -> list[dict]:
+def sweep_depth(run_dir: str | os.PathLike, check: ce.RerankValidation | None = None
+                ) -> list[dict]:
     """How many candidates the cascade's BERT re-scores, chosen on training rows only: the
-    re-ranker's validation (`validation_check`) re-ranked at each depth of
+    re-ranker's validation (`check`, else `validation_check`) re-ranked at each depth of
     `cross_encoder.depth_grid`; records the choice in the run (`cross_encoder.record_depth`)
     and returns the rows. What training does at its end, for a run trained before it did."""
-    check = validation_check(run_dir)
+    check = validation_check(run_dir) if check is None else check
     rows = check.depths(ce.depth_grid(check.depth))
     ce.record_depth(run_dir, rows)
     return rows
@@ -277,9 +278,7 @@ def calibrate(run_dir: str | os.PathLike) -> dict:
     ce.save_encoder(check.reranker.encoder, run_dir)
     runs.update_metrics(pathlib.Path(run_dir), {"text_weights": weights},
                         ("reranker", "validation"))
-    rows = check.depths(ce.depth_grid(check.depth))
-    ce.record_depth(run_dir, rows)
-    return {"text_weights": weights, "depths": rows}
+    return {"text_weights": weights, "depths": sweep_depth(run_dir, check)}
 
 
 def format_text_weights(weights: dict) -> str:
