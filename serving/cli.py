@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_retrieval.add_argument("--sample-users", type=int, default=0, metavar="N",
                                     help="evaluate N test users drawn at random (seed 0), for "
                                          "very large data (default: every test user)")
+    evaluate_retrieval.add_argument(
+        "--headroom", action="store_true",
+        help="also the best hit rate@10 any weighting of the two-tower, EASE and popularity signals "
+             "reaches on the test split (weights chosen on the test rows: an upper bound; and "
+             "cross-fit on halves of the test users): a diagnostic, towers/headroom.py")
     evaluate_retrieval.set_defaults(handler=_evaluate_retrieval)
     evaluate_copy = evaluate.add_parser(
         "copywriter", help="grounding, hallucinated titles, distinct-n, perplexity, latency")
@@ -408,6 +413,11 @@ def _evaluate_retrieval(args) -> None:
     if new_users is not None:  # e.g. --split temporal: users known only by their features
         print()
         print(retrieval_eval.format_new_users(new_users))
+    if args.headroom:
+        from towers import headroom
+
+        print()
+        print(headroom.format_result(headroom.evaluate_run(args.run, loaded=loaded)))
 
 
 def _train_reranker(args) -> None:

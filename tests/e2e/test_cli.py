@@ -29,7 +29,15 @@ def test_train_evaluate_export_recommend(tiny_data_dir, tmp_path, capsys):
     for row in ("cascade_retrieval", "cascade_retrieval_no_exclusion", "popularity", "als",
                 "ease"):
         assert f"| {row} |" in table
-    assert set(json.loads((run / "metrics.json").read_text())["test"]) >= {"popularity", "als"}
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert set(recorded["test"]) >= {"popularity", "als"}
+
+    # The headroom diagnostic: each signal alone, standardized per user, ranks as the peers do.
+    assert cli.main(["evaluate", "retrieval", "--run", str(run), "--no-peers", "--headroom"]) == 0
+    assert "| best mix, weights chosen on these test rows" in capsys.readouterr().out
+    alone = json.loads((run / "metrics.json").read_text())["headroom"]["alone"]
+    assert alone["ease"] == recorded["test"]["ease"]["hit_rate@10"]
+    assert alone["two_tower"] == recorded["test"]["cascade_retrieval"]["hit_rate@10"]
 
     assert cli.main(["export", "--run", str(run), "--model-base-path", str(models), "--k", "10"]) == 0
     assert cli.main(["recommend", "--model-base-path", str(models), "--user", "1",
