@@ -92,6 +92,10 @@ class CrossEncoder(keras.Model):
                                                initializer="zeros")
         self.new_retrieval_weight = self.add_weight(name="new_retrieval_weight", shape=(),
                                                     initializer="zeros")
+        # Items without a training interaction: a weight on their content popularity (their
+        # count as predicted from categories and year, `peers.content_popularity`), gated too.
+        self.new_prior_weight = self.add_weight(name="new_prior_weight", shape=(),
+                                                initializer="zeros")
         self.new_item_gate = self.add_weight(name="new_item_gate", shape=(), initializer="zeros",
                                              trainable=False)  # 1: the two terms above are on
         # The BERT term's weight for items with and without a training interaction: 1 (the term
@@ -110,12 +114,16 @@ class CrossEncoder(keras.Model):
         pooled = tf.reduce_sum(hidden * mask, axis=1) / tf.reduce_sum(mask, axis=1)  # [N, H]
         return self.classifier(self.dropout(pooled, training=training))[:, 0]
 
-    def scalar_terms(self, retrieval: tf.Tensor, popularity: tf.Tensor, ease: tf.Tensor
-                     ) -> tf.Tensor:
-        """The final score's terms besides BERT's, for features of any one shape."""
+    def scalar_terms(self, retrieval: tf.Tensor, popularity: tf.Tensor, ease: tf.Tensor,
+                     prior: tf.Tensor | None = None) -> tf.Tensor:
+        """The final score's terms besides BERT's, for features of any one shape; `prior`: the
+        items' content popularity (None: 0), which counts only for items without a training
+        interaction."""
         new = self.new_item_gate * tf.cast(tf.equal(popularity, 0.0), retrieval.dtype)
         score = (self.retrieval_weight + self.new_retrieval_weight * new) * retrieval
         score += self.new_item_weight * new
+        if prior is not None:
+            score += self.new_prior_weight * new * prior
         if self.popularity_feature:
             score += self.popularity_weight * popularity
         if self.ease_feature:
@@ -129,11 +137,11 @@ class CrossEncoder(keras.Model):
 
     @tf.autograph.experimental.do_not_convert  # see Reranker.call
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        """`input_ids` etc. int32 [N, T]; `retrieval_score`, `popularity`, `ease` float32 [N]
-        -> [N]."""
+        """`input_ids` etc. int32 [N, T]; `retrieval_score`, `popularity`, `ease` (and `prior`,
+        optional) float32 [N] -> [N]."""
         return (self.text_score(inputs, training) * self.text_weights(inputs["popularity"])
                 + self.scalar_terms(inputs["retrieval_score"], inputs["popularity"],
-                                    inputs["ease"]))
+                                    inputs["ease"], inputs.get("prior")))
 
 
 class Reranker(keras.Model):
@@ -157,12 +165,13 @@ class Reranker(keras.Model):
         users = tf.reshape(tf.repeat(user_id[:, None], shape[1], axis=1), [-1])
         return shape, users, tf.reshape(item_ids, [-1])
 
-    def pair_features(self, users: tf.Tensor, items: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(popularity, EASE score) of each pair, the scalar terms' inputs besides retrieval's
-        (EASE 0 when the head has no EASE term)."""
+    def pair_features(self, users: tf.Tensor, items: tf.Tensor
+                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(popularity, EASE score, content popularity) of each pair, the scalar terms' inputs
+        besides retrieval's (EASE 0 when the head has no EASE term)."""
         ease = (self.texts.ease_score(users, items) if self.encoder.ease_feature
                 else tf.zeros_like(items, tf.float32))
-        return self.texts.popularity.lookup(items), ease
+        return self.texts.popularity.lookup(items), ease, self.texts.prior.lookup(items)
 
     def _tokens(self, users: tf.Tensor, items: tf.Tensor) -> dict[str, tf.Tensor]:
         return self.tokenizer.encode_pairs(self.texts.context.lookup(users),
@@ -171,10 +180,10 @@ class Reranker(keras.Model):
     @tf.autograph.experimental.do_not_convert
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         shape, users, items = self._pairs(inputs["user_id"], inputs["item_ids"])
-        popularity, ease = self.pair_features(users, items)
+        popularity, ease, prior = self.pair_features(users, items)
         scores = self.encoder({**self._tokens(users, items),
                                "retrieval_score": tf.reshape(inputs["retrieval_score"], [-1]),
-                               "popularity": popularity, "ease": ease},
+                               "popularity": popularity, "ease": ease, "prior": prior},
                               training=training)
         return tf.reshape(scores, shape)
 
@@ -285,7 +294,8 @@ def new_encoder(base: str | os.PathLike, config: RerankerConfig, pretrained: boo
     bert.bert.embeddings.trainable = config.train_embeddings
     encoder = CrossEncoder(bert, config.popularity_feature, config.ease_feature)
     tokens = {key: tf.ones([1, 4], tf.int32) for key in TOKEN_KEYS}
-    encoder({**tokens, **{key: tf.zeros([1]) for key in ("retrieval_score", "popularity", "ease")}})
+    encoder({**tokens, **{key: tf.zeros([1])
+                          for key in ("retrieval_score", "popularity", "ease", "prior")}})
     return encoder
 
 
@@ -300,16 +310,21 @@ def liked_rating(dataset: data.Dataset) -> float | None:
 
 
 def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.ndarray,
-             ease: np.ndarray | None = None, steps: int = 400) -> dict[str, float]:
+             ease: np.ndarray | None = None, steps: int = 400,
+             prior: np.ndarray | None = None) -> dict[str, float]:
     """Sets w_r, w_p and w_e by the listwise loss over each group's whole top-K with no BERT term
-    (three parameters, seconds): the point BERT fine-tuning starts from, and an ablation.
-    `popularity` is [I]; `ease` [P, K], the EASE score of each group's candidates."""
+    (three parameters, seconds): the point BERT fine-tuning starts from, and an ablation; and,
+    when some positives have no training interaction, the new-item terms (bias, retrieval weight
+    and, given `prior`, the content-popularity weight). `popularity` and `prior` are [I]; `ease`
+    [P, K], the EASE score of each group's candidates."""
     terms = [(encoder.retrieval_weight, groups.retrieval)]  # each weight with its [P, K] feature
     new = (popularity[groups.candidates] == 0).astype(np.float32)  # no training interaction
     if new[np.arange(len(new)), groups.positive].any():  # else the data says nothing of them
         encoder.new_item_gate.assign(1.0)
         terms += [(encoder.new_item_weight, new),
                   (encoder.new_retrieval_weight, new * groups.retrieval)]
+        if prior is not None:
+            terms.append((encoder.new_prior_weight, new * prior[groups.candidates]))
     if encoder.popularity_feature:
         terms.append((encoder.popularity_weight, popularity[groups.candidates]))
     if encoder.ease_feature:
@@ -370,15 +385,17 @@ def head_weights(encoder: CrossEncoder) -> dict[str, float]:
             "popularity_weight": float(encoder.popularity_weight),
             "ease_weight": float(encoder.ease_weight),
             "new_item_weight": float(encoder.new_item_weight),
-            "new_retrieval_weight": float(encoder.new_retrieval_weight)}
+            "new_retrieval_weight": float(encoder.new_retrieval_weight),
+            "new_prior_weight": float(encoder.new_prior_weight)}
 
 
 def head_scores(encoder: CrossEncoder, retrieval: np.ndarray, popularity: np.ndarray,
-                ease: np.ndarray) -> np.ndarray:
+                ease: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
     """The final score without the BERT term, for features of any one shape (an ablation)."""
-    return encoder.scalar_terms(tf.constant(retrieval, tf.float32),
-                                tf.constant(popularity, tf.float32),
-                                tf.constant(ease, tf.float32)).numpy()
+    return encoder.scalar_terms(
+        tf.constant(retrieval, tf.float32), tf.constant(popularity, tf.float32),
+        tf.constant(ease, tf.float32),
+        None if prior is None else tf.constant(prior, tf.float32)).numpy()
 
 
 def score_candidates(reranker: Reranker, user_ids: np.ndarray, item_ids: np.ndarray,
@@ -587,7 +604,8 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     reranker = Reranker(encoder, texts, tokenizers.PairTokenizer.from_directory(base),
                         config.max_length, config.text_loss_weight)
     head = fit_head(encoder, groups, texts.arrays["popularity"], texts.ease_pairs(
-        tables.user_ids[groups.user_row], tables.item_ids[groups.candidates]))
+        tables.user_ids[groups.user_row], tables.item_ids[groups.candidates]),
+        prior=texts.arrays["prior"])
 
     val_users = validation_users(users[validation:], config)
     keep = np.isin(users[validation:], val_users)
@@ -596,7 +614,8 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                              candidates, held_users, config.candidates)
     top = check.candidates
     head_only = head_scores(encoder, check.retrieval, texts.arrays["popularity"][top],
-                            texts.ease_pairs(tables.user_ids[check.user_rows], tables.item_ids[top]))
+                            texts.ease_pairs(tables.user_ids[check.user_rows], tables.item_ids[top]),
+                            texts.arrays["prior"][top])
     baselines = {"retrieval": check.metrics(scores),
                  "candidates_hit_rate": round(sources.hit_rate(
                      top, users[validation:][keep], items[validation:][keep], check.user_rows), 4),
@@ -612,7 +631,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
         weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(
         var_names=["LayerNorm", "bias", "retrieval_weight", "popularity_weight", "ease_weight",
-                   "new_item_weight", "new_retrieval_weight"])
+                   "new_item_weight", "new_retrieval_weight", "new_prior_weight"])
     reranker.compile(optimizer=optimizer, loss=listwise_loss)
     callbacks = [check, keras.callbacks.TensorBoard(log_dir=str(out / "logs")),
                  keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:02d}"),

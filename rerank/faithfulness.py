@@ -185,7 +185,7 @@ def _occluded_scores(reranker: ce.Reranker, retrieval, tables, dataset: data.Dat
     occluded = pairs.PairTexts(
         virtual, np.array(contexts), texts["item_ids"], texts["item_texts"],
         texts["popularity"], np.concatenate(values).astype(np.int32), np.array(splits, np.int64),
-        texts["neighbour_index"], texts["neighbour_weight"])
+        texts["neighbour_index"], texts["neighbour_weight"], prior=texts["prior"])
     scorer = ce.Reranker(reranker.encoder, occluded, reranker.tokenizer, reranker.max_length)
     # Retrieval logits with the item hidden from the query tower's history.
     item_row = {i: r for r, i in enumerate(tables.item_ids.astype(str))}

@@ -102,7 +102,8 @@ class PairTexts(tf.Module):
                  history_values: np.ndarray | None = None, history_splits: np.ndarray | None = None,
                  neighbour_index: np.ndarray | None = None,
                  neighbour_weight: np.ndarray | None = None,
-                 history_liked: np.ndarray | None = None, name: str | None = None):
+                 history_liked: np.ndarray | None = None, prior: np.ndarray | None = None,
+                 name: str | None = None):
         super().__init__(name=name)
         user_ids, item_ids = np.asarray(user_ids, str), np.asarray(item_ids, str)
         if history_values is None:  # no EASE term: empty histories, no weights
@@ -112,6 +113,8 @@ class PairTexts(tf.Module):
             neighbour_weight = np.zeros((len(item_ids), 0), np.float32)
         if history_liked is None:  # every history item counts as liked (implicit feedback)
             history_liked = np.ones(len(history_values), bool)
+        if prior is None:  # no content popularity (texts saved before it): 0 for every item
+            prior = np.zeros(len(item_ids), np.float32)
         if len(history_splits) != len(user_ids) + 1 or neighbour_index.shape[0] != len(item_ids):
             raise ValueError(f"history splits {len(history_splits)} must be users + 1 = "
                              f"{len(user_ids) + 1}, neighbours {neighbour_index.shape} [items, k] "
@@ -123,7 +126,8 @@ class PairTexts(tf.Module):
                            history_splits=np.asarray(history_splits, np.int64),
                            neighbour_index=np.asarray(neighbour_index, np.int32),
                            neighbour_weight=np.asarray(neighbour_weight, np.float32),
-                           history_liked=np.asarray(history_liked, bool))
+                           history_liked=np.asarray(history_liked, bool),
+                           prior=np.asarray(prior, np.float32))
         table = lambda keys, values, default: tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, values), default)
         self.user_row = table(user_ids, np.arange(len(user_ids), dtype=np.int32), -1)
@@ -132,6 +136,8 @@ class PairTexts(tf.Module):
         self.context = Column(self.user_row, self.arrays["contexts"], "")
         self.item_text = Column(self.item_row, self.arrays["item_texts"], "")
         self.popularity = Column(self.item_row, self.arrays["popularity"], 0.0)
+        # Content popularity (`peers.content_popularity`): what the head weighs for new items.
+        self.prior = Column(self.item_row, self.arrays["prior"], 0.0)
         self.items = len(item_ids)
         self.users = len(user_ids)
         # Arrays as variables: a SavedModel keeps them in variables/, not in its graph.
@@ -247,7 +253,8 @@ class PairTexts(tf.Module):
               ease_neighbours: int = RerankerConfig.ease_neighbours,
               liked_rating: float | None = None,
               ease_max_items: int = RerankerConfig.ease_max_items) -> PairTexts:
-        """Contexts, popularity, histories and EASE weights from `rows` (training rows only),
+        """Contexts, popularity, content popularity, histories and EASE weights from `rows`
+        (training rows only),
         texts from the dataset's files, for every one of `user_ids` and `item_ids` (the run's
         feature tables', with or without training rows); `ease_l2=None`: no EASE term. A history
         item is liked (a possible reason) when its best rating is at least `liked_rating`
@@ -270,9 +277,12 @@ class PairTexts(tf.Module):
                         history_splits=seen.indptr.astype(np.int64),
                         neighbour_index=neighbours.index, neighbour_weight=neighbours.weight,
                         history_liked=liked)
+        facts = dataset.facts(item_ids)
+        prior = peers.content_popularity([f.categories for f in facts], [f.year for f in facts],
+                                         count)
         return cls(user_ids, np.array([contexts[u] for u in user_ids]), item_ids,
                    candidate_texts(dataset, item_ids),
-                   np.log1p(count).astype(np.float32), **ease)
+                   np.log1p(count).astype(np.float32), **ease, prior=prior)
 
     def save(self, path: str | os.PathLike) -> None:
         path = pathlib.Path(path)

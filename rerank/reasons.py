@@ -95,8 +95,9 @@ class Reasons(tf.Module):
         owner, rows = history.value_rowids(), history.flat_values
         item_rows = texts.item_row.lookup(item_ids)  # [B, K], -1 for an item the tables lack
         shape, users, items = self.reranker._pairs(user_id, item_ids)
-        popularity, ease = (tf.reshape(value, shape)
-                            for value in self.reranker.pair_features(users, items))
+        # (The content-popularity term does not depend on the history: it cancels in `change`.)
+        popularity, ease, _ = (tf.reshape(value, shape)
+                               for value in self.reranker.pair_features(users, items))
         # EASE: history item h's weight towards each candidate (none without the EASE term).
         weight = texts.weights(rows, tf.gather(item_rows, owner))  # [H, K]
         if not encoder.ease_feature:

@@ -378,11 +378,11 @@ def format_new_items(result: dict, k: int = 10) -> str:
 def _head_scores(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
                  tables) -> np.ndarray:
     """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation)."""
-    popularity = reranker.texts.popularity.lookup(
-        ce.tf.constant(tables.item_ids[top].astype(str))).numpy()
+    items = ce.tf.constant(tables.item_ids[top].astype(str))
+    popularity = reranker.texts.popularity.lookup(items).numpy()
     ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
     return ce.head_scores(reranker.encoder, ranking.pair_scores(logits, user_rows, top),
-                          popularity, ease)
+                          popularity, ease, reranker.texts.prior.lookup(items).numpy())
 
 
 def reranker_l2(run: pathlib.Path) -> float:

@@ -63,7 +63,8 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
     """The new-arrivals view of a split whose test holds items without a training row (the
     `cold-items` protocol; a pre-split folder may too): None when it has none. For the test
     interactions with such an item, and each ranking (the run's retrieval; the category profile,
-    the user's training categories against the item's; random):
+    the user's training categories against the item's; content popularity, the item's training
+    count as predicted from its categories and year, the same for every user; random):
 
     - `shelf_hit_rate@k`: hit rate@k when each user is shown only the new items (the "new
       arrivals" shelf), training items excluded;
@@ -83,6 +84,7 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
     queries, candidates = model.embeddings(retrieval, tables, users=users)  # only those ranked
     rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
                 "category_profile": category_profile_scores(dataset, tables, seen),
+                "content_popularity": content_popularity_scores(dataset, tables, seen),
                 "random": random_scores(seen.shape, seed)}
     test_users = np.unique(users)
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()),
@@ -167,13 +169,23 @@ def category_profile_scores(dataset: data.Dataset, tables: features.FeatureTable
     return metrics.embedding_scores(unit(profile), unit(item_categories))
 
 
+def content_popularity_scores(dataset: data.Dataset, tables: features.FeatureTables,
+                              seen) -> np.ndarray:
+    """[U, I] (a broadcast view): `peers.content_popularity` of each item, fit on the items' training
+    counts (`seen`), the same for every user: the ranking by predicted popularity alone."""
+    facts = dataset.facts(tables.item_ids.astype(str))
+    prior = peers.content_popularity([f.categories for f in facts], [f.year for f in facts],
+                                     np.asarray(seen.sum(axis=0)).ravel())
+    return np.broadcast_to(prior, seen.shape)
+
+
 def format_new_items(result: dict, k: int = 10) -> str:
     """The new-items view as a Markdown table, one row per ranking."""
     columns = (f"shelf_hit_rate@{k}", f"hit_rate@{k}", f"new_share@{k}")
     lines = [f"New items (no training row): {result['new_items']:,}; {result['test_rows']:,} test "
              f"interactions with them, of {result['test_users']:,} users.", "",
              "| ranking | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name in ("cascade_retrieval", "category_profile", "random"):
+    for name in ("cascade_retrieval", "category_profile", "content_popularity", "random"):
         lines.append(f"| {name} | " + " | ".join(f"{result[name][c]:.4f}" for c in columns) + " |")
     return "\n".join(lines)
 
