@@ -109,6 +109,42 @@ def test_fit_head_learns_the_new_item_terms_from_groups_with_new_positives():
     assert float(encoder.new_item_gate) == 0.0
 
 
+def test_fit_head_learns_the_content_popularity_weight_of_new_items():
+    """New items' positives follow their content popularity (planted weight 1.2 on `prior`, which
+    counts for new items only): the fit recovers it, and the served head adds it to new items
+    alone. Without `prior` the same groups leave the weight at 0."""
+    rng = np.random.default_rng(5)
+    count, size, items = 2500, 8, 300
+    popularity = rng.normal(size=items).astype(np.float32)
+    popularity[:100] = 0.0
+    prior = rng.normal(size=items).astype(np.float32)  # every item has one; old ones ignore it
+    candidates = np.array([rng.choice(items, size, replace=False) for _ in range(count)], np.int32)
+    retrieval = rng.normal(size=(count, size)).astype(np.float32)
+    new = (popularity[candidates] == 0).astype(np.float32)
+    logits = 0.5 * retrieval + 1.5 * popularity[candidates] + 1.2 * new * prior[candidates]
+    probability = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probability /= probability.sum(axis=1, keepdims=True)
+    positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
+    negative = np.ones((count, size), bool)
+    negative[np.arange(count), positive] = False
+    groups = negatives.Groups(np.arange(count, dtype=np.int32), candidates, retrieval, positive,
+                              negative)
+    ease = np.zeros((count, size), np.float32)
+    encoder = ce.CrossEncoder(bert=None)
+    fitted = ce.fit_head(encoder, groups, popularity, ease, steps=400, prior=prior)
+    assert fitted["new_prior_weight"] == pytest.approx(1.2, abs=0.2), fitted
+    assert abs(fitted["new_item_weight"]) < 0.3, fitted
+    scores = ce.head_scores(encoder, np.array([1.0, 1.0]), np.array([0.0, 0.5]), np.zeros(2),
+                            np.array([2.0, 2.0]))
+    assert scores[0] == pytest.approx((fitted["retrieval_weight"] + fitted["new_retrieval_weight"])
+                                      + fitted["new_item_weight"]
+                                      + 2.0 * fitted["new_prior_weight"], rel=1e-5)
+    assert scores[1] == pytest.approx(fitted["retrieval_weight"]
+                                      + 0.5 * fitted["popularity_weight"], rel=1e-5)
+    without = ce.fit_head(ce.CrossEncoder(bert=None), groups, popularity, ease, steps=50)
+    assert without["new_prior_weight"] == 0.0
+
+
 def planted_text_rows(count: int, new_share: float, warm: float, new: float, seed: int = 4):
     """Validation rows whose positive is drawn from softmax(head + w * text) over 10 candidates,
     w = `warm` on items with training rows and `new` on the others (`new_share` of them)."""

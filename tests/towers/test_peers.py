@@ -158,3 +158,35 @@ def test_ease_beyond_its_bound_is_fit_on_the_most_interacted_items():
                                seen @ full, atol=1e-5)
     with pytest.raises(ValueError, match="max_items must be at least 1"):
         peers.ease_neighbours(sparse, 2.0, max_items=0)
+
+
+def test_content_popularity_recovers_a_planted_additive_model():
+    """log(1 + count) = 1 + 2 [drama] + 0.5 [comedy] + year effect (1960: 0, 1980: 1, 2000: 2):
+    fit on the items with a count, the prediction for the 30 items without one is the planted
+    value (ridge l2 1 on 270 items shrinks it by little); two other year effects (the buckets
+    in the wrong order) would miss it."""
+    rng = np.random.default_rng(0)
+    items = 300
+    drama, comedy = rng.random(items) < 0.5, rng.random(items) < 0.3
+    era = rng.integers(0, 3, items)
+    categories = [tuple(name for name, on in (("drama", d), ("comedy", c)) if on)
+                  for d, c in zip(drama, comedy)]
+    years = [str(1960 + 20 * e) for e in era]
+    planted = 1 + 2 * drama + 0.5 * comedy + era
+    count = np.round(np.expm1(planted) * 100) / 100  # counts as float, exact enough
+    count[:30] = 0  # new items
+    prior = peers.content_popularity(categories, years, count)
+    assert prior.dtype == np.float32 and prior.shape == (items,)
+    np.testing.assert_allclose(prior[:30], np.log1p(np.expm1(planted[:30])), atol=0.05)
+    np.testing.assert_allclose(prior[30:], np.log1p(count[30:]), atol=0.05)
+
+
+def test_content_popularity_edge_cases():
+    # No item has a training count: nothing to learn from.
+    assert not peers.content_popularity([("a",), ()], ["1990", "unknown"], np.zeros(2)).any()
+    # Unknown years are a bucket of their own, learned like any other.
+    prior = peers.content_popularity([(), (), (), ()], ["unknown", "unknown", "1990", "1990"],
+                                     np.array([0.0, np.e ** 3 - 1, np.e - 1, 0.0]), l2=1e-6)
+    np.testing.assert_allclose(prior, [3.0, 3.0, 1.0, 1.0], atol=1e-3)
+    with pytest.raises(ValueError, match="3 years for 2 item counts"):
+        peers.content_popularity([(), ()], ["1", "2", "3"], np.ones(2))
