@@ -331,9 +331,10 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
                        record: bool = True) -> dict | None:
     """The new-arrivals shelf re-ranked: for the test interactions with items that have no
     training row (None when there are none), hit rate@k when each user is shown only the new
-    items, ranked by retrieval, by the re-ranker's top `depth` of them, and by the same without
-    the BERT term (the ablation that says what the cross-encoder adds). Written to
-    `metrics.json` under `reranker.test.new_items`."""
+    items, ranked by retrieval, by the re-ranker's top `depth` of them, by the same without
+    the BERT term (the ablation that says what the cross-encoder adds), and without the BERT and
+    the content-popularity terms (what that term adds). Written to `metrics.json` under
+    `reranker.test.new_items`."""
     run = pathlib.Path(run_dir)
     reranker = ce.load_reranker(run)
     logits, users, items, seen, tables = test_inputs(run)
@@ -348,13 +349,16 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
     top, final = rerank_scores(reranker, shelf, seen, user_rows, tables.user_ids, tables.item_ids,
                                depth)
     head = _head_scores(reranker, logits, user_rows, top, tables)
+    no_prior = _head_scores(reranker, logits, user_rows, top, tables, prior=False)
     hit_rate = lambda scores: round(metrics.evaluate(scores, users[wanted], items[wanted], seen,
                                                      (k,))[f"hit_rate@{k}"], 5)
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()), "depth": depth,
               f"shelf_hit_rate@{k}": {
                   "retrieval": hit_rate(shelf),
                   "reranked": hit_rate(ranking.reranked(shelf, user_rows, top, final)),
-                  "head_only": hit_rate(ranking.reranked(shelf, user_rows, top, head))}}
+                  "head_only": hit_rate(ranking.reranked(shelf, user_rows, top, head)),
+                  "head_no_prior": hit_rate(ranking.reranked(shelf, user_rows, top, no_prior))},
+              "new_prior_weight": round(float(reranker.encoder.new_prior_weight), 4)}
     if record:  # beside the test table `evaluate_reranker` wrote, if any
         runs.update_metrics(run, {"new_items": result}, ("reranker", "test"))
     return result
@@ -367,22 +371,28 @@ def format_new_items(result: dict, k: int = 10) -> str:
              f"{result['test_rows']:,} test interactions with them; the re-ranker reorders each "
              f"user's top {result['depth']} of them):", "",
              f"| shelf ranking | hit rate@{k} | vs retrieval |", "|---|---|---|"]
-    labels = {"retrieval": "retrieval alone", "head_only": "re-ranked without BERT (scalar terms)",
+    labels = {"retrieval": "retrieval alone",
+              "head_no_prior": "re-ranked without BERT and without content popularity",
+              "head_only": "re-ranked without BERT (scalar terms)",
               "reranked": "re-ranked (cross-encoder)"}
-    for name in ("retrieval", "head_only", "reranked"):
+    for name in ("retrieval", "head_no_prior", "head_only", "reranked"):
+        if name not in shelf:  # recorded before the content-popularity term
+            continue
         ratio = f"{shelf[name] / base:.2f}x" if base else "-"
         lines.append(f"| {labels[name]} | {shelf[name]:.4f} | {ratio} |")
     return "\n".join(lines)
 
 
 def _head_scores(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
-                 tables) -> np.ndarray:
-    """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation)."""
+                 tables, prior: bool = True) -> np.ndarray:
+    """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation);
+    `prior` False: without the content-popularity term too."""
     items = ce.tf.constant(tables.item_ids[top].astype(str))
     popularity = reranker.texts.popularity.lookup(items).numpy()
     ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
     return ce.head_scores(reranker.encoder, ranking.pair_scores(logits, user_rows, top),
-                          popularity, ease, reranker.texts.prior.lookup(items).numpy())
+                          popularity, ease,
+                          reranker.texts.prior.lookup(items).numpy() if prior else None)
 
 
 def reranker_l2(run: pathlib.Path) -> float:

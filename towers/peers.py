@@ -176,8 +176,8 @@ def content_popularity(categories: list[tuple[str, ...]], years: list[str], coun
     bucket (`year_bins` quantiles of the items' years; an unknown or non-numeric year is a bucket
     of its own), fit on the items with a training interaction (`count` > 0); every item gets its
     prediction. Zeros when no item has a count or the items have no content. `year_bins` and `l2`
-    were chosen by how well the prediction ranks held-out items with training rows (docs/design.md,
-    "Re-ranking"). Memory: a sparse [I, features] matrix, a dense features x features solve."""
+    were chosen by how well the prediction ranks held-out items with training rows
+    (docs/design.md, "The three stages"). Memory: a sparse [I, features] matrix, a dense features x features solve."""
     count = np.asarray(count, np.float64)
     if len(categories) != len(count) or len(years) != len(count):
         raise ValueError(f"content_popularity: {len(categories)} category tuples and {len(years)} "
