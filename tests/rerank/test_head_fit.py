@@ -23,14 +23,20 @@ def planted_groups(count: int = 1500, size: int = 8, seed: int = 0):
     ease = rng.normal(size=(count, size)).astype(np.float32)  # [P, K]: each candidate's EASE score
     logits = (PLANTED["retrieval_weight"] * retrieval + PLANTED["popularity_weight"]
               * popularity[candidates] + PLANTED["ease_weight"] * ease)
+    return drawn_groups(rng, candidates, retrieval, logits), popularity, ease
+
+
+def drawn_groups(rng, candidates: np.ndarray, retrieval: np.ndarray, logits: np.ndarray
+                 ) -> negatives.Groups:
+    """One group per row of `candidates` [P, K], its positive drawn from softmax(`logits`)."""
+    count, size = candidates.shape
     probability = np.exp(logits - logits.max(axis=1, keepdims=True))
     probability /= probability.sum(axis=1, keepdims=True)
     positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
     negative = np.ones((count, size), bool)
     negative[np.arange(count), positive] = False
-    groups = negatives.Groups(user_row=np.arange(count, dtype=np.int32), candidates=candidates,
-                       retrieval=retrieval, positive=positive, negative=negative)
-    return groups, popularity, ease
+    return negatives.Groups(user_row=np.arange(count, dtype=np.int32), candidates=candidates,
+                            retrieval=retrieval, positive=positive, negative=negative)
 
 
 def test_fit_head_recovers_planted_weights():
@@ -82,13 +88,7 @@ def test_fit_head_learns_the_new_item_terms_from_groups_with_new_positives():
     ease = np.zeros((count, size), np.float32)
     new = (popularity[candidates] == 0).astype(np.float32)
     logits = (0.5 + 0.8 * new) * retrieval + 1.5 * popularity[candidates] + 1.0 * new
-    probability = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probability /= probability.sum(axis=1, keepdims=True)
-    positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
-    negative = np.ones((count, size), bool)
-    negative[np.arange(count), positive] = False
-    groups = negatives.Groups(np.arange(count, dtype=np.int32), candidates, retrieval, positive,
-                              negative)
+    groups = drawn_groups(rng, candidates, retrieval, logits)
     encoder = ce.CrossEncoder(bert=None)
     fitted = ce.fit_head(encoder, groups, popularity, ease, steps=400)
     assert float(encoder.new_item_gate) == 1.0
@@ -122,13 +122,7 @@ def test_fit_head_learns_the_content_popularity_weight_of_new_items():
     retrieval = rng.normal(size=(count, size)).astype(np.float32)
     new = (popularity[candidates] == 0).astype(np.float32)
     logits = 0.5 * retrieval + 1.5 * popularity[candidates] + 1.2 * new * prior[candidates]
-    probability = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probability /= probability.sum(axis=1, keepdims=True)
-    positive = np.array([rng.choice(size, p=p) for p in probability], np.int32)
-    negative = np.ones((count, size), bool)
-    negative[np.arange(count), positive] = False
-    groups = negatives.Groups(np.arange(count, dtype=np.int32), candidates, retrieval, positive,
-                              negative)
+    groups = drawn_groups(rng, candidates, retrieval, logits)
     ease = np.zeros((count, size), np.float32)
     encoder = ce.CrossEncoder(bert=None)
     fitted = ce.fit_head(encoder, groups, popularity, ease, steps=400, prior=prior)
