@@ -461,8 +461,11 @@ class RerankValidation(keras.callbacks.Callback):
         """Fits the BERT term's weights for items with and without training rows
         (`fit_text_weights`) on these validation rows, over the candidates BERT re-scores at
         this validation's depth, and leaves `last` as the encoder now scores them (no second
-        BERT pass). Returns the weights, the rows of each kind, and the validation metrics at
-        weight 1 (`before`) and at the fitted weights (`after`)."""
+        BERT pass). The listwise loss is not the hit rate: the fitted weights are kept only when
+        validation (hit rate@10, NDCG@10) is at least what the fine-tuned weights (1, 1) give,
+        else both go back to 1 (`accepted` False). Returns the weights, the rows of each kind,
+        `accepted`, and the validation metrics at weight 1 (`before`) and at the weights kept
+        (`after`)."""
         encoder = self.reranker.encoder
         if (self.last is None or self.last[0] != self.depth
                 or float(encoder.text_weight) != 1.0 or float(encoder.new_text_weight) != 1.0):
@@ -486,10 +489,21 @@ class RerankValidation(keras.callbacks.Callback):
         result = fit_text_weights(encoder, text[rows], head[rows], new[rows],
                                   match[found].argmax(axis=1),
                                   ~positives[rows] | match[found])
-        final = head + np.where(new, result["new_text_weight"], result["text_weight"]) * text
-        self.last = (self.depth, top, final.astype(np.float32))
-        after = self.metrics(ranking.reranked(self.scores, self.user_rows, top, final))
-        return {**result, "before": before, "after": after}
+        fitted = head + np.where(new, result["new_text_weight"], result["text_weight"]) * text
+        after = self.metrics(ranking.reranked(self.scores, self.user_rows, top, fitted))
+        key = lambda m: (m["hit_rate@10"], m["ndcg@10"])
+        accepted = key(after) >= key(before)
+        if accepted:
+            final = fitted
+        else:
+            encoder.text_weight.assign(1.0)
+            encoder.new_text_weight.assign(1.0)
+            result = {**result, "text_weight": 1.0, "new_text_weight": 1.0,
+                      "rejected": {"text_weight": result["text_weight"],
+                                   "new_text_weight": result["new_text_weight"], "metrics": after}}
+            after = before
+        self.last = (self.depth, top, np.asarray(final, np.float32))
+        return {**result, "accepted": accepted, "before": before, "after": after}
 
     def depth_rankings(self, depths: tuple[int, ...]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """{D: (item rows [U, D], final scores [U, D])} when the scalar terms keep only their best

@@ -287,7 +287,12 @@ def format_text_weights(weights: dict) -> str:
             f"{weights['new_text_weight']:.3f} ({weights['new_rows']} rows; fit from "
             f"{ce.MIN_FIT_ROWS}, else kept as fine-tuned); validation hit rate@10 at the widest "
             f"depth {weights['before']['hit_rate@10']:.4f} at weight 1 -> "
-            f"{weights['after']['hit_rate@10']:.4f}")
+            f"{weights['after']['hit_rate@10']:.4f}" + (
+                "" if weights.get("accepted", True) else
+                f" (the fit, {weights['rejected']['text_weight']:.3f} / "
+                f"{weights['rejected']['new_text_weight']:.3f}, lowered validation hit rate@10 "
+                f"or NDCG@10 to {weights['rejected']['metrics']['hit_rate@10']:.4f} / "
+                f"{weights['rejected']['metrics']['ndcg@10']:.4f}: both kept at 1)"))
 
 
 def format_depths(rows: list[dict], chosen: int) -> str:

@@ -236,3 +236,4 @@ def test_fitted_bert_weights_are_what_the_saved_reranker_serves(reranker_run, tm
     np.testing.assert_array_equal(again.last[1], top)
     np.testing.assert_allclose(again.last[2], fitted, rtol=1e-5, atol=1e-5)
     assert not np.allclose(fitted, at_one, atol=1e-3)  # the weights changed the scores
+
