@@ -95,6 +95,10 @@ def results_section(run: pathlib.Path, metrics: dict) -> Section:
     if "test" in metrics:
         parts.append("Retrieval on the test split (training items excluded unless noted):\n\n"
                      + retrieval_eval.format_table(metrics["test"]))
+        if "new_items" in metrics["test"]:
+            parts.append(retrieval_eval.format_new_items(metrics["test"]["new_items"]))
+        if "new_users" in metrics["test"]:
+            parts.append(retrieval_eval.format_new_users(metrics["test"]["new_users"]))
     else:
         missing.append(f"cascade evaluate retrieval --run {run}")
     rerank_test = metrics.get("reranker", {}).get("test")

@@ -204,11 +204,18 @@ def protocol_line(run_dir: str | os.PathLike,
             "a training row")
 
 
+# Entries of the recorded test table that are views of their own, not a model's row.
+VIEWS = ("new_items", "new_users")
+
+
 def format_table(table: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 50, 100)) -> str:
-    """A Markdown table with one row per model."""
+    """A Markdown table with one row per model (the `VIEWS` a recorded table holds are left out:
+    `format_new_items` and `format_new_users` print them)."""
     columns = [f"{m}@{k}" for m in ("hit_rate", "recall", "ndcg") for k in ks]
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in table.items():
+        if name in VIEWS:
+            continue
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
     return "\n".join(lines)
 

@@ -50,6 +50,29 @@ def test_retrieval_only_run_names_the_commands_it_lacks(evaluated_run, tmp_path,
     assert '<img alt="Hit rate@K" src="hit_rate_at_k.png"' in html and "<table>" in html
 
 
+def test_new_items_and_new_users_views_get_their_own_tables(evaluated_run, tmp_path):
+    """`cascade evaluate retrieval` records the new-items and new-users views inside the test
+    table when the split has such items or users (the benchmark has 29 new items): the report
+    prints each as its own table, not as a model's row (which once stopped `make demo`)."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    row = {"shelf_hit_rate@10": 0.4516, "hit_rate@10": 0.0, "new_share@10": 0.0023}
+    metrics["test"]["new_items"] = {
+        "new_items": 29, "test_rows": 31, "test_users": 22,
+        **{name: row for name in ("cascade_retrieval", "category_profile", "content_popularity",
+                                  "random")}}
+    metrics["test"]["new_users"] = {"new_users": 3, "test_rows": 7, "cascade_retrieval": 0.1429,
+                                    "popularity": 0.2857, "random": 0.0}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    report.build_report(run, tmp_path / "report", curves=False)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "New items (no training row): 29; 31 test interactions with them, of 22 users." in text
+    assert "| content_popularity | 0.4516 | 0.0000 | 0.0023 |" in text
+    assert "New users (no training row): 3, with 7 test interactions." in text
+    assert "| popularity | 0.2857 |" in text and "| new_items |" not in text
+
+
 def test_hit_rate_curves_agree_with_the_evaluation(evaluated_run):
     """Every curve at K = 10, 50, 100 is the evaluation's number, and the retrieval curve at every
     K = 1..100 is the share of test pairs whose item is ranked within K, the rank worked out here
