@@ -234,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--bert-depth", type=int, metavar="D",
                         help="the candidates BERT re-scores in `cascade`: the scalar terms' best "
                              "D of the k (default: the run's `serve_depth`, chosen on "
-                             "validation rows when the re-ranker was trained, else k)")
+                             "validation rows when the re-ranker was trained, else k); 0: no "
+                             "BERT in the cascade, the scalar terms rank the candidates alone")
     export.add_argument("--item-item", type=int, metavar="SLOTS",
                         help="more candidates from the item-to-item source (default: what the "
                              "run's re-ranker was trained with, else 0)")

@@ -246,17 +246,16 @@ class CascadeModule(tf.Module):
             reranker.reranker, retrieval.query.tower, retrieval.candidates,
             [item.decode() for item in retrieval.item_ids.numpy()], temperature)
         self.n = n
-        self.depth = min(depth or retrieval.k, retrieval.k)  # candidates BERT re-scores
+        # Candidates BERT re-scores; 0: none, the scalar terms rank every candidate alone.
+        self.depth = min(retrieval.k if depth is None else depth, retrieval.k)
         self.inverse_temperature = tf.constant(1.0 / temperature, tf.float32)
         keys = sorted(titles)
         self.titles = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(keys), tf.constant([titles[key] for key in keys])), "")
 
-    @tf.function(input_signature=[USER_ID])
-    def serve(self, user_id):
-        found = self.retrieval.serve(user_id)
-        candidates, retrieval_scores = found["item_ids"], found["scores"]  # [B, K]
-        origin = found["sources"]
+    def _rescored(self, user_id, candidates, retrieval_scores, origin):
+        """(candidates, retrieval scores, sources, final scores) of the candidates BERT re-scores:
+        the scalar terms' best `depth` in retrieval order (all when depth is k)."""
         if self.depth < self.retrieval.k:  # the scalar terms keep the best `depth` for BERT
             head = self.reranker.reranker.head(user_id, candidates,
                                                retrieval_scores * self.inverse_temperature)
@@ -265,6 +264,19 @@ class CascadeModule(tf.Module):
                 tf.gather(t, keep, batch_dims=1) for t in (candidates, retrieval_scores, origin))
         # The re-ranker was trained on retrieval logits: dot products over the temperature.
         scores = self.reranker.score(user_id, candidates, retrieval_scores * self.inverse_temperature)
+        return candidates, retrieval_scores, origin, scores
+
+    @tf.function(input_signature=[USER_ID])
+    def serve(self, user_id):
+        found = self.retrieval.serve(user_id)
+        candidates, retrieval_scores = found["item_ids"], found["scores"]  # [B, K]
+        origin = found["sources"]
+        if self.depth == 0:  # no BERT in the graph: the scalar terms' order is served
+            scores = self.reranker.reranker.head(user_id, candidates,
+                                                 retrieval_scores * self.inverse_temperature)
+        else:
+            candidates, retrieval_scores, origin, scores = self._rescored(
+                user_id, candidates, retrieval_scores, origin)
         best = tf.math.top_k(scores, k=self.n)  # ties keep the retrieval order
         item_ids = tf.gather(candidates, best.indices, batch_dims=1)
         # The liked history items without which each served item would rank lower.
@@ -293,7 +305,8 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
     default: what the run's re-ranker was trained with, else none), so `retrieval` returns
     k + item_item + new_items items, of which the cascade's scalar terms keep k, and BERT
     re-scores their best `bert_depth` (default: the run's `serve_depth`, chosen on validation
-    rows by `rerank.cross_encoder.record_depth`, else k); `n` is the cascade's final list.
+    rows by `rerank.cross_encoder.record_depth`, else k; 0: no BERT in the cascade's graph, the
+    scalar terms rank the candidates alone); `n` is the cascade's final list.
     """
     base = pathlib.Path(model_base_path).resolve()
     run = pathlib.Path(run_dir)
@@ -304,11 +317,15 @@ def export(run_dir: str | os.PathLike, model_base_path: str | os.PathLike,
         raise ExportError(f"{run}: cannot export {', '.join(missing)}: " + "; ".join(
             _HOW_TO_MAKE[name].format(run=run) for name in missing))
     trained = _reranker_record(run)
-    depth = min(k, bert_depth or trained.get("serve_depth") or k)
-    if "cascade" in wanted and not 1 <= n <= depth:
-        raise ExportError(f"n={n}: the cascade's final list must hold 1 to {depth} items, the "
-                          f"candidates BERT re-scores (k={k}; --bert-depth "
-                          f"{bert_depth or trained.get('serve_depth')})")
+    requested = bert_depth if bert_depth is not None else trained.get("serve_depth")
+    depth = k if requested is None else min(k, requested)
+    if depth < 0:
+        raise ExportError(f"--bert-depth {bert_depth}: the candidates BERT re-scores must be 0 "
+                          "(no BERT) or more")
+    if "cascade" in wanted and not 1 <= n <= (depth or k):
+        raise ExportError(f"n={n}: the cascade's final list must hold 1 to {depth or k} items, "
+                          f"the candidates {'BERT re-scores' if depth else 'the scalar terms rank'}"
+                          f" (k={k}; --bert-depth {requested})")
     retrieval, tables = runs.load_run(run_dir)
     candidates = towers_model.candidate_embeddings(retrieval, tables)
     slots = sources.SourceConfig(

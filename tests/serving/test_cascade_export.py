@@ -180,6 +180,36 @@ def test_cascade_equals_retrieval_then_reranker_then_copywriter(tiny_cascade_exp
     assert cascade["titles"].numpy().astype(str).tolist() == labels
 
 
+def test_bert_depth_0_serves_the_scalar_terms_order_without_bert(tiny_cascade_run, tmp_path):
+    """`--bert-depth 0` (where validation shows BERT adds nothing): the cascade serves the top 5 of
+    all 28 merged candidates by the re-ranker's scalar terms alone (its head, no BERT term),
+    recorded as depth 0; the same run at its serve_depth serves BERT's scores, which differ."""
+    from rerank import cross_encoder
+
+    base = tmp_path / "models"
+    export.export(tiny_cascade_run, base, k=20, n=5, bert_depth=0,
+                  models=("retrieval", "reranker", "copywriter", "cascade"))
+    record = json.loads((base / "cascade" / "1" / "assets.extra" / "cascade_export.json").read_text())
+    assert record["bert_depth"] == 0
+    cascade = _signature(base / "cascade" / "1")(user_id=tf.constant(USERS))
+    found = _signature(base / "retrieval" / "1")(user_id=tf.constant(USERS))
+    candidates = found["item_ids"].numpy()
+    retrieval_model, _ = runs.load_run(tiny_cascade_run)
+    reranker = cross_encoder.load_reranker(tiny_cascade_run)
+    head = reranker.head_scores(np.array(USERS), candidates.astype(str),
+                                found["scores"].numpy() / retrieval_model.config.temperature)
+    order = np.argsort(-head, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(cascade["item_ids"].numpy(), np.take_along_axis(candidates, order, 1))
+    np.testing.assert_allclose(cascade["scores"].numpy(), np.take_along_axis(head, order, 1),
+                               rtol=1e-5, atol=1e-5)
+    # With BERT's term (the `reranker` signature) the same items score otherwise: the test tells.
+    final = _signature(base / "reranker" / "1")(user_id=tf.constant(USERS),
+                                                 item_ids=cascade["item_ids"])["scores"].numpy()
+    assert np.abs(final - cascade["scores"].numpy()).max() > 1e-6
+    with pytest.raises(export.ExportError, match="must be 0"):
+        export.export(tiny_cascade_run, tmp_path / "bad", k=20, n=5, bert_depth=-1)
+
+
 def test_a_users_line_for_an_item_is_the_same_in_every_request(tiny_cascade_export, truth,
                                                                 tiny_cascade_run, tmp_path):
     """Issue #15 ("the same line everywhere"): a user's line for each of their cascade items is
