@@ -62,10 +62,11 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class CrossEncoder(keras.Model):
-    """BERT logit of each pair plus the learned retrieval, popularity and EASE terms, and two terms
-    for items without a training interaction (popularity 0: EASE and popularity say nothing of
-    them): a bias and an extra weight on their retrieval score, gated off (and so 0, as fine-tuning
-    gives them no gradient) unless the held-out groups have such items as positives (`fit_head`).
+    """BERT logit of each pair plus the learned retrieval, popularity and EASE terms, and three
+    terms for items without a training interaction (popularity 0: EASE and popularity say nothing
+    of them): a bias, an extra weight on their retrieval score and a weight on their content
+    popularity, gated off (and so 0, as fine-tuning gives them no gradient) unless the held-out
+    groups have such items as positives (`fit_head`).
 
     The pair is read as sentence-transformers reads text, by the mean of BERT's last hidden states
     over the pair's tokens, then one linear unit. (MiniLM's [CLS] pooler was never trained: its
@@ -97,7 +98,7 @@ class CrossEncoder(keras.Model):
         self.new_prior_weight = self.add_weight(name="new_prior_weight", shape=(),
                                                 initializer="zeros")
         self.new_item_gate = self.add_weight(name="new_item_gate", shape=(), initializer="zeros",
-                                             trainable=False)  # 1: the two terms above are on
+                                             trainable=False)  # 1: the three terms above are on
         # The BERT term's weight for items with and without a training interaction: 1 (the term
         # as fine-tuned) until `fit_text_weights` sets them on validation rows after fine-tuning.
         self.text_weight = self.add_weight(name="text_weight", shape=(), initializer="ones",
