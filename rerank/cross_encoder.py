@@ -315,12 +315,15 @@ def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.nda
              prior: np.ndarray | None = None) -> dict[str, float]:
     """Sets w_r, w_p and w_e by the listwise loss over each group's whole top-K with no BERT term
     (three parameters, seconds): the point BERT fine-tuning starts from, and an ablation; and,
-    when some positives have no training interaction, the new-item terms (bias, retrieval weight
-    and, given `prior`, the content-popularity weight). `popularity` and `prior` are [I]; `ease`
+    when at least `MIN_FIT_ROWS` positives have no training interaction, the new-item terms (bias,
+    retrieval weight and, given `prior`, the content-popularity weight; with fewer they stay off). `popularity` and `prior` are [I]; `ease`
     [P, K], the EASE score of each group's candidates."""
     terms = [(encoder.retrieval_weight, groups.retrieval)]  # each weight with its [P, K] feature
     new = (popularity[groups.candidates] == 0).astype(np.float32)  # no training interaction
-    if new[np.arange(len(new)), groups.positive].any():  # else the data says nothing of them
+    new_positives = int(new[np.arange(len(new)), groups.positive].sum())
+    # Fewer new positives than MIN_FIT_ROWS say too little to fit three weights on (5 positives
+    # under user-temporal once fit a negative retrieval weight for new items).
+    if new_positives >= MIN_FIT_ROWS:
         encoder.new_item_gate.assign(1.0)
         terms += [(encoder.new_item_weight, new),
                   (encoder.new_retrieval_weight, new * groups.retrieval)]
@@ -343,10 +346,10 @@ def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.nda
             scores = tf.add_n([weight * value for weight, value in zip(weights, values)])
             loss = listwise_loss(labels, tf.where(allowed, scores, -1e9))
         optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
-    return {"loss": float(loss), **head_weights(encoder)}
+    return {"loss": float(loss), "new_positives": new_positives, **head_weights(encoder)}
 
 
-MIN_FIT_ROWS = 20  # validation positives of a kind (warm / new items) needed to fit its weight
+MIN_FIT_ROWS = 20  # positives of a kind (warm / new items) needed to fit its weights
 
 
 def fit_text_weights(encoder: CrossEncoder, text: np.ndarray, head: np.ndarray, new: np.ndarray,

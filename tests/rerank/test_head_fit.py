@@ -51,7 +51,8 @@ def test_fit_head_recovers_planted_weights():
     for name, planted in PLANTED.items():
         assert fitted[name] == pytest.approx(planted, abs=0.15), (name, fitted)
     assert fitted["popularity_weight"] > max(abs(fitted["retrieval_weight"]), abs(fitted["ease_weight"]))
-    assert ce.head_weights(encoder) == {k: v for k, v in fitted.items() if k != "loss"}
+    assert ce.head_weights(encoder) == {k: v for k, v in fitted.items()
+                                        if k not in ("loss", "new_positives")}
 
 
 def test_fit_head_ignores_candidates_that_are_not_negatives():
@@ -106,7 +107,19 @@ def test_fit_head_learns_the_new_item_terms_from_groups_with_new_positives():
     encoder = ce.CrossEncoder(bert=None)
     fitted = ce.fit_head(encoder, old, old_popularity, old_ease, steps=50)
     assert fitted["new_item_weight"] == 0.0 and fitted["new_retrieval_weight"] == 0.0
-    assert float(encoder.new_item_gate) == 0.0
+    assert float(encoder.new_item_gate) == 0.0 and fitted["new_positives"] == 0
+
+    # Too few new positives to fit on (19 < MIN_FIT_ROWS): the terms stay off; 20 open them.
+    is_new = new[np.arange(count), groups.positive] > 0
+    for keep_new, gate in ((ce.MIN_FIT_ROWS - 1, 0.0), (ce.MIN_FIT_ROWS, 1.0)):
+        rows = np.concatenate([np.flatnonzero(is_new)[:keep_new], np.flatnonzero(~is_new)[:500]])
+        few = negatives.Groups(*(getattr(groups, f)[rows] for f in
+                                 ("user_row", "candidates", "retrieval", "positive", "negative")))
+        encoder = ce.CrossEncoder(bert=None)
+        fitted = ce.fit_head(encoder, few, popularity, ease[rows], steps=20)
+        assert fitted["new_positives"] == keep_new
+        assert float(encoder.new_item_gate) == gate
+        assert (fitted["new_item_weight"] == 0.0) == (gate == 0.0), fitted
 
 
 def test_fit_head_learns_the_content_popularity_weight_of_new_items():
