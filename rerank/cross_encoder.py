@@ -310,6 +310,9 @@ def liked_rating(dataset: data.Dataset) -> float | None:
     return None if dataset.implicit else templates.HIGH_RATING
 
 
+MIN_FIT_ROWS = 20  # positives of a kind (warm / new items) needed to fit its weights
+
+
 def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.ndarray,
              ease: np.ndarray | None = None, steps: int = 400,
              prior: np.ndarray | None = None) -> dict[str, float]:
@@ -347,9 +350,6 @@ def fit_head(encoder: CrossEncoder, groups: negatives.Groups, popularity: np.nda
             loss = listwise_loss(labels, tf.where(allowed, scores, -1e9))
         optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights))
     return {"loss": float(loss), "new_positives": new_positives, **head_weights(encoder)}
-
-
-MIN_FIT_ROWS = 20  # positives of a kind (warm / new items) needed to fit its weights
 
 
 def fit_text_weights(encoder: CrossEncoder, text: np.ndarray, head: np.ndarray, new: np.ndarray,

@@ -353,8 +353,9 @@ def evaluate_new_items(run_dir: str | os.PathLike, depth: int = 100, k: int = 10
     user_rows = np.unique(users[wanted])
     top, final = rerank_scores(reranker, shelf, seen, user_rows, tables.user_ids, tables.item_ids,
                                depth)
-    head = _head_scores(reranker, logits, user_rows, top, tables)
-    no_prior = _head_scores(reranker, logits, user_rows, top, tables, prior=False)
+    retrieval, popularity, ease, prior = _head_features(reranker, logits, user_rows, top, tables)
+    head = ce.head_scores(reranker.encoder, retrieval, popularity, ease, prior)
+    no_prior = ce.head_scores(reranker.encoder, retrieval, popularity, ease)  # the term's ablation
     hit_rate = lambda scores: round(metrics.evaluate(scores, users[wanted], items[wanted], seen,
                                                      (k,))[f"hit_rate@{k}"], 5)
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()), "depth": depth,
@@ -388,16 +389,22 @@ def format_new_items(result: dict, k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _head_scores(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
-                 tables, prior: bool = True) -> np.ndarray:
-    """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation);
-    `prior` False: without the content-popularity term too."""
+def _head_features(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
+                   tables) -> tuple[np.ndarray, ...]:
+    """(retrieval, popularity, EASE, content popularity) [U, K] of each user's candidates `top`:
+    the scalar terms' inputs (`ce.head_scores`)."""
     items = ce.tf.constant(tables.item_ids[top].astype(str))
-    popularity = reranker.texts.popularity.lookup(items).numpy()
-    ease = reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top])
-    return ce.head_scores(reranker.encoder, ranking.pair_scores(logits, user_rows, top),
-                          popularity, ease,
-                          reranker.texts.prior.lookup(items).numpy() if prior else None)
+    return (ranking.pair_scores(logits, user_rows, top),
+            reranker.texts.popularity.lookup(items).numpy(),
+            reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top]),
+            reranker.texts.prior.lookup(items).numpy())
+
+
+def _head_scores(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
+                 tables) -> np.ndarray:
+    """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation)."""
+    return ce.head_scores(reranker.encoder, *_head_features(reranker, logits, user_rows, top,
+                                                             tables))
 
 
 def reranker_l2(run: pathlib.Path) -> float:
