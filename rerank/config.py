@@ -40,6 +40,12 @@ class RerankerConfig:
     validation_share: float = 0.2  # last share of the held-out rows, for validation only
     validation_users: int = 300  # users re-ranked for validation, 0 for all (each costs K pairs)
     popularity_feature: bool = True  # w_p * log(1 + training count) in the final score
+    # How the popularity term counts: `auto` (all-time counts unless a half-life raises the
+    # held-out rows' popularity hit rate@100, `towers.peers.choose_half_life`: MovieLens-100K
+    # keeps all-time counts under `random` and `user-temporal`, takes 14 days under `temporal`),
+    # `none` (all-time), or a half-life in the timestamp's units. The run's reranker_config.json
+    # records the value used.
+    popularity_half_life: str = "auto"
     ease_feature: bool = True  # w_e * EASE score in the final score (test HR@10 0.166 -> 0.176)
     ease_l2: float = 500.0  # EASE ridge strength: best EASE-alone validation hit rate of 200-1000
     # EASE weights kept per item (largest by magnitude): the term's size is items x this, never
@@ -55,6 +61,21 @@ class RerankerConfig:
     learning_rate: float = 1e-3  # AdamW on BERT, linear decay to 0
     weight_decay: float = 0.01
     seed: int = 42
+
+
+def half_life(config: RerankerConfig) -> str | float | None:
+    """The config's popularity half-life: "auto", None (all-time counts) or a positive number."""
+    text = str(config.popularity_half_life).strip().lower()
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"--popularity-half-life: expected auto, none or a positive number (in "
+                         f"the timestamp's units), got {config.popularity_half_life!r}")
+    return value
 
 
 def source_config(config: RerankerConfig):

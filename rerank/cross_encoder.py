@@ -36,11 +36,12 @@ import tensorflow as tf
 import tf_keras as keras
 
 from rerank import checkpoint as checkpoints
+from rerank import config as rerank_config
 from rerank import negatives, pairs, ranking
 from rerank.copy import templates
 from rerank import tokenizer as tokenizers
 from rerank.config import RerankerConfig, source_config
-from towers import data, features, files, metrics
+from towers import data, features, files, metrics, peers
 from towers import model as towers_model
 from towers import retrieval_eval, runs, sources
 from towers import train as towers_train
@@ -579,6 +580,33 @@ def record_depth(run_dir: str | os.PathLike, rows: list[dict]) -> int:
                         ("reranker", "validation"))
     return record["serve_depth"]
 
+def choose_popularity_half_life(config: RerankerConfig, tables: features.FeatureTables,
+                                fit_rows: data.Interactions, held_users: np.ndarray,
+                                held_items: np.ndarray, seen) -> tuple[float | None, list[dict]]:
+    """(half-life, rows tried) of the popularity term: the config's own when it names one (no
+    rows tried), else chosen on the held-out rows (`towers.peers.choose_half_life`): all-time
+    counts unless a half-life raises their popularity hit rate@100."""
+    setting = rerank_config.half_life(config)
+    if setting != "auto":
+        return setting, []
+    chosen, tried = peers.choose_half_life(
+        features.rows_of(tables.item_ids, fit_rows.item_id, "item"), fit_rows.timestamp, seen,
+        held_users, held_items)
+    log.info("popularity half-life on held-out rows: %s (%s)", chosen, tried)
+    return chosen, tried
+
+
+def _half_life_text(half_life: float | None) -> str:
+    return "none" if half_life is None else repr(float(half_life))
+
+
+def recorded_half_life(config: RerankerConfig) -> float | None:
+    """The popularity half-life a trained re-ranker used (its config records the value; a run
+    trained before the setting existed reads "auto" and used all-time counts)."""
+    setting = rerank_config.half_life(config)
+    return None if setting == "auto" else setting
+
+
 def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                    config: RerankerConfig = RerankerConfig(), verbose: int | None = None) -> dict:
     """Trains the re-ranker of a retrieval run and writes `<run_dir>/reranker/`: the config, the
@@ -591,6 +619,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     dataset, split = runs.run_data(run)  # the run's data and split, test rows unread
     train_rows = split.train
     fit_rows, held_out = negatives.split_rows(train_rows, config.holdout)  # fails before any training
+    rerank_config.half_life(config)  # so does a bad --popularity-half-life
     record = json.loads((run / runs.CONFIG_FILE).read_text())
     out = run / RERANKER_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -602,9 +631,11 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     users, items, seen = retrieval_eval.test_rows(tables, held_out)
     validation = len(held_out) - int(len(held_out) * config.validation_share)
     ease_l2 = config.ease_l2 if config.ease_feature or config.item_item_candidates else None
+    half_life, tried = choose_popularity_half_life(config, tables, fit_rows, users, items, seen)
+    config = dataclasses.replace(config, popularity_half_life=_half_life_text(half_life))
     texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
                                   config.history_titles, ease_l2, config.ease_neighbours,
-                                  liked_rating(dataset), config.ease_max_items)
+                                  liked_rating(dataset), config.ease_max_items, half_life)
     source = source_config(config)
     held_users = np.unique(users)  # candidates only for the users with held-out rows
     candidates, _ = sources.batched(scores, seen, texts.neighbours(), tables.item_count, source,
@@ -669,7 +700,7 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     run_tables = features.FeatureTables.load(run / runs.TABLES_FILE)
     pairs.PairTexts.build(dataset, train_rows, run_tables.user_ids, run_tables.item_ids,
                           config.history_titles, ease_l2, config.ease_neighbours,
-                          liked_rating(dataset), config.ease_max_items
+                          liked_rating(dataset), config.ease_max_items, half_life
                           ).save(out / TEXTS_FILE)
     files.write_atomic(out / CONFIG_FILE, json.dumps(
         {"checkpoint": str(checkpoint or checkpoints.MINILM_NAME), **dataclasses.asdict(config)},
@@ -678,7 +709,8 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
                            "fit_seconds": round(fit_seconds, 1), "groups": len(groups),
                            "epochs": config.epochs,
                            "loss": [round(float(v), 4) for v in history.history["loss"]],
-                           "head": head},
+                           "head": head, "popularity_half_life": {
+                               "chosen": half_life, "tried": tried}},
               "validation": {**baselines, "reranked_per_epoch": check.history,
                              "text_weights": text_weights,
                              "rows": int(keep.sum()), "users": len(val_users)}}

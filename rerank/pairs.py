@@ -252,13 +252,16 @@ class PairTexts(tf.Module):
               ease_l2: float | None = RerankerConfig.ease_l2,
               ease_neighbours: int = RerankerConfig.ease_neighbours,
               liked_rating: float | None = None,
-              ease_max_items: int = RerankerConfig.ease_max_items) -> PairTexts:
+              ease_max_items: int = RerankerConfig.ease_max_items,
+              popularity_half_life: float | None = None) -> PairTexts:
         """Contexts, popularity, content popularity, histories and EASE weights from `rows`
         (training rows only),
         texts from the dataset's files, for every one of `user_ids` and `item_ids` (the run's
         feature tables', with or without training rows); `ease_l2=None`: no EASE term. A history
         item is liked (a possible reason) when its best rating is at least `liked_rating`
-        (`None`: every one, as for implicit feedback)."""
+        (`None`: every one, as for implicit feedback). The popularity term reads log(1 + count),
+        each row's count halved every `popularity_half_life` before the newest row (`None`:
+        all-time counts; `towers.peers.decayed_counts`)."""
         user_ids = np.asarray(user_ids).astype(str)
         contexts = user_contexts(dataset, rows, user_ids, history_titles)
         item_ids = np.asarray(item_ids).astype(str)
@@ -280,9 +283,13 @@ class PairTexts(tf.Module):
         facts = dataset.facts(item_ids)
         prior = peers.content_popularity([f.categories for f in facts], [f.year for f in facts],
                                          count)
+        popularity = np.log1p(peers.decayed_counts(row_items, rows.timestamp, len(item_ids),
+                                                   popularity_half_life)).astype(np.float32)
+        # An item with a row stays above 0 in float32 too: 0 is what marks an item as new.
+        popularity = np.where(count > 0, np.maximum(popularity, np.finfo(np.float32).tiny), 0.0)
         return cls(user_ids, np.array([contexts[u] for u in user_ids]), item_ids,
-                   candidate_texts(dataset, item_ids),
-                   np.log1p(count).astype(np.float32), **ease, prior=prior)
+                   candidate_texts(dataset, item_ids), popularity.astype(np.float32), **ease,
+                   prior=prior)
 
     def save(self, path: str | os.PathLike) -> None:
         path = pathlib.Path(path)

@@ -246,7 +246,8 @@ def validation_check(run_dir: str | os.PathLike) -> ce.RerankValidation:
     ease_l2 = config.ease_l2 if config.ease_feature or config.item_item_candidates else None
     texts = pairs.PairTexts.build(dataset, fit_rows, tables.user_ids, tables.item_ids,
                                   config.history_titles, ease_l2, config.ease_neighbours,
-                                  ce.liked_rating(dataset), config.ease_max_items)
+                                  ce.liked_rating(dataset), config.ease_max_items,
+                                  ce.recorded_half_life(config))
     user_rows = np.unique(users)
     merged, _ = sources.batched(logits, seen, texts.neighbours(), tables.item_count,
                                 ce.source_config(config), users=user_rows)

@@ -15,11 +15,13 @@ import pytest
 import scipy.sparse
 import tensorflow as tf
 
+from rerank import config as rerank_config
 from rerank import cross_encoder as ce
 from rerank import negatives, pairs, ranking
 from rerank import tokenizer
+from rerank.config import RerankerConfig
 from tests.conftest import TINY_RERANKER, TINY_TRAIN
-from towers import data, metrics, peers
+from towers import data, features, metrics, peers
 from towers import runs
 
 TINY_CONFIG = ce.RerankerConfig(**TINY_RERANKER)
@@ -101,6 +103,37 @@ def test_implicit_contexts_have_no_stars(tmp_path):
     np.testing.assert_array_equal(texts.arrays["item_texts"], [
         "Toy Story; Animation Comedy", "Heat; Action", "Fargo; Crime Drama", "Casino; Drama"])
     np.testing.assert_allclose(texts.arrays["popularity"], np.log1p([1, 2, 1, 0]), rtol=1e-6)
+
+
+def test_popularity_term_counts_recent_rows_more_with_a_half_life(tmp_path):
+    """Trending popularity: with a half-life of 100 timestamp units, i1's rows (ages 0 and 200)
+    count 1 + 1/4 and i2's (age 100) 1/2; a row 10^6 units old still counts above 0 in float32
+    (0 would mark i3 as a new item); i4 has no row."""
+    dataset = _write_dataset(tmp_path / "x", "x", {
+        "inter": ["user_id:token\titem_id:token\ttimestamp:float",
+                  "u1\ti1\t1000000", "u2\ti1\t999800", "u1\ti2\t999900", "u2\ti3\t0"],
+        "item": ["item_id:token\ttitle:token_seq", "i1\tHeat", "i2\tFargo", "i3\tCasino",
+                 "i4\tBrazil"]})
+    user_ids = np.array(["u1", "u2"])
+    texts = pairs.PairTexts.build(dataset, dataset.interactions, user_ids, dataset.item_ids(), 2,
+                                  popularity_half_life=100.0)
+    popularity = texts.arrays["popularity"]
+    np.testing.assert_allclose(popularity[:2], np.log1p([1.25, 0.5]), rtol=1e-6)
+    assert popularity[2] > 0 and popularity[3] == 0
+    all_time = pairs.PairTexts.build(dataset, dataset.interactions, user_ids, dataset.item_ids(), 2)
+    np.testing.assert_allclose(all_time.arrays["popularity"], np.log1p([2, 1, 1, 0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("None", None), ("86400", 86400.0)])
+def test_popularity_half_life_setting(value, expected):
+    assert rerank_config.half_life(RerankerConfig(popularity_half_life=value)) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "weekly", "inf", "nan"])
+def test_bad_popularity_half_life_is_refused(value):
+    with pytest.raises(ValueError, match=f"--popularity-half-life: expected auto, none or a "
+                                         f"positive number .*got '{value}'"):
+        rerank_config.half_life(RerankerConfig(popularity_half_life=value))
 
 
 @pytest.mark.parametrize("card, prefix", [(None, "rated 4.5: "), ('text: {rating: "{rating}/5 "}\n', "4.5/5 ")])
@@ -332,6 +365,12 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     assert json.loads((tiny_run / "metrics.json").read_text())["reranker"] == result
     assert json.loads((out / ce.CONFIG_FILE).read_text())["layers"] == 1
     assert list((out / "logs").iterdir())
+    # The popularity half-life was chosen on the held-out rows (all-time counts first, then the
+    # span's fractions) and the config records the one used.
+    chosen = result["training"]["popularity_half_life"]
+    assert [r["half_life"] is None for r in chosen["tried"]] == [True] + [False] * 5
+    recorded = json.loads((out / ce.CONFIG_FILE).read_text())["popularity_half_life"]
+    assert recorded == ("none" if chosen["chosen"] is None else repr(chosen["chosen"]))
     # The shadow retrieval model never saw the held-out rows, and read the run's data and split.
     shadow_record = json.loads((out / "shadow" / "retrieval_config.json").read_text())
     run_record = json.loads((tiny_run / "retrieval_config.json").read_text())
@@ -356,6 +395,10 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     np.testing.assert_array_equal(arrays["item_ids"], tables.item_ids)
     dataset, split = runs.run_data(tiny_run)
     np.testing.assert_array_equal(arrays["item_texts"], dataset.item_texts(tables.item_ids))
+    # The test-time popularity term counts every training row, with that half-life.
+    counts = peers.decayed_counts(features.rows_of(tables.item_ids, split.train.item_id, "item"),
+                                  split.train.timestamp, len(tables.item_ids), chosen["chosen"])
+    np.testing.assert_allclose(arrays["popularity"], np.log1p(counts), rtol=1e-5, atol=1e-7)
     trained = np.isin(tables.user_ids, split.train.user_id)
     assert 0 < trained.sum() < len(trained)  # the tiny run has users with and without rows
     new_users = tables.user_ids[~trained]

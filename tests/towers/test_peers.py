@@ -190,3 +190,62 @@ def test_content_popularity_edge_cases():
     np.testing.assert_allclose(prior, [3.0, 3.0, 1.0, 1.0], atol=1e-3)
     with pytest.raises(ValueError, match="3 years for 2 item counts"):
         peers.content_popularity([(), ()], ["1", "2", "3"], np.ones(2))
+
+
+def test_decayed_counts_halve_each_half_life():
+    # Item 0: a row at the newest time (weight 1) and one two half-lives older (1/4); item 1: one
+    # row a half-life old (1/2); item 2: none.
+    counts = peers.decayed_counts(np.array([0, 0, 1]), np.array([100, 60, 80]), 3, 20.0)
+    np.testing.assert_allclose(counts, [1.25, 0.5, 0.0])
+    np.testing.assert_array_equal(peers.decayed_counts(np.array([0, 0, 1]), np.array([1, 2, 3]), 3),
+                                  [2, 1, 0])
+    # A row far older than the half-life still counts above 0 (0 marks an item as new).
+    assert peers.decayed_counts(np.array([0, 1]), np.array([0, 10**9]), 2, 1.0)[0] > 0
+    with pytest.raises(ValueError, match="half-life must be positive, got 0"):
+        peers.decayed_counts(np.array([0]), np.array([0]), 1, 0.0)
+
+
+def test_unseen_hits_match_a_dense_ranking():
+    rng = np.random.default_rng(3)
+    users, items, k = 40, 30, 5
+    seen = scipy.sparse.csr_matrix(rng.random((users, items)) < 0.3)
+    scores = rng.integers(0, 6, items).astype(float)  # ties, broken by item row
+    user_rows, item_rows = rng.integers(0, users, 200), rng.integers(0, items, 200)
+    order = np.argsort(-scores, kind="stable")
+    dense = seen.toarray()
+    expected = [i in [j for j in order if not dense[u, j]][:k] for u, i in
+                zip(user_rows, item_rows)]
+    np.testing.assert_array_equal(peers.unseen_hits(scores, seen, user_rows, item_rows, k),
+                                  expected)
+    assert 0.1 < np.mean(expected) < 0.9  # the check has both hits and misses to get right
+
+
+def _trend(shuffle_time: bool):
+    """2,000 users, 200 items; each training row at a time 0..999; items 0-19 are taken only late
+    (time >= 900) and the held-out rows are later still, from the same late taste; every other
+    row picks an item at random. `shuffle_time`: the same rows with their times permuted, so
+    time says nothing."""
+    rng = np.random.default_rng(0)
+    n = 40_000
+    time = rng.integers(0, 1000, n)
+    item = np.where((time >= 900) & (rng.random(n) < 0.5), rng.integers(0, 20, n),
+                    rng.integers(20, 200, n))
+    user = rng.integers(0, 2000, n)
+    held_users = rng.integers(0, 2000, 3000)
+    held_items = np.where(rng.random(3000) < 0.5, rng.integers(0, 20, 3000),
+                          rng.integers(20, 200, 3000))
+    if shuffle_time:
+        time = rng.permutation(time)
+        held_items = rng.integers(0, 200, 3000)
+    seen = scipy.sparse.csr_matrix((np.ones(n), (user, item)), shape=(2000, 200))
+    return item, time, seen, held_users, held_items
+
+
+def test_choose_half_life_finds_a_planted_trend_and_keeps_all_time_counts_without_one():
+    half_life, tried = peers.choose_half_life(*_trend(False), k=10)
+    # All-time counts rank the late items below the 180 others' ties; decay puts them first.
+    assert half_life is not None and half_life <= 999 / 8
+    assert tried[0]["half_life"] is None
+    assert max(r["hit_rate@10"] for r in tried[1:]) > 2 * tried[0]["hit_rate@10"]
+    half_life, tried = peers.choose_half_life(*_trend(True), k=10)
+    assert half_life is None and len(tried) == 1 + len(peers.HALF_LIFE_FRACTIONS)
