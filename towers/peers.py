@@ -67,15 +67,16 @@ def unseen_hits(scores: np.ndarray, seen: scipy.sparse.csr_matrix, user_rows: np
                 item_rows: np.ndarray, k: int) -> np.ndarray:
     """bool [N]: is item_rows[j] in user_rows[j]'s top `k` of one ranking shared by every user
     (`scores` [I]; ties by item row), the user's `seen` items excluded (a seen pair is a miss)?
-    Memory: the seen matrix's entries, never users x items."""
-    seen = scipy.sparse.csr_matrix(seen)
+    Memory: the seen entries of the pairs' users, never users x items."""
+    user_rows, item_rows = np.asarray(user_rows, np.int64), np.asarray(item_rows, np.int64)
+    owners, user_rows = np.unique(user_rows, return_inverse=True)
+    seen = scipy.sparse.csr_matrix(seen)[owners]  # only the pairs' users' rows
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     owner = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
     stride = len(order) + 1
     keys = np.sort(owner * stride + rank[seen.indices])  # each user's seen ranks, users in order
-    user_rows, item_rows = np.asarray(user_rows, np.int64), np.asarray(item_rows, np.int64)
     # Seen items ranked above the pair's item, among the user's own (a user's keys are contiguous).
     above = (np.searchsorted(keys, user_rows * stride + rank[item_rows])
              - np.searchsorted(keys, user_rows * stride))
