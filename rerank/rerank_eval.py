@@ -282,6 +282,32 @@ def calibrate(run_dir: str | os.PathLike) -> dict:
     return {"text_weights": weights, "depths": sweep_depth(run_dir, check)}
 
 
+def format_head(training: dict) -> str:
+    """The scalar terms as the re-ranker's training fit them on held-out rows (`training`: its
+    `metrics.json` record), with the popularity counts they read."""
+    head, chosen = training["head"], training.get("popularity_half_life", {})
+    half_life = chosen.get("chosen")
+    if half_life is None:
+        counts = "all-time counts" + (
+            " (no half-life raised the held-out popularity hit rate beyond noise)"
+            if chosen.get("tried") else "")
+    else:
+        counts = (f"recent rows counted more, half-life {half_life:,.0f} in the timestamp's "
+                  f"units ({half_life / 86400:.1f} days if seconds)")
+        tried = chosen.get("tried") or []
+        if tried:
+            best = next(r for r in tried if r["half_life"] == half_life)
+            counts += (f", chosen on held-out rows: popularity hit rate@100 "
+                       f"{tried[0]['hit_rate@100']:.4f} all-time -> {best['hit_rate@100']:.4f}")
+    new = head.get("new_positives")
+    gate = ("" if new is None else
+            f"; new-item terms {'fit' if new >= ce.MIN_FIT_ROWS else 'off'} (held-out "
+            f"positives on new items: {new}; they are fit from {ce.MIN_FIT_ROWS})")
+    return (f"Scalar terms fit on held-out training rows: retrieval {head['retrieval_weight']:.3f}, "
+            f"popularity {head['popularity_weight']:.3f} ({counts}), EASE "
+            f"{head['ease_weight']:.3f}{gate}.")
+
+
 def format_text_weights(weights: dict) -> str:
     return (f"BERT term weight on validation rows: items with training rows "
             f"{weights['text_weight']:.3f} ({weights['rows']} rows), without "

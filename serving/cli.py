@@ -429,6 +429,9 @@ def _train_reranker(args) -> None:
     log.info("trained in %.0f s; wrote %s", result["training"]["seconds"],
              pathlib.Path(args.run) / cross_encoder.RERANKER_DIR)
     print(json.dumps(result["validation"], indent=2))
+    from rerank import rerank_eval
+
+    print(rerank_eval.format_head(result["training"]))
 
 
 def _evaluate_reranker(args) -> None:

@@ -107,6 +107,9 @@ def results_section(run: pathlib.Path, metrics: dict) -> Section:
 
         table = {k: v for k, v in rerank_test.items() if isinstance(v, dict) and "hit_rate@10" in v}
         parts.append("Re-ranker on the test split:\n\n" + rerank_eval.format_table(table))
+        training = metrics.get("reranker", {}).get("training", {})
+        if "head" in training:
+            parts.append(rerank_eval.format_head(training))
         if rerank_test.get("candidates"):
             parts.append(rerank_eval.format_candidates(rerank_test["candidates"]))
         if rerank_test.get("buckets"):

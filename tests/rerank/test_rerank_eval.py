@@ -237,3 +237,24 @@ def test_fitted_bert_weights_are_what_the_saved_reranker_serves(reranker_run, tm
     np.testing.assert_allclose(again.last[2], fitted, rtol=1e-5, atol=1e-5)
     assert not np.allclose(fitted, at_one, atol=1e-3)  # the weights changed the scores
 
+
+
+def test_format_head_names_the_weights_and_the_popularity_counts():
+    head = {"retrieval_weight": 0.615, "popularity_weight": 0.957, "ease_weight": -1.294,
+            "new_positives": 18}
+    tried = [{"half_life": None, "hit_rate@100": 0.2781},
+             {"half_life": 1243652.5, "hit_rate@100": 0.2844}]
+    text = rerank_eval.format_head({"head": head, "popularity_half_life": {
+        "chosen": 1243652.5, "tried": tried}})
+    assert text == ("Scalar terms fit on held-out training rows: retrieval 0.615, popularity 0.957 "
+                    "(recent rows counted more, half-life 1,243,652 in the timestamp's units "
+                    "(14.4 days if seconds), chosen on held-out rows: popularity hit rate@100 "
+                    "0.2781 all-time -> 0.2844), EASE -1.294; new-item terms off (held-out "
+                    "positives on new items: 18; they are fit from 20).")
+    kept = rerank_eval.format_head({"head": {**head, "new_positives": 25},
+                                    "popularity_half_life": {"chosen": None, "tried": tried[:1]}})
+    assert "(all-time counts (no half-life raised the held-out popularity hit rate beyond " in kept
+    assert "new-item terms fit (held-out positives on new items: 25;" in kept
+    # A run trained before the choice existed records neither.
+    assert "popularity 0.957 (all-time counts), EASE -1.294." in rerank_eval.format_head(
+        {"head": {k: v for k, v in head.items() if k != "new_positives"}})

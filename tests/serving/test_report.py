@@ -184,6 +184,9 @@ def test_full_cascade_run_has_every_plot(tiny_cascade_run, tiny_export, tmp_path
         assert _is_png(run / "report" / plot), plot
     text = written["markdown"].read_text()
     assert "| re-ranked top 100 |" in text and "grounded_after_check" in text
+    # The scalar terms as training fit them, with the popularity counts they read.
+    training = json.loads((run / "metrics.json").read_text())["reranker"]["training"]
+    assert rerank_eval.format_head(training) in text
     assert "Not measured" not in text and "Not trained" not in text
     # The re-ranked curve is cached against the checkpoints it came from, and reused.
     cache = json.loads((run / "report" / report.CURVES_CACHE).read_text())
