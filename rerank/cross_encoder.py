@@ -580,6 +580,7 @@ def record_depth(run_dir: str | os.PathLike, rows: list[dict]) -> int:
                         ("reranker", "validation"))
     return record["serve_depth"]
 
+
 def choose_popularity_half_life(config: RerankerConfig, tables: features.FeatureTables,
                                 fit_rows: data.Interactions, held_users: np.ndarray,
                                 held_items: np.ndarray, seen) -> tuple[float | None, list[dict]]:

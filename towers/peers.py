@@ -102,7 +102,7 @@ def choose_half_life(item_rows: np.ndarray, timestamps: np.ndarray, seen, held_u
     rows, best, best_rate = [], None, float(hits[0].mean()) if len(held_users) else 0.0
     for half_life, hit in zip(tried, hits):
         gain = hit.astype(np.float64) - hits[0]
-        error = gain.std() / np.sqrt(max(len(gain), 1))
+        error = gain.std() / np.sqrt(len(gain)) if len(gain) else 0.0
         rate = float(hit.mean()) if len(hit) else 0.0
         rows.append({"half_life": half_life, f"hit_rate@{k}": round(rate, 4),
                      "gain": round(float(gain.mean()) if len(gain) else 0.0, 4),
