@@ -120,21 +120,59 @@ def evaluate_new_users(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
         return None
     users, items = users[wanted], items[wanted]
     queries, candidates = model.embeddings(retrieval, tables, users=users)
+    trending, half_life = trending_popularity(tables, split.train)
     rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
                 "popularity": peers.popularity_scores(seen),
+                "trending_popularity": np.broadcast_to(trending, seen.shape),
                 "random": random_scores(seen.shape, seed)}
     result = {"new_users": int(len(np.unique(users))), "test_rows": int(len(users)),
               **{name: metrics.evaluate(scores, users, items, seen, (k,))[f"hit_rate@{k}"]
-                 for name, scores in rankings.items()}}
+                 for name, scores in rankings.items()},
+              "trending_half_life": half_life}
     runs.update_metrics(run, {"new_users": result}, "test")
     return result
+
+
+# The newest share of the training rows under `temporal` (their last rows) on which the trending
+# baseline's half-life is chosen; the re-ranker's popularity term chooses on its --holdout rows.
+TRENDING_HOLDOUT_SHARE = 0.2
+
+
+def trending_popularity(tables: features.FeatureTables, train: data.Interactions
+                        ) -> tuple[np.ndarray, float | None]:
+    """(float64 [I] log(1 + recency-weighted training counts), the half-life): the half-life
+    chosen by `towers.peers.choose_half_life` on the last `TRENDING_HOLDOUT_SHARE` of the training
+    rows (under `temporal` the newest, never the test split), counted from the others; the
+    counts then from every training row. All-time counts (None) unless recency beats them there."""
+    held = max(1, int(len(train) * TRENDING_HOLDOUT_SHARE))
+    if held >= len(train):
+        return np.log1p(peers.decayed_counts(
+            features.rows_of(tables.item_ids, train.item_id, "item"), train.timestamp,
+            len(tables.item_ids))), None
+    fit, out = (train.take(np.arange(len(train) - held)),
+                train.take(np.arange(len(train) - held, len(train))))
+    fit_items = features.rows_of(tables.item_ids, fit.item_id, "item")
+    seen = peers.seen_matrix(features.rows_of(tables.user_ids, fit.user_id, "user"), fit_items,
+                             len(tables.user_ids), len(tables.item_ids))
+    half_life, _ = peers.choose_half_life(
+        fit_items, fit.timestamp, seen, features.rows_of(tables.user_ids, out.user_id, "user"),
+        features.rows_of(tables.item_ids, out.item_id, "item"))
+    counts = peers.decayed_counts(features.rows_of(tables.item_ids, train.item_id, "item"),
+                                  train.timestamp, len(tables.item_ids), half_life)
+    return np.log1p(counts), half_life
 
 
 def format_new_users(result: dict, k: int = 10) -> str:
     lines = [f"New users (no training row): {result['new_users']:,}, with {result['test_rows']:,} "
              "test interactions.", "", f"| ranking | hit_rate@{k} |", "|---|---|"]
-    lines += [f"| {name} | {result[name]:.4f} |"
-              for name in ("cascade_retrieval", "popularity", "random")]
+    half_life = result.get("trending_half_life")
+    labels = {"trending_popularity": "trending_popularity (" + (
+        "all-time counts: no half-life beat them on the newest training rows" if half_life is None
+        else f"half-life {half_life:,.0f}, {half_life / 86400:.1f} days if seconds, chosen on "
+             "the newest training rows") + ")"}
+    lines += [f"| {labels.get(name, name)} | {result[name]:.4f} |"
+              for name in ("cascade_retrieval", "popularity", "trending_popularity", "random")
+              if name in result]
     return "\n".join(lines)
 
 

@@ -112,7 +112,8 @@ def test_a_sample_of_test_users_is_evaluated_on_their_rows_alone(cold_run, tmp_p
     assert view["test_rows"] == int(keep.sum()) and view["test_users"] == 7
 
 
-def test_new_users_view_under_the_temporal_protocol(tiny_config, tmp_path_factory):
+def test_new_users_view_under_the_temporal_protocol(tiny_config, tmp_path_factory,
+                                                    monkeypatch):
     """Under `temporal`, users whose activity starts after the cut have no training row. The view
     covers exactly their test rows; popularity's hit rate is worked out here from the training
     counts (top 10 by count, ties to the lower item row: a new user has nothing to exclude); and
@@ -133,6 +134,28 @@ def test_new_users_view_under_the_temporal_protocol(tiny_config, tmp_path_factor
     top = set(np.lexsort((np.arange(len(counts)), -counts))[:10])
     expected = np.mean([item_row[i] in top for i in split.test.item_id[rows]])
     assert result["popularity"] == pytest.approx(expected, abs=1e-9)
+    # Trending popularity: the same with each training row weighted by its age at the chosen
+    # half-life (chosen on the newest training rows: this catalog has no trend, so all-time
+    # counts; a half-life planted in the choice gives the weighted counts' top 10).
+    def trending(half_life):
+        weights = (np.ones(len(split.train)) if half_life is None else
+                   0.5 ** ((split.train.timestamp.max() - split.train.timestamp) / half_life))
+        decayed = np.zeros(len(tables.item_ids))
+        np.add.at(decayed, [item_row[i] for i in split.train.item_id], weights)
+        top = set(np.lexsort((np.arange(len(decayed)), -decayed))[:10])
+        return np.mean([item_row[i] in top for i in split.test.item_id[rows]])
+
+    assert result["trending_half_life"] is None
+    assert result["trending_popularity"] == pytest.approx(expected, abs=1e-9)
+    planted = float(np.ptp(split.train.timestamp)) / 16
+    monkeypatch.setattr(retrieval_eval.peers, "choose_half_life", lambda *a, **k: (planted, []))
+    decayed = retrieval_eval.evaluate_new_users(run)
+    assert decayed["trending_half_life"] == planted
+    assert decayed["trending_popularity"] == pytest.approx(trending(planted), abs=1e-9)
+    assert trending(planted) != pytest.approx(expected)  # the weighting changes the list here
+    assert "half-life" in retrieval_eval.format_new_users(decayed)
+    monkeypatch.undo()
+    result = retrieval_eval.evaluate_new_users(run)  # what the run records, as before
     assert 0.0 <= result["random"] < 0.2
     recorded = json.loads((run / "metrics.json").read_text())["test"]["new_users"]
     assert recorded == result
