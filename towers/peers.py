@@ -53,8 +53,11 @@ def decayed_counts(item_rows: np.ndarray, timestamps: np.ndarray, items: int,
         return np.bincount(item_rows, minlength=items).astype(np.float64)
     if not half_life > 0:
         raise ValueError(f"popularity half-life must be positive, got {half_life}")
-    age = (np.max(timestamps) - np.asarray(timestamps, np.float64)) / half_life
-    weight = np.maximum(np.exp2(-age), np.finfo(np.float64).tiny)
+    weight = np.array(timestamps, np.float64)  # one float64 array of N, worked in place
+    np.subtract(weight.max(), weight, out=weight)  # age
+    weight /= -half_life
+    np.exp2(weight, out=weight)
+    np.maximum(weight, np.finfo(np.float64).tiny, out=weight)
     return np.bincount(item_rows, weight, minlength=items)
 
 
