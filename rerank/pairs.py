@@ -286,10 +286,9 @@ class PairTexts(tf.Module):
         popularity = np.log1p(peers.decayed_counts(row_items, rows.timestamp, len(item_ids),
                                                    popularity_half_life)).astype(np.float32)
         # An item with a row stays above 0 in float32 too: 0 is what marks an item as new.
-        popularity = np.where(count > 0, np.maximum(popularity, np.finfo(np.float32).tiny), 0.0)
+        popularity[count > 0] = np.maximum(popularity[count > 0], np.finfo(np.float32).tiny)
         return cls(user_ids, np.array([contexts[u] for u in user_ids]), item_ids,
-                   candidate_texts(dataset, item_ids), popularity.astype(np.float32), **ease,
-                   prior=prior)
+                   candidate_texts(dataset, item_ids), popularity, **ease, prior=prior)
 
     def save(self, path: str | os.PathLike) -> None:
         path = pathlib.Path(path)

@@ -144,21 +144,15 @@ def trending_popularity(tables: features.FeatureTables, train: data.Interactions
     chosen by `towers.peers.choose_half_life` on the last `TRENDING_HOLDOUT_SHARE` of the training
     rows (under `temporal` the newest, never the test split), counted from the others; the
     counts then from every training row. All-time counts (None) unless recency beats them there."""
-    held = max(1, int(len(train) * TRENDING_HOLDOUT_SHARE))
-    if held >= len(train):
-        return np.log1p(peers.decayed_counts(
-            features.rows_of(tables.item_ids, train.item_id, "item"), train.timestamp,
-            len(tables.item_ids))), None
-    fit, out = (train.take(np.arange(len(train) - held)),
-                train.take(np.arange(len(train) - held, len(train))))
-    fit_items = features.rows_of(tables.item_ids, fit.item_id, "item")
-    seen = peers.seen_matrix(features.rows_of(tables.user_ids, fit.user_id, "user"), fit_items,
-                             len(tables.user_ids), len(tables.item_ids))
-    half_life, _ = peers.choose_half_life(
-        fit_items, fit.timestamp, seen, features.rows_of(tables.user_ids, out.user_id, "user"),
-        features.rows_of(tables.item_ids, out.item_id, "item"))
-    counts = peers.decayed_counts(features.rows_of(tables.item_ids, train.item_id, "item"),
-                                  train.timestamp, len(tables.item_ids), half_life)
+    item_rows = features.rows_of(tables.item_ids, train.item_id, "item")
+    user_rows = features.rows_of(tables.user_ids, train.user_id, "user")
+    fit = slice(0, len(train) - max(1, int(len(train) * TRENDING_HOLDOUT_SHARE)))
+    out = slice(fit.stop, None)
+    seen = peers.seen_matrix(user_rows[fit], item_rows[fit], len(tables.user_ids),
+                             len(tables.item_ids))
+    half_life, _ = peers.choose_half_life(item_rows[fit], train.timestamp[fit], seen,
+                                          user_rows[out], item_rows[out])
+    counts = peers.decayed_counts(item_rows, train.timestamp, len(tables.item_ids), half_life)
     return np.log1p(counts), half_life
 
 
