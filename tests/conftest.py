@@ -73,12 +73,19 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_data_dir, tiny_config, tmp_path_factory) -> pathlib.Path:
-    from towers import train
+def tiny_trained(tiny_data_dir, tiny_config, tmp_path_factory) -> tuple[pathlib.Path, tuple]:
+    """(the tiny run directory, the (query, candidate) embeddings of the model `train` returned,
+    in memory, before anything was read back from the run)."""
+    from towers import features, model, runs, train
 
     run = tmp_path_factory.mktemp("tiny-run")
-    train.train(tiny_data_dir, run, tiny_config, verbose=0)
-    return run
+    retrieval = train.train(tiny_data_dir, run, tiny_config, verbose=0)
+    return run, model.embeddings(retrieval, features.FeatureTables.load(run / runs.TABLES_FILE))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_trained) -> pathlib.Path:
+    return tiny_trained[0]
 
 
 @pytest.fixture(scope="session")

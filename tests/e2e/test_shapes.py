@@ -116,8 +116,14 @@ def test_cascade_serves_over_grpc_with_titles_and_copy(shape, capsys):
                          "--model", "cascade", "--user", user, "--user", "not-in-any-file",
                          "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
-    for who in (user, "not-in-any-file"):
+    direct = _serve(models / "cascade" / "1", user_id=[user, "not-in-any-file"])
+    for b, who in enumerate((user, "not-in-any-file")):
         assert len(answer[who]) == 5
+        # over gRPC, the items, scores and copy the SavedModel answers loaded here
+        assert [row["item_id"] for row in answer[who]] == direct["item_ids"][b].astype(str).tolist()
+        np.testing.assert_allclose([row["score"] for row in answer[who]], direct["scores"][b],
+                                   rtol=1e-5)
+        assert [row["copy"] for row in answer[who]] == direct["copy"][b].astype(str).tolist()
         for row in answer[who]:
             assert row["title"] == labels[row["item_id"]]
             assert row["copy"]

@@ -284,8 +284,15 @@ def test_tokenizer_round_trips_in_the_graph():
 def test_training_lowers_the_loss_and_writes_the_run(tiny_copy_run, tiny_run):
     run, result = tiny_copy_run
     assert result["loss"][-1] < result["loss"][0] - 0.5
-    assert result["heldout_perplexity"] > 1 and result["parameters"] > 0
     folder = run / copywriter.SUBDIR
+    # GPT-2's count worked out from the config: token (tied with the output layer) and position
+    # tables, 12 d^2 + 13 d per layer, the final layer norm
+    config, vocab = tiny_copywriter_config(), len(copywriter.load_tokenizer(folder / "model"))
+    d = config.n_embd
+    assert result["parameters"] == ((vocab + config.n_positions) * d
+                                    + config.n_layer * (12 * d * d + 13 * d) + 2 * d)
+    # held-out perplexity below the uniform guess over the vocabulary's tokens
+    assert 1 < result["heldout_perplexity"] < vocab / 4
     assert (folder / "model" / "config.json").is_file() and (folder / "model" / "tokenizer.json").is_file()
     record = json.loads((folder / "config.json").read_text())
     assert record["n_embd"] == tiny_copywriter_config().n_embd
@@ -417,6 +424,12 @@ def test_export_round_trip_in_a_fresh_process(tiny_copy_run, tiny_split, tmp_pat
     assert out["outputs"] == {"copy": ["string", [None, None]],
                               "reasons": ["string", [None, None, 2]]}
     assert out["copy"][0][2] == "" and out["copy"][1][1] == ""
+    # the fresh process writes the lines the same SavedModel writes in this one (the fallback
+    # line is grounded too: grounding alone would not tell the model's lines from it)
+    here = tf.saved_model.load(str(path)).signatures["serving_default"](
+        user_id=tf.constant(users), item_ids=tf.constant(chosen))
+    assert out["copy"] == here["copy"].numpy().astype(str).tolist()
+    assert out["reasons"] == here["reasons"].numpy().astype(str).tolist()
     matcher = grounding.TitleMatcher(items)
     for b, user in enumerate(users):
         for n, item in enumerate(chosen[b]):

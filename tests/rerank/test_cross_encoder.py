@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from rerank import config as rerank_config
 from rerank import cross_encoder as ce
-from rerank import negatives, pairs, ranking
+from rerank import negatives, pairs, ranking, rerank_eval
 from rerank import tokenizer
 from rerank.config import RerankerConfig
 from tests.conftest import TINY_RERANKER, TINY_TRAIN
@@ -387,6 +387,12 @@ def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
     first = reloaded(inputs).numpy()
     np.testing.assert_allclose(ce.load_reranker(tiny_run)(inputs).numpy(), first, rtol=1e-6)
     assert np.ptp(first) > 0
+    # The run alone (the re-ranker read back, its validation rebuilt from the run's files) gives
+    # the validation hit rate and NDCG at every BERT depth that training measured in memory.
+    again = rerank_eval.validation_check(tiny_run).depths(ce.depth_grid(TINY_CONFIG.candidates))
+    assert [row["depth"] for row in again] == [row["depth"] for row in result["validation"]["depths"]]
+    for row, recorded in zip(again, result["validation"]["depths"]):
+        assert row == pytest.approx(recorded, abs=2e-4), row["depth"]
     # Every user and item of the run has a text, those without a training interaction too: a new
     # user's context is their demographics alone, a rated user's has stars (ML-100K is explicit).
     _, tables = runs.load_run(tiny_run)

@@ -94,6 +94,7 @@ def test_falling_out_of_the_served_list_is_a_drop(tiny_cascade_run, monkeypatch)
     result = faithfulness.necessity(tiny_cascade_run, pairs_wanted=6, served=served, depth=depth,
                                     served_out=served_out)
     assert result["pairs"] >= 1 and len(served_out) * served == result["served"]
+    # each served pair with a reason is tried with its reason and with a random liked title
+    assert result["reason"]["pairs"] == result["random liked"]["pairs"] == result["pairs"]
     for kind in faithfulness.KINDS:
-        if result[kind]["pairs"]:
-            assert result[kind]["pn"] == 1.0, kind
+        assert result[kind]["pn"] == (1.0 if result[kind]["pairs"] else None), kind

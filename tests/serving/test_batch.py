@@ -153,3 +153,5 @@ def test_cascade_batch_equals_what_the_server_answers(tiny_cascade_export, tmp_p
                 np.testing.assert_allclose(by_user[user]["scores"], served["scores"][row], rtol=1e-4, atol=1e-4)
                 assert by_user[user]["sources"] == list(served["sources"][row]), user
                 assert all(by_user[user]["copy"]), user
+                assert by_user[user]["copy"] == list(served["copy"][row]), user
+                assert by_user[user]["reasons"] == [list(r) for r in served["reasons"][row]], user

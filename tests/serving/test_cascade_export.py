@@ -302,6 +302,13 @@ def test_cascade_loads_and_answers_in_a_fresh_process(index_kind, tiny_cascade_r
         for item, line, cited in zip(items, values["copy"][b], values["reasons"][b]):
             # served copy is always grounded, and names no title but the reasons it returns
             assert matcher.check(line, item, [r for r in cited if r]) == (True, []), line
+    # ... and the fresh process answers what the same SavedModel answers in this one
+    here = _signature(version)(user_id=tf.constant(USERS))
+    for name, tensor in here.items():
+        if tensor.dtype == tf.string:
+            assert values[name] == tensor.numpy().astype(str).tolist(), name
+        else:
+            np.testing.assert_allclose(values[name], tensor.numpy(), rtol=1e-5, err_msg=name)
 
 
 def test_cascade_over_grpc_and_rest_through_the_client(tiny_cascade_export, tmp_path, capsys):

@@ -122,7 +122,10 @@ def test_layout_warmup_and_models_config(tiny_export):
         record = json.loads((version / "assets.extra" / export.RECORD_FILE).read_text())
         assert record["index"] == "bruteforce" and record["k"] == 20 and record["version"] == 1
     batching = server_config.read_batching_parameters(tiny_export / export.BATCHING_FILE)
-    assert batching.max_batch_size > 0 and batching.num_batch_threads >= 1
+    # TF Serving's CPU advice, sized for this machine: a thread and an enqueued batch per core
+    threads = os.cpu_count() or 1
+    assert (batching.max_batch_size, batching.batch_timeout_micros, batching.num_batch_threads,
+            batching.max_enqueued_batches) == (128, 0, threads, threads)
     assert not any(p.name != ".staging" and not p.name.isdigit() and p.is_dir()
                    for name in ("query_tower", "retrieval") for p in (tiny_export / name).iterdir())
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -24,6 +26,10 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2
@@ -773,14 +779,28 @@ def test_flags_map_onto_server_options(base, tmp_path):
         server.options_from_args(parser.parse_args([]))
 
 
+def self_signed(key_path: pathlib.Path, cert_path: pathlib.Path) -> None:
+    """A P-256 key and a one-day certificate for 127.0.0.1, as PEM files (`cryptography`, a
+    pinned test dependency: no openssl binary needed)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 def test_grpc_over_tls(saved, tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    self_signed(key, cert)
     install(saved[1], tmp_path / "recs", 1)
     options = ServerOptions(server_config.config_for_base_path(tmp_path / "recs", "recs"), port=0,
                             rest_api_port=None, file_system_poll_wait_seconds=0,
