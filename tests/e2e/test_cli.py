@@ -9,7 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 from serving import cli
+from towers import model as towers_model
+from towers import runs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,6 +50,17 @@ def test_train_evaluate_export_recommend(tiny_data_dir, tmp_path, capsys):
     answers = json.loads(out[out.index("{\n"):])  # after export's three path lines
     assert set(answers) == {"1", "nobody"}
     assert all(len(rows) == 10 and rows[0]["title"] for rows in answers.values())
+    # User 1's answer is the run's own ranking, worked out in numpy: the top 10 by the towers'
+    # dot product, leaving out the items the model was trained on, with the dataset's titles.
+    retrieval, tables = runs.load_run(run)
+    queries, candidates = towers_model.embeddings(retrieval, tables)
+    row = list(tables.user_ids.astype(str)).index("1")
+    scores = candidates @ queries[row]
+    scores[tables.seen_matrix()[row].indices] = -np.inf
+    top = tables.item_ids[np.argsort(-scores, kind="stable")[:10]].astype(str)
+    assert [r["item_id"] for r in answers["1"]] == top.tolist()
+    dataset, _ = runs.run_data(run)
+    assert [r["title"] for r in answers["1"]] == list(dataset.labels(top))
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
