@@ -82,13 +82,23 @@ def evaluate_new_items(run_dir: str | os.PathLike, k: int = 10, seed: int = 0,
     if not wanted.any():
         return None
     queries, candidates = model.embeddings(retrieval, tables, users=users)  # only those ranked
-    rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates),
-                "category_profile": category_profile_scores(dataset, tables, seen),
-                "content_popularity": content_popularity_scores(dataset, tables, seen),
-                "random": random_scores(seen.shape, seed)}
+    # A content baseline needs content: without categories (or a year) on the new items it is
+    # one constant, whose shelf order is the item table's, so it is left out and says why.
+    facts = dataset.facts(tables.item_ids[new].astype(str))
+    categories = any(f.categories for f in facts)
+    content = categories or any(f.year != data.UNKNOWN_YEAR for f in facts)
+    rankings = {"cascade_retrieval": metrics.embedding_scores(queries, candidates)}
+    if categories:
+        rankings["category_profile"] = category_profile_scores(dataset, tables, seen)
+    if content:
+        rankings["content_popularity"] = content_popularity_scores(dataset, tables, seen)
+    rankings["random"] = random_scores(seen.shape, seed)
     test_users = np.unique(users)
     result = {"new_items": int(new.sum()), "test_rows": int(wanted.sum()),
-              "test_users": int(len(np.unique(users[wanted])))}
+              "test_users": int(len(np.unique(users[wanted]))),
+              # the towers embed every new item alike: no feature tells them apart
+              "alike": bool(np.ptp(candidates[new], axis=0).max() < 1e-6) if new.sum() > 1
+              else False}
     for name, scores in rankings.items():
         shelf = metrics.Scores(scores.shape, lambda rows, scores=scores: np.where(
             new[None, :], scores[rows], -np.inf))
@@ -218,7 +228,19 @@ def format_new_items(result: dict, k: int = 10) -> str:
              f"interactions with them, of {result['test_users']:,} users.", "",
              "| ranking | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in ("cascade_retrieval", "category_profile", "content_popularity", "random"):
-        lines.append(f"| {name} | " + " | ".join(f"{result[name][c]:.4f}" for c in columns) + " |")
+        if name in result:
+            lines.append(f"| {name} | " + " | ".join(f"{result[name][c]:.4f}" for c in columns)
+                         + " |")
+    notes = {"category_profile": "no new item has categories", "content_popularity":
+             "no new item has categories or a year"}
+    missing = [f"{name} ({why})" for name, why in notes.items() if name not in result]
+    if missing:
+        lines += ["", "Not computed, the data has nothing to compute them from: "
+                  + "; ".join(missing) + "."]
+    if result.get("alike"):
+        lines += ["", "Every new item has the same features here (none the towers read), so "
+                  "cascade_retrieval ranks them all alike and its shelf order is the item "
+                  "table's: read it as chance."]
     return "\n".join(lines)
 
 

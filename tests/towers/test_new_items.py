@@ -80,6 +80,30 @@ def test_new_arrivals_shelf_on_planted_categories(cold_run):
         result["cascade_retrieval"]["hit_rate@10"])  # every test item is new here
     table = retrieval_eval.format_new_items(result)
     assert "| category_profile |" in table and "100;" in table.replace(",", "")
+    assert result["alike"] is False and "Not computed" not in table and "alike" not in table
+
+
+def test_without_item_content_the_baselines_say_why_they_are_missing(cold_run, tiny_config,
+                                                                     tmp_path):
+    """The same interactions with no item file: nothing tells one new item from another, so the
+    content baselines are left out (not shown as ties in the item table's order, which looks like
+    a result) and the towers' shelf is flagged as chance."""
+    dataset, _ = runs.run_data(cold_run)
+    rows = dataset.interactions
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    (folder / "bare.inter").write_text("user_id:token\titem_id:token\n" + "".join(
+        f"{u}\t{i}\n" for u, i in zip(rows.user_id, rows.item_id)))
+    run = tmp_path / "run"
+    train.train(runs.DataConfig(str(folder), split="cold-items"), run, tiny_config, verbose=0)
+    result = retrieval_eval.evaluate_new_items(run)
+    assert result["new_items"] == 100
+    assert set(result) & {"category_profile", "content_popularity"} == set()
+    assert result["alike"] is True
+    table = retrieval_eval.format_new_items(result)
+    assert "| category_profile |" not in table and "| random |" in table
+    assert "category_profile (no new item has categories)" in table
+    assert "ranks them all alike" in table
 
 
 def test_a_sample_of_test_users_is_evaluated_on_their_rows_alone(cold_run, tmp_path):
