@@ -44,5 +44,10 @@ def test_notebook_runs_in_the_small_configuration(name, movielens_dir, monkeypat
     text = "\n".join(str(output.get("text", "")) for cell in notebook.cells
                      for output in cell.get("outputs", []))
     assert "small configuration" in text
+    # every figure the notebook shows is drawn (a backend that drew nothing would still run)
+    shows = sum(cell.source.count("plt.show()") for cell in notebook.cells if cell.cell_type == "code")
+    figures = sum("image/png" in output.get("data", {}) for cell in notebook.cells
+                  for output in cell.get("outputs", []))
+    assert figures == shows, (figures, shows)
     if name == "04_serving.ipynb":
         assert "REST and gRPC agree: True" in text and "exit code 0" in text
