@@ -9,7 +9,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class RerankerConfig:
-    # Measured on runs/ml100k (2 CPU cores, validation from training rows; README): BERT learned
+    # Measured on runs/ml100k (2 CPU cores, validation from training rows; docs/results.md): BERT learned
     # no signal beyond the retrieval + popularity terms at 32 or 48 tokens, lr 1e-4 to 1e-3, with
     # or without trainable embeddings, so the default is the cheapest of those runs.
     max_length: int = 32  # tokens per pair: 2 layers x 100 pairs within the 250 ms budget
@@ -30,7 +30,7 @@ class RerankerConfig:
     # A second softmax per group for the BERT term alone: the positive against `text_negatives`
     # items drawn from the whole catalog, its loss weighted by `text_loss_weight` (0: off). It
     # is what teaches BERT the topic of a title rather than the residual of retrieval: on the
-    # synthetic new-words catalog (README) the new-arrivals shelf goes from chance to 2x with it
+    # synthetic new-words catalog (docs/results.md) the new-arrivals shelf goes from chance to 2x with it
     # (tests/rerank/test_text_preference.py: 0.19 -> 0.32 at tiny size). Off by default: it
     # doubles the pairs of a training step, and on MovieLens-100K's random split, where every
     # test item has training rows, it was not measured against validation rows.
@@ -117,5 +117,5 @@ class CopywriterConfig:
     # Samples drawn per line, in one batch: the first that passes every check is served, the
     # factual fallback only when none does (rejection sampling against the graph's own check).
     attempts: int = 4
-    jit_compile: bool = True  # XLA for the train step only (measured: see README); never exported
+    jit_compile: bool = True  # XLA for the train step only; never exported
     seed: int = 42

@@ -7,7 +7,7 @@ with the three weights learned, so the re-ranker starts from the retrieval order
 to it. The EASE score (`towers.peers.ease_item_weights`, an item-item ridge regression over the
 user's training items) is the collaborative signal of the strongest peer on this benchmark: the
 two-tower retrieval ranks well overall but EASE alone beats it at the top of the list, and the
-re-ranker is where the two are combined (README: the ablation).
+re-ranker is where the two are combined (docs/results.md: the ablation).
 
 The pair text and the in-graph tables are `rerank.pairs`, the training groups and their hard
 negatives `rerank.negatives` (why they are honest is there), re-ordering a score matrix
@@ -294,6 +294,8 @@ def new_encoder(base: str | os.PathLike, config: RerankerConfig, pretrained: boo
             transformers.BertConfig.from_json_file(str(pathlib.Path(base) / "config.json")))
         bert(bert.dummy_inputs, training=False)
     bert.bert.embeddings.trainable = config.train_embeddings
+    if bert.bert.pooler is not None:  # the pair is read by mean pooling: the [CLS] pooler gets
+        bert.bert.pooler.trainable = False  # no gradient, and Keras would warn of it each step
     encoder = CrossEncoder(bert, config.popularity_feature, config.ease_feature)
     tokens = {key: tf.ones([1, 4], tf.int32) for key in TOKEN_KEYS}
     encoder({**tokens, **{key: tf.zeros([1])

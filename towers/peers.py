@@ -4,7 +4,7 @@
 - implicit ALS (Hu, Koren & Volinsky 2008) from the `implicit` package, 64 factors.
 - EASE (Steck 2019, "Embarrassingly Shallow Autoencoders"): an item-item linear model with a
   closed form, B = I - P diag(1 / diag(P)) for P = (X'X + l2 I)^-1, scores X B. On MovieLens-100K
-  it is the strongest peer (README), and the re-ranker uses its score as a feature, bounded:
+  it is the strongest peer (docs/results.md), and the re-ranker uses its score as a feature, bounded:
   `ItemNeighbours` keeps each item's `k` largest weights by magnitude (`ease_neighbours`), so the
   term inside the exported graphs has I x k entries, not users x items or items x items. The fit
   inverts one dense matrix over at most `EASE_MAX_ITEMS` items: beyond that, EASE is fit on the

@@ -26,7 +26,7 @@ The model never spells a title, so it cannot misspell one or write one from memo
 get right is which slot to use, and that the prompt has it (a slot the prompt lacks fails the
 check). Decoding is shorter too: a title is one token. Measured with a copy-the-title model of
 the same size and training (literal titles in the target): 80% grounded and 10.6% hallucinated
-titles, against the slot model's numbers in the README.
+titles, against the slot model's numbers in docs/results.md (Copy).
 
 What it means for quality. The copywriter learns to restate facts it is given, in the voice of
 the templates: it cannot say anything true that the prompt does not hold (plot, cast, why the
