@@ -19,6 +19,7 @@ the batch never saw.)
 from __future__ import annotations
 
 import os
+import weakref
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFRS needs Keras 2
 
@@ -305,7 +306,15 @@ def embeddings(retrieval: RetrievalModel, tables: features.FeatureTables,
     return queries, candidates
 
 
+# One traced call per tower, kept while the tower lives: `ValidationMetrics` embeds every epoch,
+# and a new tf.function each time would trace again (TensorFlow warns of the retracing).
+_EMBED_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _embed(tower, ids: np.ndarray, batch_size: int, dim: int) -> np.ndarray:
-    call = tf.function(lambda batch: tower(batch), reduce_retracing=True)
+    call = _EMBED_CALLS.get(tower)
+    if call is None:
+        ref = weakref.ref(tower)  # the traced call must not keep its own key alive
+        call = _EMBED_CALLS[tower] = tf.function(lambda batch: ref()(batch), reduce_retracing=True)
     out = [call(tf.constant(ids[i:i + batch_size])).numpy() for i in range(0, len(ids), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)

@@ -181,6 +181,25 @@ def test_run_reloads_with_the_same_embeddings(tiny_trained):
     np.testing.assert_allclose(reloaded[1], candidates, atol=1e-6)
 
 
+def test_embedding_reuses_one_trace_that_reads_the_current_weights(tiny_run):
+    """Embedding again (each epoch's validation does) reuses the tower's traced call instead of
+    tracing anew, and that call reads the weights as they are now, not as they were traced."""
+    retrieval, tables = runs.load_run(tiny_run)
+    first = model.candidate_embeddings(retrieval, tables, batch_size=512)
+    call = model._EMBED_CALLS[retrieval.candidate_tower]
+    traces = call.experimental_get_tracing_count()
+    model.candidate_embeddings(retrieval, tables, batch_size=512)
+    assert call.experimental_get_tracing_count() == traces
+    assert model._EMBED_CALLS[retrieval.candidate_tower] is call
+    for weight in retrieval.candidate_tower.trainable_weights:
+        weight.assign(weight * 0.5 + 0.01)
+    changed = model.candidate_embeddings(retrieval, tables, batch_size=512)
+    assert call.experimental_get_tracing_count() == traces
+    eager = retrieval.candidate_tower(tf.constant(tables.item_ids[:700])).numpy()
+    np.testing.assert_allclose(changed[:700], eager, atol=1e-5)
+    assert np.abs(changed - first).max() > 1e-3
+
+
 def test_load_run_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="retrieval_config.json: not found"):
         runs.load_run(tmp_path)
