@@ -595,7 +595,7 @@ def choose_popularity_half_life(config: RerankerConfig, tables: features.Feature
     chosen, tried = peers.choose_half_life(
         features.rows_of(tables.item_ids, fit_rows.item_id, "item"), fit_rows.timestamp, seen,
         held_users, held_items)
-    log.info("popularity half-life on held-out rows: %s (%s)", chosen, tried)
+    log.info("popularity term, chosen on held-out rows: %s", peers.format_half_life_search(chosen, tried))
     return chosen, tried
 
 

@@ -292,8 +292,7 @@ def format_head(training: dict) -> str:
             " (no half-life raised the held-out popularity hit rate beyond noise)"
             if chosen.get("tried") else "")
     else:
-        counts = (f"recent rows counted more, half-life {half_life:,.0f} in the timestamp's "
-                  f"units ({half_life / 86400:.1f} days if seconds)")
+        counts = f"recent rows counted more, {peers.half_life_text(half_life)}"
         tried = chosen.get("tried") or []
         if tried:
             best = next(r for r in tried if r["half_life"] == half_life)

@@ -115,6 +115,28 @@ def choose_half_life(item_rows: np.ndarray, timestamps: np.ndarray, seen, held_u
     return best, rows
 
 
+def half_life_text(half_life: float) -> str:
+    """A half-life as reports print it: in the timestamps' own units, and in days if they are
+    seconds (a dataset's timestamps may be any increasing number)."""
+    return (f"half-life {half_life:,.0f} in the timestamp's units "
+            f"({half_life / 86400:.1f} days if seconds)")
+
+
+def format_half_life_search(chosen: float | None, tried: list[dict]) -> str:
+    """`choose_half_life`'s answer in one line: what it took, and each weighting it tried with its
+    held-out hit rate and paired gain over all-time counts (standard error in brackets)."""
+    taken = "all-time counts" if chosen is None else half_life_text(chosen)
+    parts = []
+    for row in tried:
+        (key,) = (name for name in row if name.startswith("hit_rate@"))
+        if row["half_life"] is None:
+            parts.append(f"all-time {key} {row[key]:.4f}")
+        else:
+            parts.append(f"{row['half_life'] / 86400:.1f} days if seconds {row[key]:.4f} "
+                         f"({row['gain']:+.4f}, SE {row['standard_error']:.4f})")
+    return taken + (f"; tried: {'; '.join(parts)}" if parts else "")
+
+
 def als_scores(seen, factors: int = 64, regularization: float = 0.05,
                iterations: int = 15, seed: int = 42) -> metrics.Scores:
     """[U, I] scores <user factor, item factor> of implicit ALS fit on the binary seen matrix."""

@@ -172,8 +172,7 @@ def format_new_users(result: dict, k: int = 10) -> str:
     half_life = result.get("trending_half_life")
     labels = {"trending_popularity": "trending_popularity (" + (
         "all-time counts: no half-life beat them on the newest training rows" if half_life is None
-        else f"half-life {half_life:,.0f}, {half_life / 86400:.1f} days if seconds, chosen on "
-             "the newest training rows") + ")"}
+        else f"{peers.half_life_text(half_life)}, chosen on the newest training rows") + ")"}
     lines += [f"| {labels.get(name, name)} | {result[name]:.4f} |"
               for name in ("cascade_retrieval", "popularity", "trending_popularity", "random")
               if name in result]

@@ -249,3 +249,18 @@ def test_choose_half_life_finds_a_planted_trend_and_keeps_all_time_counts_withou
     assert max(r["hit_rate@10"] for r in tried[1:]) > 2 * tried[0]["hit_rate@10"]
     half_life, tried = peers.choose_half_life(*_trend(True), k=10)
     assert half_life is None and len(tried) == 1 + len(peers.HALF_LIFE_FRACTIONS)
+
+
+def test_half_life_search_in_one_line():
+    tried = [{"half_life": None, "hit_rate@100": 0.2781, "gain": 0.0, "standard_error": 0.0},
+             {"half_life": 1_243_652.0, "hit_rate@100": 0.2844, "gain": 0.0064,
+              "standard_error": 0.0015},
+             {"half_life": 86_400.0, "hit_rate@100": 0.2611, "gain": -0.017,
+              "standard_error": 0.0021}]
+    assert peers.format_half_life_search(1_243_652.0, tried) == (
+        "half-life 1,243,652 in the timestamp's units (14.4 days if seconds); tried: all-time "
+        "hit_rate@100 0.2781; 14.4 days if seconds 0.2844 (+0.0064, SE 0.0015); 1.0 days if "
+        "seconds 0.2611 (-0.0170, SE 0.0021)")
+    assert peers.format_half_life_search(None, tried[:1]) == (
+        "all-time counts; tried: all-time hit_rate@100 0.2781")
+    assert peers.format_half_life_search(None, []) == "all-time counts"
