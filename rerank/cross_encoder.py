@@ -688,8 +688,10 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     callbacks = [check, keras.callbacks.TensorBoard(log_dir=str(out / "logs")),
                  keras.callbacks.ModelCheckpoint(str(out / "checkpoints" / "epoch-{epoch:02d}"),
                                                  save_weights_only=True)]
-    if verbose is None:  # a progress bar on a terminal, one line per epoch in logs
+    if verbose is None:  # a progress bar on a terminal; in logs, a line a minute and per epoch
         verbose = 1 if sys.stdout.isatty() else 2
+    if verbose == 2:
+        callbacks.append(towers_train.ProgressLog())
     fit_started = time.perf_counter()
     history = reranker.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     fit_seconds = time.perf_counter() - fit_started

@@ -31,6 +31,7 @@ from rerank.copy import templates
 from rerank.config import CopywriterConfig
 from towers import data
 from towers import runs
+from towers import train as towers_train
 
 log = logging.getLogger(__name__)
 
@@ -271,16 +272,20 @@ def train_copywriter(run_dir: str | os.PathLike, config: CopywriterConfig = Copy
                               f"{longest} tokens, the model {model.config.n_positions}; raise "
                               "n_positions or the vocabulary size")
     dataset = training_dataset(encoded, config.batch_size, tokenizer.eos_token_id, config.seed)
-    steps = config.epochs * sum(1 for _ in dataset)
+    per_epoch = sum(1 for _ in dataset)
+    # Known steps per epoch: the progress bar and log line can say how far along and how long left.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(per_epoch))
+    steps = config.epochs * per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, max(steps - config.warmup_steps, 1), alpha=0.1,
         warmup_target=config.learning_rate, warmup_steps=config.warmup_steps)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
                   jit_compile=config.jit_compile)
-    if verbose is None:  # a progress bar on a terminal, one line per epoch in logs
+    if verbose is None:  # a progress bar on a terminal; in logs, a line a minute and per epoch
         verbose = 1 if sys.stdout.isatty() else 2
     started = time.perf_counter()
-    history = model.fit(dataset, epochs=config.epochs, verbose=verbose)
+    history = model.fit(dataset, epochs=config.epochs, verbose=verbose,
+                        callbacks=[towers_train.ProgressLog()] if verbose == 2 else None)
     seconds = time.perf_counter() - started
 
     heldout_ppl = perplexity(model, encode_corpus(tokenizer, tables, heldout),

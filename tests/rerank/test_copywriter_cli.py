@@ -4,6 +4,7 @@ copywriter called from inside another `tf.function`, as the one-call cascade Sav
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ import tensorflow as tf
 from rerank.copy import copywriter, evaluation, graph, grounding, templates
 from serving import cli
 from towers import runs
+from towers import train as towers_train
 
 TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-positions", "320",
               "--vocab-size", "400", "--corpus-size", "400", "--epochs", "2", "--batch-size", "32",
@@ -19,13 +21,32 @@ TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-position
               "--jit-compile", "false"]
 
 
+PROGRESS: list[str] = []  # the progress lines `cascade train copywriter` logged in `cli_run`
+
+
+class _Lines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        PROGRESS.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def cli_run(tiny_run, tmp_path_factory):
-    """A copy of the tiny retrieval run with a copywriter trained through the CLI."""
+    """A copy of the tiny retrieval run with a copywriter trained through the CLI (its progress
+    line, written every minute in a log, here at every step)."""
     run = tmp_path_factory.mktemp("copy-cli") / "run"
     shutil.copytree(tiny_run, run)
     (run.parent / "metrics_before.json").write_bytes((run / "metrics.json").read_bytes())
-    assert cli.main(["train", "copywriter", "--run", str(run), *TINY_FLAGS]) == 0
+    logger, handler = logging.getLogger("towers.train"), _Lines(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(towers_train, "PROGRESS_SECONDS", 0.0)
+            assert cli.main(["train", "copywriter", "--run", str(run), *TINY_FLAGS]) == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     return run
 
 
@@ -44,6 +65,9 @@ def test_train_copywriter_cli_writes_into_the_retrieval_run(cli_run, tiny_run):
     assert "training" in metrics["copywriter"]
     before = json.loads((cli_run.parent / "metrics_before.json").read_text())
     assert {key: metrics[key] for key in before} == before  # the run's other entries stay
+    # Training wrote its progress line (stdout is not a terminal here, as in a log file).
+    steps = metrics["copywriter"]["training"]["steps"] // record["epochs"]
+    assert any(line.startswith(f"epoch 2: step {steps}/{steps}, loss ") for line in PROGRESS), PROGRESS
 
 
 def test_evaluate_copywriter_cli_records_metrics_and_a_table(cli_run, capsys):

@@ -7,6 +7,7 @@ reloads to the same scores and has a text for every user and item of the run."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -359,10 +360,16 @@ def test_a_run_trained_without_the_held_out_rows_is_its_own_shadow(tiny_run, tmp
     assert other == tmp_path / "shadow" and trained == [400]
 
 
-def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path):
+def test_train_reranker_end_to_end(tiny_run, tiny_bert, tmp_path, monkeypatch, caplog):
     shutil.copytree(tiny_run, tmp_path / "run")  # the session's tiny run stays retrieval-only
     tiny_run = tmp_path / "run"
-    result = ce.train_reranker(tiny_run, checkpoint=tiny_bert, config=TINY_CONFIG, verbose=0)
+    # As in a log file (stdout not a terminal): a progress line during fine-tuning, here at
+    # every step instead of every minute.
+    monkeypatch.setattr(ce.towers_train, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="towers.train"):
+        result = ce.train_reranker(tiny_run, checkpoint=tiny_bert, config=TINY_CONFIG)
+    steps = int(np.ceil(result["training"]["groups"] / TINY_CONFIG.batch_groups))
+    assert f"epoch 1: step {steps}/{steps}, loss " in caplog.text
     out = tiny_run / ce.RERANKER_DIR
     assert result["training"]["groups"] > 0 and len(result["training"]["loss"]) == 1
     assert set(result["validation"]["reranked_per_epoch"][0]) >= {"hit_rate@10", "ndcg@10"}
