@@ -282,6 +282,44 @@ def calibrate(run_dir: str | os.PathLike) -> dict:
     return {"text_weights": weights, "depths": sweep_depth(run_dir, check)}
 
 
+def format_validation(validation: dict) -> str:
+    """What `cascade train reranker` measured on its validation rows (held-out training rows,
+    never the test split; `validation`: its `metrics.json` record), as a table and two lines:
+    each ranking's metrics, the BERT term's weights and whether they were kept, the depth."""
+    keys = ("hit_rate@10", "recall@10", "ndcg@10")
+    rows = [("retrieval", validation.get("retrieval")),
+            ("scalar terms (no BERT)", validation.get("head"))]
+    rows += [(f"re-ranked, epoch {n}", m)
+             for n, m in enumerate(validation.get("reranked_per_epoch", []), 1)]
+    weights = validation.get("text_weights") or {}
+    if weights.get("accepted"):
+        rows.append(("re-ranked, BERT at its fitted weights (served)", weights["after"]))
+    size = (f"{validation['rows']:,} held-out training rows of {validation['users']:,} users"
+            if "rows" in validation else "held-out training rows")
+    lines = [f"Validation ({size}; the candidates hold "
+             f"{validation.get('candidates_hit_rate', float('nan')):.4f} of them):", "",
+             "| ranking | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |"
+              for name, m in rows if m]
+    if weights:
+        lines += ["", f"BERT term weight: {weights['text_weight']:.3f} for items with training "
+                      f"rows, {weights['new_text_weight']:.3f} for items without (validation "
+                      f"positives: {weights['rows']:,} / {weights['new_rows']:,})"]
+        rejected = weights.get("rejected")
+        if rejected:
+            lines[-1] += (f"; the fit, {rejected['text_weight']:.3f} / "
+                          f"{rejected['new_text_weight']:.3f}, lowered validation (hit rate@10 "
+                          f"{weights['before']['hit_rate@10']:.4f} -> "
+                          f"{rejected['metrics']['hit_rate@10']:.4f}) and was rejected")
+        lines[-1] += "."
+    if validation.get("depths"):
+        sweep = ", ".join(f"{row['depth']}: {row['hit_rate@10']:.4f}"
+                          for row in validation["depths"])
+        lines += ["", f"Candidates BERT re-scores (hit rate@10 by depth; 0: no BERT): {sweep}; "
+                      f"served: {validation.get('serve_depth')}."]
+    return "\n".join(lines)
+
+
 def format_head(training: dict) -> str:
     """The scalar terms as the re-ranker's training fit them on held-out rows (`training`: its
     `metrics.json` record), with the popularity counts they read."""

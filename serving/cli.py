@@ -428,9 +428,10 @@ def _train_reranker(args) -> None:
     result = cross_encoder.train_reranker(args.run, args.checkpoint, config)
     log.info("trained in %.0f s; wrote %s", result["training"]["seconds"],
              pathlib.Path(args.run) / cross_encoder.RERANKER_DIR)
-    print(json.dumps(result["validation"], indent=2))
     from rerank import rerank_eval
 
+    print(rerank_eval.format_validation(result["validation"]))
+    print()
     print(rerank_eval.format_head(result["training"]))
 
 

@@ -274,3 +274,38 @@ def test_format_head_names_the_weights_and_the_popularity_counts():
     # A run trained before the choice existed records neither.
     assert "popularity 0.957 (all-time counts), EASE -1.294." in rerank_eval.format_head(
         {"head": {k: v for k, v in head.items() if k != "new_positives"}})
+
+
+def test_format_validation_tables_what_training_measured():
+    m = lambda h, r, n: {"hit_rate@10": h, "recall@10": r, "ndcg@10": n}
+    validation = {
+        "retrieval": m(0.1247, 0.1767, 0.1198), "candidates_hit_rate": 0.6653,
+        "head": m(0.1254, 0.177, 0.1279), "reranked_per_epoch": [m(0.1254, 0.1783, 0.1274)],
+        "text_weights": {"text_weight": 1.0, "new_text_weight": 1.0, "rows": 843, "new_rows": 0,
+                         "rejected": {"text_weight": 6.4021, "new_text_weight": 1.0,
+                                      "metrics": m(0.1247, 0.1787, 0.1253)},
+                         "accepted": False, "before": m(0.1254, 0.1783, 0.1274),
+                         "after": m(0.1254, 0.1783, 0.1274)},
+        "rows": 1491, "users": 300,
+        "depths": [{"depth": 0, **m(0.1247, 0.1753, 0.1272)}, {"depth": 20, **m(0.1254, 0, 0)}],
+        "serve_depth": 20}
+    assert rerank_eval.format_validation(validation) == "\n".join([
+        "Validation (1,491 held-out training rows of 300 users; the candidates hold 0.6653 of "
+        "them):", "",
+        "| ranking | hit_rate@10 | recall@10 | ndcg@10 |", "|---|---|---|---|",
+        "| retrieval | 0.1247 | 0.1767 | 0.1198 |",
+        "| scalar terms (no BERT) | 0.1254 | 0.1770 | 0.1279 |",
+        "| re-ranked, epoch 1 | 0.1254 | 0.1783 | 0.1274 |", "",
+        "BERT term weight: 1.000 for items with training rows, 1.000 for items without "
+        "(validation positives: 843 / 0); the fit, 6.402 / 1.000, lowered validation (hit "
+        "rate@10 0.1254 -> 0.1247) and was rejected.", "",
+        "Candidates BERT re-scores (hit rate@10 by depth; 0: no BERT): 0: 0.1247, 20: 0.1254; "
+        "served: 20."])
+    # Kept weights add the served row; a fit without rejection says nothing of one.
+    kept = {**validation, "text_weights": {
+        **{k: v for k, v in validation["text_weights"].items() if k != "rejected"},
+        "text_weight": 0.082, "accepted": True, "after": m(0.0426, 0.05, 0.03)}}
+    text = rerank_eval.format_validation(kept)
+    assert "| re-ranked, BERT at its fitted weights (served) | 0.0426 | 0.0500 | 0.0300 |" in text
+    assert "BERT term weight: 0.082 for items with training rows" in text
+    assert "rejected" not in text
