@@ -62,7 +62,7 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 # Model
 
 
-class CrossEncoder(keras.Model):
+class CrossEncoder(towers_model.BuiltFromRun, keras.Model):
     """BERT logit of each pair plus the learned retrieval, popularity and EASE terms, and three
     terms for items without a training interaction (popularity 0: EASE and popularity say nothing
     of them): a bias, an extra weight on their retrieval score and a weight on their content
@@ -146,7 +146,7 @@ class CrossEncoder(keras.Model):
                                     inputs["ease"], inputs.get("prior")))
 
 
-class Reranker(keras.Model):
+class Reranker(towers_model.BuiltFromRun, keras.Model):
     """{`user_id` string [B], `item_ids` string [B, M], `retrieval_score` float32 [B, M]} ->
     final scores [B, M]: text lookup, in-graph pair tokenization and the cross-encoder."""
 

@@ -105,7 +105,17 @@ def id_lookup(ids: np.ndarray) -> keras.layers.StringLookup:
     return keras.layers.StringLookup(vocabulary=np.asarray(ids, dtype=str), mask_token=None)
 
 
-class QueryTower(keras.Model):
+class BuiltFromRun:
+    """For the Keras models Cascade builds from a run directory (`runs.load_run`,
+    `rerank.cross_encoder.load_reranker`), never from a Keras config: what they are built from
+    (feature tables, a BERT, pair texts) is not serializable, so their config is their name alone,
+    and Keras does not warn at each SavedModel export that it could not capture their arguments."""
+
+    def get_config(self) -> dict:
+        return {"name": self.name}
+
+
+class QueryTower(BuiltFromRun, keras.Model):
     """user_id string [B] -> embedding [B, D].
 
     Inputs: the user's ID embedding (the shared cold row for users without training interactions),
@@ -209,7 +219,7 @@ class QueryTower(keras.Model):
         return tf.math.l2_normalize(self.mlp(tf.concat(inputs, axis=1)), axis=1)
 
 
-class CandidateTower(keras.Model):
+class CandidateTower(BuiltFromRun, keras.Model):
     """item_id string [B] -> embedding [B, D]: the item's ID embedding (the shared cold row for
     items without training interactions) and its side features from the schema."""
 
@@ -240,7 +250,7 @@ class CandidateTower(keras.Model):
         return tf.math.l2_normalize(self.mlp(x), axis=1)
 
 
-class RetrievalModel(tfrs.Model):
+class RetrievalModel(BuiltFromRun, tfrs.Model):
     """Two towers and the in-batch softmax task; `compute_loss` is all it adds."""
 
     def __init__(self, tables: features.FeatureTables, config: RetrievalConfig):
