@@ -59,13 +59,17 @@ def _alternation(options) -> str:
     return "(?:" + "|".join(grounding.escape(option) for option in sorted(options, key=lambda o: (-len(o), o))) + ")"
 
 
-def _years() -> str:
-    """The year slot `{y}`: empty, or one of `templates.YEARS` with the year captured in one
-    group (RE2 has no branch reset): any form's words before the year, then any form's words
-    after it, so a form's ending may follow another's beginning (" from 1995 vintage")."""
-    before = {phrase.split("{0}")[0] for phrase in templates.YEARS}
-    after = {phrase.split("{0}")[1] for phrase in templates.YEARS} - {""}
-    return f"(?:{_alternation(before)}(\\d{{4}})(?:{_alternation(after)})?)?"
+def _years() -> tuple[str, int]:
+    """(the year slot `{y}`'s pattern, its number of groups): empty, or exactly one of
+    `templates.YEARS`, the year captured. RE2 has no branch reset, so the forms that end with the
+    year share one group and each form with words after it (" of 1995 vintage") has its own:
+    a form's ending never follows another's beginning (" that hit screens in 1981 vintage")."""
+    plain = {phrase.split("{0}")[0] for phrase in templates.YEARS if phrase.endswith("{0}")}
+    suffixed = sorted(phrase for phrase in templates.YEARS if not phrase.endswith("{0}"))
+    forms = [f"{_alternation(plain)}(\\d{{4}})"] + [
+        grounding.escape(phrase.split("{0}")[0]) + "(\\d{4})" + grounding.escape(phrase.split("{0}")[1])
+        for phrase in suffixed]
+    return "(?:" + "|".join(forms) + ")?", len(forms)
 
 
 def _expand(frame: str, kinds: list[str]) -> str:
@@ -84,8 +88,9 @@ def _expand(frame: str, kinds: list[str]) -> str:
             out.append(r"(?: \((\d{4})\))?")
             kinds.append("y")
         elif field == "y":
-            out.append(_years())
-            kinds.append("y")
+            pattern, groups = _years()
+            out.append(pattern)
+            kinds.extend(["y"] * groups)  # at most one of them matches
         elif field == "era":
             out.append(f"(?:({ERA}) )?")
             kinds.append("e")

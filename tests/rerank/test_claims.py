@@ -65,6 +65,11 @@ def test_facts_checked_on_hand_written_lines():
             (True, [("e", "early-'70s")]),
         "Discover <|title|>, a romantic comedy from 1986.": (True, [("g", "romantic comedy")]),
         "Discover <|title|>, a war epic released in 1985.": (True, [("y", "1985")]),
+        "Discover <|title|>, a war epic of 1986 vintage.": (True, []),
+        "Discover <|title|>, a war epic of 1985 vintage.": (True, [("y", "1985")]),
+        # A year form's ending after another's beginning is no frame (the model wrote these).
+        "Discover <|title|>, a war epic that hit screens in 1986 vintage.": (False, []),
+        "Discover <|title|>, a war epic from 1986 vintage.": (False, []),
         "<|title|> (1986) is a tense sci-fi tale worth seeing.": (True, []),
         "<|title|> (1986) is a tense sci-fi tale made for to try tonight.": (False, []),
         "Up next: <|title|>, a thriller that opened in 1986 for to put on next.": (False, []),
