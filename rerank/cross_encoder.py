@@ -698,7 +698,9 @@ def train_reranker(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     # How much the BERT term counts, for items with and without training rows: set on the
     # validation rows from the last epoch's pass (where it hurts there, it is switched off).
     text_weights = check.fit_text_weights()
-    log.info("BERT term weights on validation rows: %s", text_weights)
+    log.info("BERT term weights on validation rows: %.3f for items with training rows, %.3f for "
+             "items without%s", text_weights["text_weight"], text_weights["new_text_weight"],
+             " (the fit lowered validation and was rejected)" if text_weights.get("rejected") else "")
     save_encoder(encoder, run)
 
     # Test-time texts for every ID of the run's own tables (the shadow's have the same IDs).
