@@ -16,6 +16,7 @@ top K.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -100,9 +101,15 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
             ranking.pair_scores(logits, user_rows, merged), source.two_tower))
         candidates = _candidate_rates(reranker, logits, seen, users, items, user_rows, merged,
                                       codes, source)
+    pool = merged if candidates is not None else top
+    pool_name = "merged" if candidates is not None else str(deepest)
+    features = _head_features(reranker, logits, user_rows, pool, tables)
+    for term, weights in TERM_WEIGHTS.items():  # each scalar term's ablation, on the same pool
+        with without(reranker.encoder, weights):
+            rankings[f"head-{term}@{pool_name}"] = replaced(pool, ce.head_scores(reranker.encoder,
+                                                                                 *features))
     served = ce.served_depth(run)
     if served < source.two_tower:  # the cascade's BERT re-scores fewer (`sweep_depth`)
-        pool = merged if candidates is not None else top
         rankings[f"served@{served}"] = replaced(*ce.rerank_candidates(
             reranker, tables.user_ids[user_rows], tables.item_ids, pool,
             ranking.pair_scores(logits, user_rows, pool), served))
@@ -115,6 +122,26 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
                            "buckets": buckets,
                            **({"candidates": candidates} if candidates else {})}}, "reranker")
     return table
+
+
+# Each scalar term of the head, by the weights that carry it (the retrieval logit also has a
+# weight of its own for items without training rows).
+TERM_WEIGHTS = {"retrieval": ("retrieval_weight", "new_retrieval_weight"),
+                "popularity": ("popularity_weight",), "ease": ("ease_weight",)}
+
+
+@contextlib.contextmanager
+def without(encoder: ce.CrossEncoder, weights: tuple[str, ...]):
+    """The encoder with these weights at 0 (a term knocked out, the others as fit, not refit),
+    restored on leaving."""
+    saved = {name: float(getattr(encoder, name)) for name in weights}
+    try:
+        for name in weights:
+            getattr(encoder, name).assign(0.0)
+        yield encoder
+    finally:
+        for name, value in saved.items():
+            getattr(encoder, name).assign(value)
 
 
 USER_BUCKETS = ((0, 0), (1, 5), (6, 20), (21, None))  # training interactions of the user
@@ -159,6 +186,9 @@ def format_buckets(buckets: dict, k: int = 10) -> str:
 
 
 def _short(name: str) -> str:
+    if name.startswith("head-"):
+        term, pool = name[len("head-"):].split("@")
+        return f"no BERT, no {_TERM_LABELS[term]} @{pool}"
     return {"retrieval": "retrieval", "als": "ALS", "ease": "EASE"}.get(
         name, name.replace("head@", "no BERT @").replace("reranked@", "re-ranked @"))
 
@@ -490,7 +520,15 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+_TERM_LABELS = {"retrieval": "retrieval", "popularity": "popularity", "ease": "EASE"}
+
+
 def _label(name: str) -> str:
+    if name.startswith("head-"):
+        term, pool = name[len("head-"):].split("@")
+        where = "merged candidates" if pool == "merged" else f"retrieval top-{pool}"
+        return (f"{where}, scalar terms without the {_TERM_LABELS[term]} term (its weight 0, "
+                "the others as fit; no BERT)")
     if name == "head@merged":
         return "merged candidates, learned scalar terms only (no BERT)"
     if name == "reranked@merged":

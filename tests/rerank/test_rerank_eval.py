@@ -23,7 +23,8 @@ from towers import retrieval_eval
 def test_evaluate_reranker_table(reranker_run):
     table = rerank_eval.evaluate_reranker(reranker_run)
     assert set(table) == {"retrieval", "als", "ease", "head@50", "head@100", "reranked@50",
-                          "reranked@100", "head@merged", "reranked@merged"}
+                          "reranked@100", "head@merged", "reranked@merged",
+                          "head-retrieval@merged", "head-popularity@merged", "head-ease@merged"}
     # The retrieval row is what `cascade evaluate retrieval` reports (same split, exclusion).
     reference = retrieval_eval.evaluate_run(reranker_run, ks=(10,), with_peers=True)
     for key, value in table["retrieval"].items():
@@ -58,6 +59,41 @@ def test_evaluate_reranker_table(reranker_run):
         logits, users[busy], items[busy], seen, (10,))["hit_rate@10"], 4)
     assert "| users 1-5 |" in rerank_eval.format_buckets(buckets)
     assert buckets["users 1-5"]["test_rows"] == ((user_count >= 1) & (user_count <= 5)).sum()
+
+    # Each term's ablation: the merged candidates ranked by the head with that term's input at 0
+    # (the same as its weight at 0: the head is linear in each input), worked out here.
+    reranker = ce.load_reranker(reranker_run)
+    rows = np.unique(users)
+    merged, _ = rerank_eval.sources.batched(logits, seen, reranker.texts.neighbours(),
+                                            tables.item_count, rerank_eval.reranker_sources(
+                                                reranker_run), users=rows)
+    retrieval, popularity, ease, prior = rerank_eval._head_features(reranker, logits, rows,
+                                                                    merged, tables)
+    no_ease = ce.head_scores(reranker.encoder, retrieval, popularity, np.zeros_like(ease), prior)
+    expected = metrics.evaluate(ranking.reranked(logits, rows, merged, no_ease), users, items,
+                                seen, (10,))
+    assert table["head-ease@merged"]["hit_rate@10"] == pytest.approx(expected["hit_rate@10"],
+                                                                     abs=1e-5)
+    no_retrieval = ce.head_scores(reranker.encoder, np.zeros_like(retrieval), popularity, ease,
+                                  prior)
+    expected = metrics.evaluate(ranking.reranked(logits, rows, merged, no_retrieval), users,
+                                items, seen, (10,))
+    assert table["head-retrieval@merged"]["ndcg@10"] == pytest.approx(expected["ndcg@10"],
+                                                                      abs=1e-5)
+    assert "no BERT, no EASE @merged" in rerank_eval.format_buckets(buckets)
+    assert ("merged candidates, scalar terms without the popularity term (its weight 0, the "
+            "others as fit; no BERT)") in rerank_eval.format_table(table)
+
+
+def test_a_term_knocked_out_comes_back(reranker_run):
+    encoder = ce.load_reranker(reranker_run).encoder
+    before = ce.head_weights(encoder)
+    with pytest.raises(RuntimeError):
+        with rerank_eval.without(encoder, ("retrieval_weight", "new_retrieval_weight")):
+            assert float(encoder.retrieval_weight) == 0.0 == float(encoder.new_retrieval_weight)
+            assert float(encoder.ease_weight) == before["ease_weight"]
+            raise RuntimeError("left early")
+    assert ce.head_weights(encoder) == before
 
 
 def test_table_changes_are_relative_to_retrieval():
