@@ -83,7 +83,8 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     top, final = rerank_scores(reranker, logits, seen, user_rows, tables.user_ids, tables.item_ids,
                                deepest)
     seconds = time.perf_counter() - started
-    head = _head_scores(reranker, logits, user_rows, top, tables)
+    pool, features = top, _head_features(reranker, logits, user_rows, top, tables)
+    head = ce.head_scores(reranker.encoder, *features)
     replaced = lambda candidates, scores: ranking.reranked(logits, user_rows, candidates, scores)
     for depth in sorted(depths):
         part = slice(0, depth)  # retrieval's top `depth` are the first columns of the deepest top
@@ -94,16 +95,14 @@ def evaluate_reranker(run_dir: str | os.PathLike, depths: tuple[int, ...] = DEPT
     if source.item_item or source.new_items:  # the served candidates: merged, then two passes
         merged, codes = sources.batched(logits, seen, reranker.texts.neighbours(),
                                         tables.item_count, source, users=user_rows)
-        rankings["head@merged"] = replaced(merged, _head_scores(reranker, logits, user_rows,
-                                                                merged, tables))
+        pool, features = merged, _head_features(reranker, logits, user_rows, merged, tables)
+        rankings["head@merged"] = replaced(merged, ce.head_scores(reranker.encoder, *features))
         rankings["reranked@merged"] = replaced(*ce.rerank_candidates(
             reranker, tables.user_ids[user_rows], tables.item_ids, merged,
             ranking.pair_scores(logits, user_rows, merged), source.two_tower))
         candidates = _candidate_rates(reranker, logits, seen, users, items, user_rows, merged,
                                       codes, source)
-    pool = merged if candidates is not None else top
     pool_name = "merged" if candidates is not None else str(deepest)
-    features = _head_features(reranker, logits, user_rows, pool, tables)
     for term, weights in TERM_WEIGHTS.items():  # each scalar term's ablation, on the same pool
         with without(reranker.encoder, weights):
             rankings[f"head-{term}@{pool_name}"] = replaced(pool, ce.head_scores(reranker.encoder,
@@ -492,13 +491,6 @@ def _head_features(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np
             reranker.texts.popularity.lookup(items).numpy(),
             reranker.texts.ease_pairs(tables.user_ids[user_rows], tables.item_ids[top]),
             reranker.texts.prior.lookup(items).numpy())
-
-
-def _head_scores(reranker: ce.Reranker, logits, user_rows: np.ndarray, top: np.ndarray,
-                 tables) -> np.ndarray:
-    """[U, K] final scores of each user's candidates `top` without the BERT term (the ablation)."""
-    return ce.head_scores(reranker.encoder, *_head_features(reranker, logits, user_rows, top,
-                                                             tables))
 
 
 def reranker_l2(run: pathlib.Path) -> float:

@@ -118,8 +118,11 @@ def choose_half_life(item_rows: np.ndarray, timestamps: np.ndarray, seen, held_u
 def half_life_text(half_life: float) -> str:
     """A half-life as reports print it: in the timestamps' own units, and in days if they are
     seconds (a dataset's timestamps may be any increasing number)."""
-    return (f"half-life {half_life:,.0f} in the timestamp's units "
-            f"({half_life / 86400:.1f} days if seconds)")
+    return f"half-life {half_life:,.0f} in the timestamp's units ({_days(half_life)})"
+
+
+def _days(half_life: float) -> str:
+    return f"{half_life / 86400:.1f} days if seconds"
 
 
 def format_half_life_search(chosen: float | None, tried: list[dict]) -> str:
@@ -132,7 +135,7 @@ def format_half_life_search(chosen: float | None, tried: list[dict]) -> str:
         if row["half_life"] is None:
             parts.append(f"all-time {key} {row[key]:.4f}")
         else:
-            parts.append(f"{row['half_life'] / 86400:.1f} days if seconds {row[key]:.4f} "
+            parts.append(f"{_days(row['half_life'])} {row[key]:.4f} "
                          f"({row['gain']:+.4f}, SE {row['standard_error']:.4f})")
     return taken + (f"; tried: {'; '.join(parts)}" if parts else "")
 
